@@ -1,0 +1,111 @@
+"""A hospital's side of a round: sync the global model, train the stage's groups, evaluate.
+
+The ClientApp process is short-lived (Flower starts one per message), so everything that must
+outlive a message sits in ``context.state``: the site's copy of the global model and its version.
+Patient data stays here; what goes back is weights and scalar metrics only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from torch.utils.data import DataLoader
+
+from fed_swinumamba.data import SiteData, load_site_config
+from fed_swinumamba.model import build_model
+from fed_swinumamba.params import select
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions
+from fed_swinumamba.training import evaluate_cases, train_local
+
+log = logging.getLogger("fed_swinumamba.client")
+
+GLOBAL_WEIGHTS, GLOBAL_VERSION = "global-weights", "global-version"
+
+
+class SiteError(RuntimeError):
+    """A failure at a site, worded for the coordinator's log (site and file, never patient data)."""
+
+
+def site_config_path(context: Context) -> Path:
+    """The site's YAML: node config ``site-config``, or in simulation the run config's list by partition."""
+    if "site-config" in context.node_config:
+        return Path(str(context.node_config["site-config"])).expanduser()
+    listed = [p for p in str(context.run_config.get("site-configs", "")).split(",") if p.strip()]
+    partition = context.node_config.get("partition-id")
+    if partition is None or int(partition) >= len(listed):
+        raise SiteError("this node has no site config: start the SuperNode with --node-config \"site-config='/path/to/site.yaml'\"")
+    return Path(listed[int(partition)].strip())
+
+
+class SiteRound:
+    """One message's worth of work at a site."""
+
+    def __init__(self, content: RecordDict, context: Context):
+        self.context = context
+        self.config = load_site_config(site_config_path(context))
+        self.instructions = Instructions.from_config(content[CONFIG])
+        model_config = self.instructions.model_config
+        if self.config.modality not in model_config.modalities:
+            raise SiteError(f"site {self.config.site}: modality {self.config.modality!r} is not in this federation's {list(model_config.modalities)}")
+        # The site builds only its own modality's encoder.
+        self.model_config = type(model_config).from_dict({**model_config.to_dict(), "modalities": [self.config.modality]})
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_model(self.model_config).to(self.device)
+        self._sync(content[ARRAYS])
+
+    def _sync(self, arrays: ArrayRecord) -> None:
+        """Bring the cached global model to the message's version and load it into the network."""
+        ins, state = self.instructions, self.context.state
+        own = {k: v for k, v in arrays.items() if k in self.model.state_dict()}
+        if ins.base_version == FULL_SYNC:
+            weights = ArrayRecord(own)
+        else:
+            held = int(state[CONFIG][GLOBAL_VERSION]) if CONFIG in state.config_records else None
+            if held != ins.base_version or GLOBAL_WEIGHTS not in state.array_records:
+                raise SiteError(f"site {self.config.site}: holds global version {held}, the update is for version {ins.base_version}; a full resend is needed")
+            weights = state[GLOBAL_WEIGHTS]
+            for k, v in own.items():
+                weights[k] = v
+        missing = set(self.model.state_dict()) - set(weights.keys())
+        if missing:
+            raise SiteError(f"site {self.config.site}: the coordinator's model lacks {len(missing)} tensors of this site's network, e.g. {sorted(missing)[:3]}; model configs differ")
+        self.model.load_state_dict(weights.to_torch_state_dict(), strict=True)
+        state[GLOBAL_WEIGHTS] = weights
+        state[CONFIG] = ConfigRecord({GLOBAL_VERSION: ins.version})
+
+    def _identity(self) -> ConfigRecord:
+        return ConfigRecord({"site": self.config.site, "modality": self.config.modality})
+
+    def _data(self) -> SiteData:
+        return SiteData.from_config(self.config, list(self.instructions.class_names))
+
+    def train(self) -> RecordDict:
+        ins, training = self.instructions, self.config.training
+        data = self._data()
+        loader = DataLoader(data.train_dataset, batch_size=training.batch_size, shuffle=True, drop_last=False, num_workers=0)
+        max_steps = ins.local_steps or training.local_steps or None
+        epochs = training.local_epochs or 1
+
+        def progress(step: int, loss: float) -> None:
+            if step % 10 == 0:
+                log.info("site %s round %d: step %d loss %.4f", self.config.site, ins.server_round, step, loss)
+
+        result = train_local(
+            self.model, self.config.modality, loader, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
+            max_steps=max_steps, epochs=epochs, proximal_mu=ins.proximal_mu, on_step=progress,
+        )
+        log.info("site %s round %d: trained %d steps on %d examples, loss %.4f", self.config.site, ins.server_round, result.steps, result.num_examples, result.loss)
+        trained = select(self.model.state_dict(), groups=ins.stage.trainable_groups)
+        metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss, "steps": result.steps, "num-train-cases": data.num_train_cases})
+        return RecordDict({ARRAYS: ArrayRecord({k: v.detach().cpu() for k, v in trained.items()}), METRICS: metrics, SITE: self._identity()})
+
+    def evaluate(self) -> RecordDict:
+        data = self._data()
+        result = evaluate_cases(self.model, self.config.modality, data.val_cases, self.instructions.class_names, self.config.training.patch_size)
+        metrics = {f"dice-{c}": v for c, v in result.dice.items()}
+        metrics.update({"dice-mean": result.dice_mean, "num-examples": result.num_cases})
+        log.info("site %s round %d: global model Dice %s", self.config.site, self.instructions.server_round, {k: round(v, 3) for k, v in metrics.items()})
+        return RecordDict({METRICS: MetricRecord(metrics), SITE: self._identity()})

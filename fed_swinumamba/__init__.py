@@ -1,0 +1,1 @@
+"""fed-swinumamba: federated Swin-UMamba segmentation across hospitals."""

@@ -1,0 +1,69 @@
+"""Self-describing checkpoints in safetensors.
+
+A checkpoint holds the global weights and, in the safetensors metadata, everything needed to use or
+resume them without any other file: the model config, the class names, the round and stage, and the
+run configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .model import ModelConfig, build_model
+
+_META_KEY = "fed_swinumamba"
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, torch.Tensor]
+    model_config: ModelConfig
+    class_names: tuple[str, ...]
+    server_round: int = 0
+    stage: int = 0
+    extra: dict = field(default_factory=dict)  # run config, metrics of the round, ...
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (a crash mid-write never leaves a truncated checkpoint behind)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "model_config": self.model_config.to_dict(),
+            "class_names": list(self.class_names),
+            "round": self.server_round,
+            "stage": self.stage,
+            "extra": self.extra,
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state.items()}, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get(_META_KEY)
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
+        if raw is None:
+            raise ValueError(f"checkpoint {path} has no fed_swinumamba metadata (model config, classes); was it written by this project?")
+        meta = json.loads(raw)
+        return cls(state, ModelConfig.from_dict(meta["model_config"]), tuple(meta["class_names"]), meta["round"], meta["stage"], meta.get("extra", {}))
+
+    def build_model(self) -> torch.nn.Module:
+        """The network with these weights (strict: every parameter must be in the checkpoint)."""
+        model = build_model(self.model_config)
+        model.load_state_dict(self.state, strict=True)
+        return model

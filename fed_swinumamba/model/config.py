@@ -1,0 +1,88 @@
+"""Model configuration as data: what the coordinator sends to sites and writes into checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch.nn as nn
+
+from .swin_umamba import MODALITIES, SwinUMamba, SwinUMambaD
+
+VARIANTS = ("swin_umamba", "swin_umamba_d")
+ENCODER_BLOCKS = ("vss", "hybrid")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every hyper-parameter that fixes the network's parameter layout (defaults: the paper's)."""
+
+    variant: str = "swin_umamba"
+    in_chans: int = 1
+    num_classes: int = 3
+    modalities: tuple[str, ...] = MODALITIES
+    dims: tuple[int, ...] = (96, 192, 384, 768)
+    depths: tuple[int, ...] = (2, 2, 9, 2)
+    stem_width: int = 48
+    d_state: int = 16
+    drop_path_rate: float = 0.0
+    deep_supervision: bool = False
+    encoder_block: str = "vss"
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)  # hybrid window attention only
+    window_size: int = 7  # hybrid window attention only
+
+    def __post_init__(self) -> None:
+        for name in ("modalities", "dims", "depths", "num_heads"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.variant not in VARIANTS:
+            raise ValueError(f"model variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.encoder_block not in ENCODER_BLOCKS:
+            raise ValueError(f"encoder block must be one of {ENCODER_BLOCKS}, got {self.encoder_block!r}")
+        unknown = set(self.modalities) - set(MODALITIES)
+        if unknown or not self.modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
+        if len(self.dims) != len(self.depths) or len(self.dims) != 4:
+            raise ValueError(f"dims and depths must both have 4 entries, got {self.dims} and {self.depths}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {self.num_classes}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    @property
+    def total_stride(self) -> int:
+        """Input sides must be multiples of this (both variants reach 1/4 before the first stage)."""
+        return 4 * 2 ** (len(self.dims) - 1)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The network described by ``config``, freshly initialised."""
+    block_factory = None
+    if config.encoder_block == "hybrid":
+        from .hybrid import hybrid_block_factory
+
+        block_factory = hybrid_block_factory(d_state=config.d_state, num_heads=config.num_heads, window_size=config.window_size)
+    common = dict(
+        in_chans=config.in_chans,
+        num_classes=config.num_classes,
+        modalities=config.modalities,
+        dims=config.dims,
+        depths=config.depths,
+        d_state=config.d_state,
+        drop_path_rate=config.drop_path_rate,
+        deep_supervision=config.deep_supervision,
+        block_factory=block_factory,
+    )
+    if config.variant == "swin_umamba":
+        return SwinUMamba(stem_width=config.stem_width, **common)
+    return SwinUMambaD(**common)
+
+
+__all__ = ["ModelConfig", "build_model", "VARIANTS", "ENCODER_BLOCKS"]

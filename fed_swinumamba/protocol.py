@@ -1,0 +1,66 @@
+"""What the coordinator and the sites say to each other: record names and the round instructions.
+
+Lives in the library because both sides need it and neither may import the other. Values are plain
+Python types that fit Flower's ConfigRecord / MetricRecord; nothing here imports Flower.
+
+A message to a site holds an ArrayRecord ``arrays`` (weights to load) and a ConfigRecord ``config``
+(the instructions below). A reply holds ``arrays`` (train only: the weights the site trained),
+``metrics`` (scalars only) and ``site`` (the site's name and modality: sites are known by name).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .model import ModelConfig
+from .schedule import Stage
+
+ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
+FULL_SYNC = -1  # base_version of a message that carries every weight the site needs
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """One round's instructions to a site.
+
+    ``arrays`` bring the site's copy of the global model from ``base_version`` to ``version``
+    (versions count completed aggregations); ``FULL_SYNC`` means they replace it.
+    """
+
+    server_round: int
+    stage: Stage
+    model_config: ModelConfig
+    class_names: tuple[str, ...]
+    version: int
+    base_version: int = FULL_SYNC
+    proximal_mu: float = 0.0
+    local_steps: int = 0  # 0: the site's own training settings decide
+
+    def to_config(self) -> dict:
+        return {
+            "server-round": self.server_round,
+            **self.stage.to_config(),
+            "model-config": json.dumps(self.model_config.to_dict()),
+            "class-names": list(self.class_names),
+            "version": self.version,
+            "base-version": self.base_version,
+            "proximal-mu": self.proximal_mu,
+            "local-steps": self.local_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config) -> Instructions:
+        try:
+            return cls(
+                server_round=int(config["server-round"]),
+                stage=Stage.from_config(config),
+                model_config=ModelConfig.from_dict(json.loads(config["model-config"])),
+                class_names=tuple(config["class-names"]),
+                version=int(config["version"]),
+                base_version=int(config["base-version"]),
+                proximal_mu=float(config["proximal-mu"]),
+                local_steps=int(config["local-steps"]),
+            )
+        except KeyError as err:
+            raise ValueError(f"round instructions lack the field {err}: coordinator and site run different versions of fed-swinumamba") from err

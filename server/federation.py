@@ -1,0 +1,209 @@
+"""The coordinator's round loop: stage -> instructions -> site replies -> aggregate -> evaluate -> record.
+
+Every round writes ``metrics.json`` and checkpoints (``latest`` and ``best`` by the mean of the sites'
+mean Dice), so a run killed at any point resumes at the next round with the right stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fed_swinumamba.checkpoint import Checkpoint
+from fed_swinumamba.model import build_model
+from fed_swinumamba.params import select
+from fed_swinumamba.pretrained import load_vmamba_checkpoint
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions
+
+from .aggregation import ModalityAwareAggregator, strategy_factory
+from .settings import FederationSettings
+
+log = logging.getLogger("fed_swinumamba.server")
+
+
+@dataclass
+class SiteLink:
+    """What the coordinator knows of a connected node: who it is and which global version it holds."""
+
+    site: str | None = None
+    modality: str | None = None
+    version: int | None = None  # None: unknown, send everything
+
+
+class Federation:
+    def __init__(self, grid: Grid, settings: FederationSettings):
+        self.grid = grid
+        self.s = settings
+        self.links: dict[int, SiteLink] = {}
+        self.aggregator = ModalityAwareAggregator(
+            strategy_factory(settings.strategy, proximal_mu=settings.proximal_mu, trimmed_beta=settings.trimmed_beta)
+        )
+        self.out = settings.output_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict] = []
+        self.best = -1.0
+        self.state, self.start_round = self._initial_state()
+
+    # ------------------------------------------------------------------ state
+    def _initial_state(self) -> tuple[dict[str, np.ndarray], int]:
+        latest = self.out / "checkpoints" / "latest.safetensors"
+        if self.s.resume and latest.is_file():
+            ckpt = Checkpoint.load(latest)
+            if ckpt.model_config != self.s.model_config:
+                raise ValueError(f"cannot resume {latest}: its model config differs from this run's")
+            metrics = self.out / "metrics.json"
+            if metrics.is_file():
+                self.history = [r for r in json.loads(metrics.read_text())["rounds"] if r["round"] <= ckpt.server_round]
+            self.best = float(ckpt.extra.get("best", -1.0))
+            log.info("resuming from %s: round %d done, stage %d", latest, ckpt.server_round, ckpt.stage)
+            return {k: v.numpy() for k, v in ckpt.state.items()}, ckpt.server_round + 1
+        torch.manual_seed(self.s.seed)
+        model = build_model(self.s.model_config)
+        if self.s.pretrained_checkpoint:
+            log.info(load_vmamba_checkpoint(model, self.s.pretrained_checkpoint).summary())
+        return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, 1
+
+    def _checkpoint(self, server_round: int, stage: int, name: str) -> None:
+        Checkpoint(
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.state.items()},
+            self.s.model_config,
+            self.s.class_names,
+            server_round,
+            stage,
+            {"run_config": self.s.run_config, "best": self.best},
+        ).save(self.out / "checkpoints" / f"{name}.safetensors")
+
+    # ------------------------------------------------------------------ messages
+    def _payload(self, node: int, version: int) -> tuple[ArrayRecord, int]:
+        """The weights ``node`` lacks to hold global ``version``, and the version it must hold already."""
+        link = self.links.setdefault(node, SiteLink())
+        modalities = None if link.modality is None else [link.modality]
+        if link.version is None or link.version > version:
+            weights, base = select(self.state, modalities=modalities), FULL_SYNC
+        else:
+            groups = self.s.schedule.groups_changed_between(link.version, version) if link.version < version else ()
+            weights, base = select(self.state, groups=groups, modalities=modalities), link.version
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}), base
+
+    def _messages(self, nodes: list[int], server_round: int, version: int, message_type: str) -> tuple[list[Message], dict[int, int]]:
+        stage = self.s.schedule.stage_for_round(server_round)
+        messages, bytes_down = [], {}
+        for node in nodes:
+            arrays, base = self._payload(node, version)
+            instructions = Instructions(
+                server_round, stage, self.s.model_config, self.s.class_names, version, base, self.s.proximal_mu, self.s.local_steps
+            )
+            content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())})
+            messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
+            bytes_down[node] = _nbytes(arrays)
+        return messages, bytes_down
+
+    def _exchange(self, nodes: list[int], server_round: int, version: int, message_type: str, sites: dict) -> list[Message]:
+        """Send, wait up to the round timeout, record per site; return the successful replies."""
+        messages, bytes_down = self._messages(nodes, server_round, version, message_type)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.s.round_timeout))
+        answered, ok = set(), []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            link = self.links.setdefault(node, SiteLink())
+            if reply.has_error():
+                link.version = None  # whatever it holds, resend everything next time
+                entry = sites.setdefault(self._site_key(node), {"modality": link.modality})
+                entry.setdefault("errors", []).append(f"{message_type}: {reply.error.reason}")
+                log.warning("round %d %s: site %s failed: %s", server_round, message_type, self._site_key(node), reply.error.reason)
+                continue
+            identity = reply.content[SITE]
+            link.site, link.modality = str(identity["site"]), str(identity["modality"])
+            link.version = version
+            entry = sites.setdefault(link.site, {"modality": link.modality})
+            entry["bytes_down"] = entry.get("bytes_down", 0) + bytes_down[node]
+            entry["bytes_up"] = entry.get("bytes_up", 0) + (_nbytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0)
+            ok.append(reply)
+        for node in set(nodes) - answered:
+            self.links.setdefault(node, SiteLink()).version = None
+            entry = sites.setdefault(self._site_key(node), {"modality": self.links[node].modality})
+            entry.setdefault("errors", []).append(f"{message_type}: no reply within {self.s.round_timeout:.0f} s")
+            log.warning("round %d %s: site %s did not reply within %.0f s", server_round, message_type, self._site_key(node), self.s.round_timeout)
+        return ok
+
+    def _site_key(self, node: int) -> str:
+        link = self.links.get(node)
+        return link.site if link and link.site else f"node-{node}"
+
+    # ------------------------------------------------------------------ loop
+    def wait_for_sites(self, timeout: float = 600.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.s.min_available_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of the required {self.s.min_available_sites} sites connected within {timeout:.0f} s")
+            time.sleep(1.0)
+
+    def run(self) -> list[dict]:
+        rng = random.Random(self.s.seed)
+        version = self.start_round - 1
+        for server_round in range(self.start_round, self.s.num_rounds + 1):
+            stage = self.s.schedule.stage_for_round(server_round)
+            nodes = self.wait_for_sites()
+            k = max(self.s.min_train_sites, round(self.s.fraction_train * len(nodes)))
+            sampled = sorted(rng.sample(nodes, min(k, len(nodes))))
+            log.info("[ROUND %d/%d] stage %d, lr %.2e, training %s on %d of %d sites", server_round, self.s.num_rounds, stage.index, stage.lr, ",".join(stage.trainable_groups), len(sampled), len(nodes))
+            sites: dict[str, dict] = {}
+            replies = self._exchange(sampled, server_round, version, MessageType.TRAIN, sites)
+            for reply in replies:
+                m = reply.content[METRICS]
+                sites[reply.content[SITE]["site"]].update(train_loss=float(m["train-loss"]), num_examples=int(m["num-examples"]))
+            if len(replies) >= self.s.min_train_sites:
+                self.state.update(self.aggregator.aggregate(server_round, self.state, replies))
+                version = server_round
+            else:
+                log.warning("round %d: %d sites trained, fewer than min-train-sites=%d; global model unchanged", server_round, len(replies), self.s.min_train_sites)
+            if server_round % self.s.eval_interval == 0 or server_round == self.s.num_rounds:
+                for reply in self._exchange(sorted(self.grid.get_node_ids()), server_round, version, MessageType.EVALUATE, sites):
+                    m = reply.content[METRICS]
+                    sites[reply.content[SITE]["site"]].update(
+                        dice={c: float(m[f"dice-{c}"]) for c in self.s.class_names}, dice_mean=float(m["dice-mean"]), num_val_cases=int(m["num-examples"])
+                    )
+            self._record(server_round, stage, sites)
+        return self.history
+
+    def _record(self, server_round: int, stage, sites: dict) -> None:
+        self.history.append({"round": server_round, "stage": stage.index, "lr": stage.lr, "trainable_groups": list(stage.trainable_groups), "sites": sites})
+        log.info("round %d global Dice per site:\n%s", server_round, dice_table(sites, self.s.class_names))
+        means = [s["dice_mean"] for s in sites.values() if "dice_mean" in s and s["dice_mean"] == s["dice_mean"]]
+        score = float(np.mean(means)) if means else None
+        if score is not None and score > self.best:
+            self.best = score
+            self._checkpoint(server_round, stage.index, "best")
+        self._checkpoint(server_round, stage.index, "latest")
+        metrics = {"rounds": self.history, "config": self.s.run_config, "best_mean_dice": self.best if self.best >= 0 else None}
+        tmp = self.out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=1, default=str))
+        tmp.replace(self.out / "metrics.json")
+
+
+def dice_table(sites: dict, class_names) -> str:
+    header = f"{'site':<20}{'modality':<9}" + "".join(f"{c:>10}" for c in class_names) + f"{'mean':>8}"
+    lines = [header]
+    for name, s in sorted(sites.items()):
+        if "dice" in s:
+            lines.append(f"{name:<20}{s['modality'] or '?':<9}" + "".join(f"{s['dice'][c]:>10.3f}" for c in class_names) + f"{s['dice_mean']:>8.3f}")
+        else:
+            lines.append(f"{name:<20}{s.get('modality') or '?':<9}  " + "; ".join(s.get("errors", ["not evaluated"])))
+    return "\n".join(lines)
+
+
+def _nbytes(arrays: ArrayRecord) -> int:
+    return sum(len(a.data) for a in arrays.values())

@@ -1,0 +1,122 @@
+"""The coordinator's settings, read from the Flower run config (``[tool.flwr.app.config]``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fed_swinumamba.model import ModelConfig
+from fed_swinumamba.schedule import UnfreezingSchedule
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian")
+
+# Defaults of every key, so that a run started without pyproject (the simulation's Python API) behaves
+# like ``flwr run``; pyproject.toml repeats them for users to edit.
+DEFAULTS = {
+    "num-server-rounds": 6,
+    "rounds-per-stage": 2,
+    "frozen-at-start": "stage1,stage2,stage3",
+    "lr": 1e-4,
+    "lr-decay": 0.8,
+    "strategy": "fedavg",
+    "proximal-mu": 0.01,
+    "trimmed-beta": 0.2,
+    "fraction-train": 1.0,
+    "min-train-sites": 1,
+    "min-available-sites": 1,
+    "round-timeout": 900.0,
+    "eval-interval": 1,
+    "local-steps": 0,
+    "output-dir": "runs/latest",
+    "resume": False,
+    "seed": 0,
+    "pretrained-checkpoint": "",
+    "class-names": "organ,lesion",
+    "modalities": "ct,mri,us",
+    "model-variant": "swin_umamba",
+    "model-dims": "16,32,64,128",
+    "model-depths": "1,1,2,1",
+    "model-stem-width": 16,
+    "model-d-state": 16,
+    "model-encoder-block": "vss",
+    "model-num-heads": "1,2,4,8",
+    "model-deep-supervision": False,
+}
+
+
+def _ints(value) -> tuple[int, ...]:
+    return tuple(int(v) for v in str(value).split(",") if v.strip())
+
+
+def _names(value) -> tuple[str, ...]:
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    num_rounds: int
+    schedule: UnfreezingSchedule
+    model_config: ModelConfig
+    class_names: tuple[str, ...]
+    strategy: str
+    proximal_mu: float
+    trimmed_beta: float
+    fraction_train: float
+    min_train_sites: int
+    min_available_sites: int
+    round_timeout: float
+    eval_interval: int
+    local_steps: int
+    output_dir: Path
+    resume: bool
+    seed: int
+    pretrained_checkpoint: str
+    run_config: dict
+
+    @classmethod
+    def from_run_config(cls, run_config) -> FederationSettings:
+        unknown = set(run_config) - set(DEFAULTS) - {"site-configs"}
+        if unknown:
+            raise ValueError(f"unknown run config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        c = {**DEFAULTS, **dict(run_config)}
+        if c["strategy"] not in STRATEGIES:
+            raise ValueError(f"run config strategy must be one of {STRATEGIES}, got {c['strategy']!r}")
+        class_names = _names(c["class-names"])
+        model_config = ModelConfig(
+            variant=c["model-variant"],
+            num_classes=len(class_names) + 1,
+            modalities=_names(c["modalities"]),
+            dims=_ints(c["model-dims"]),
+            depths=_ints(c["model-depths"]),
+            stem_width=int(c["model-stem-width"]),
+            d_state=int(c["model-d-state"]),
+            encoder_block=c["model-encoder-block"],
+            num_heads=_ints(c["model-num-heads"]),
+            deep_supervision=bool(c["model-deep-supervision"]),
+        )
+        schedule = UnfreezingSchedule(
+            frozen_at_start=_names(c["frozen-at-start"]),
+            rounds_per_stage=int(c["rounds-per-stage"]),
+            base_lr=float(c["lr"]),
+            lr_decay=float(c["lr-decay"]),
+        )
+        return cls(
+            num_rounds=int(c["num-server-rounds"]),
+            schedule=schedule,
+            model_config=model_config,
+            class_names=class_names,
+            strategy=c["strategy"],
+            proximal_mu=float(c["proximal-mu"]) if c["strategy"] == "fedprox" else 0.0,
+            trimmed_beta=float(c["trimmed-beta"]),
+            fraction_train=float(c["fraction-train"]),
+            min_train_sites=int(c["min-train-sites"]),
+            min_available_sites=int(c["min-available-sites"]),
+            round_timeout=float(c["round-timeout"]),
+            eval_interval=int(c["eval-interval"]),
+            local_steps=int(c["local-steps"]),
+            output_dir=Path(str(c["output-dir"])).expanduser(),
+            resume=bool(c["resume"]),
+            seed=int(c["seed"]),
+            pretrained_checkpoint=str(c["pretrained-checkpoint"]),
+            run_config=c,
+        )
