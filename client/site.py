@@ -30,14 +30,10 @@ class SiteError(RuntimeError):
 
 
 def site_config_path(context: Context) -> Path:
-    """The site's YAML: node config ``site-config``, or in simulation the run config's list by partition."""
-    if "site-config" in context.node_config:
-        return Path(str(context.node_config["site-config"])).expanduser()
-    listed = [p for p in str(context.run_config.get("site-configs", "")).split(",") if p.strip()]
-    partition = context.node_config.get("partition-id")
-    if partition is None or int(partition) >= len(listed):
+    """The site's YAML, from the SuperNode's node config ``site-config``."""
+    if "site-config" not in context.node_config:
         raise SiteError("this node has no site config: start the SuperNode with --node-config \"site-config='/path/to/site.yaml'\"")
-    return Path(listed[int(partition)].strip())
+    return Path(str(context.node_config["site-config"])).expanduser()
 
 
 class SiteRound:

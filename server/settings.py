@@ -75,7 +75,7 @@ class FederationSettings:
 
     @classmethod
     def from_run_config(cls, run_config) -> FederationSettings:
-        unknown = set(run_config) - set(DEFAULTS) - {"site-configs"}
+        unknown = set(run_config) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown run config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         c = {**DEFAULTS, **dict(run_config)}

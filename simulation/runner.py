@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -16,20 +17,24 @@ from server.settings import DEFAULTS
 
 
 def simulation_run_config(sites: list[Path], out: Path, overrides: dict) -> dict:
-    """The run config ``flwr run`` would build from pyproject, plus this simulation's sites and output."""
+    """The run config ``flwr run`` would build from pyproject, with this simulation's output folder."""
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise SystemExit(f"unknown run config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **overrides, "output-dir": str(out.resolve()), "site-configs": ",".join(str(p.resolve()) for p in sites)}
+    return {**DEFAULTS, **overrides, "output-dir": str(out.resolve())}
 
 
 def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus_per_site: float = 1.0) -> dict:
     """Run the federation in-process and return the metrics it wrote to ``out/metrics.json``."""
     run_config = simulation_run_config(sites, out, overrides)
 
-    def with_run_config(msg: Message, context: Context, call_next):
-        context.run_config.update(run_config)  # the simulation engine's Python API passes no run config
-        return call_next(msg, context)
+    def as_hospital(msg: Message, context: Context, call_next):
+        """Virtual node i plays site i: give it the node config a real SuperNode would have."""
+        site = sites[int(context.node_config["partition-id"])]
+        node_config = {**context.node_config, "site-config": str(site.resolve())}
+        torch.set_num_threads(max(1, int(cpus_per_site)))  # sites share the cores: oversubscribed threads stall
+        ctx = Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=context.state, run_config=context.run_config)
+        return call_next(msg, ctx)
 
     server = ServerApp()
 
@@ -38,7 +43,7 @@ def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus
         context.run_config.update(run_config)
         server_app.main(grid, context)
 
-    client = ClientApp(mods=[with_run_config])
+    client = ClientApp(mods=[as_hospital])
     client.train()(client_app.train)
     client.evaluate()(client_app.evaluate)
 

@@ -72,7 +72,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y = y + x * D.to(ct)[:, None]
     if z is not None:
         y = y * F.silu(z.to(ct))
-    return y.to(u.dtype)
+    return y.to(u.dtype).contiguous()
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -166,7 +166,7 @@ def _scan_backward(u, delta, A, B, C, h_in, dy):
         # dL/dh_t = dy_t C_t + exp(delta_{t+1} A) dL/dh_{t+1}
         torch.mul(dyt[s:e].view(m, b, g, H, 1), Ct[s:e].view(m, b, g, 1, n), out=gc.view(m, b, g, H, n))
         g_t = gc.unbind(0)
-        pass
+        g_t[-1].add_(carry)
         for t in range(m - 2, -1, -1):
             g_t[t].addcmul_(a_t[t + 1], g_t[t + 1])
         torch.mul(a_t[0], g_t[0], out=carry)

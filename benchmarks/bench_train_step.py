@@ -1,0 +1,110 @@
+"""One training step (forward + backward + AdamW) of the full-size networks on a 1x1x224x224 slice, on CPU.
+
+Reports seconds per step (median of --repeats after one warm-up), the peak resident memory of the
+process (each network measured in its own subprocess, ru_maxrss), and the share of the step spent in
+the selective scan (forward and backward): 1 - t_standin / t_step, where t_standin is the same step
+with the scan replaced by an elementwise stand-in that still sends gradients to all its inputs (so
+everything around the scan costs the same).
+
+    python benchmarks/bench_train_step.py [--repeats 3] [--threads N] [--write benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def measure(variant: str, repeats: int, threads: int) -> dict:
+    from monai.losses import DiceCELoss
+
+    from fed_swinumamba.model import ModelConfig, build_model, vmamba
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant=variant, num_classes=3, modalities=("ct",)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    x = torch.randn(1, 1, 224, 224)
+    y = torch.randint(0, 3, (1, 1, 224, 224))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x, "ct"), y).backward()
+        optimizer.step()
+
+    def median_step_time() -> float:
+        step()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    step_s = median_step_time()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    vmamba.selective_scan = _standin_scan
+    standin_s = median_step_time()
+    return {
+        "variant": variant,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "step_s": round(step_s, 3),
+        "standin_s": round(standin_s, 3),
+        "scan_share": round(1 - standin_s / step_s, 3),
+        "peak_rss_GiB": round(peak, 2),
+    }
+
+
+def _standin_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Costs almost nothing, yet every scan input gets a gradient, as with the real scan."""
+    g = B.shape[1]
+    mix = (B * C).sum(2).repeat_interleave(u.shape[1] // g, dim=1)  # (b, d, l)
+    return u * (delta + delta_bias[:, None]) * mix + D[:, None] * u + A.sum() * 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--write", help="append the table to this markdown file")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.repeats, args.threads)))
+        return
+    rows = []
+    for variant in ("swin_umamba", "swin_umamba_d"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", variant, "--repeats", str(args.repeats), "--threads", str(args.threads)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    table = [
+        f"Training step, 1x1x224x224, forward+backward+AdamW, CPU ({platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, torch {torch.__version__}); median of {args.repeats} steps after a warm-up; peak RSS "
+        "of a process that builds only that network; scan share = 1 - (step with a stand-in scan) / (step).",
+        "",
+        "| network | parameters | seconds / step | peak RSS | time in selective scan |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        table.append(f"| {r['variant']} | {r['params_M']} M | {r['step_s']} s | {r['peak_rss_GiB']} GiB | {100 * r['scan_share']:.1f} % |")
+    text = "\n".join(table)
+    print(text)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write("\n## Training step of the full-size networks\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Split one dataset by case into N hospital sites, with a site YAML each (for simulation)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .phantoms import DEMO_LABELS
+
+SCHEMES = ("iid", "dirichlet", "quantity")
+
+
+def partition_cases(case_ids: list[str], num_sites: int, scheme: str = "iid", seed: int = 0, alpha: float = 0.5, properties: dict[str, float] | None = None) -> list[list[str]]:
+    """Every case to exactly one site, each site at least one case.
+
+    iid: shuffled round-robin. quantity: site sizes drawn from Dirichlet(alpha). dirichlet: cases are
+    binned by ``properties`` (e.g. foreground fraction; iid order if absent) into ``num_sites`` bins and
+    each bin's cases spread over sites by Dirichlet(alpha) proportions: sites see skewed case mixes.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if not 1 <= num_sites <= len(case_ids):
+        raise ValueError(f"cannot split {len(case_ids)} cases into {num_sites} sites")
+    rng = np.random.default_rng(seed)
+    order = [case_ids[i] for i in rng.permutation(len(case_ids))]
+    if scheme == "iid":
+        return [sorted(order[i::num_sites]) for i in range(num_sites)]
+    if scheme == "quantity":
+        share = rng.dirichlet([alpha] * num_sites)
+        sizes = 1 + np.floor(share * (len(order) - num_sites)).astype(int)
+        sizes[np.argmax(share)] += len(order) - sizes.sum()
+        bounds = np.cumsum(sizes)[:-1]
+        return [sorted(part) for part in np.split(np.array(order), bounds)]
+    ranked = sorted(order, key=lambda c: (properties or {}).get(c, 0.0))
+    sites: list[list[str]] = [[] for _ in range(num_sites)]
+    for bin_cases in np.array_split(np.array(ranked), num_sites):
+        share = rng.dirichlet([alpha] * num_sites)
+        for case in bin_cases:
+            sites[int(rng.choice(num_sites, p=share))].append(str(case))
+    for i, part in enumerate(sites):  # no empty site: take one case from the largest
+        if not part:
+            donor = max(range(num_sites), key=lambda j: len(sites[j]))
+            part.append(sites[donor].pop())
+    return [sorted(p) for p in sites]
+
+
+def write_site_config(path: Path, site: str, modality: str, root: Path, data_format: str, labels: dict[int, str], **sections) -> Path:
+    config = {"site": site, "modality": modality, "data": {"root": os.path.relpath(root, path.parent), "format": data_format}, "labels": dict(labels), **sections}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def split_dataset(data_dir: str | Path, modality: str, num_sites: int, scheme: str, seed: int, out_dir: str | Path, labels: dict[int, str] | None = None, site_prefix: str | None = None) -> list[Path]:
+    """Partition ``data_dir`` (MSD or PNG layout) by case into ``num_sites`` site folders + YAMLs."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if (data_dir / "imagesTr").is_dir():
+        fmt, pairs = "msd", ("imagesTr", "labelsTr")
+    elif (data_dir / "images").is_dir():
+        fmt, pairs = "png", ("images", "masks")
+    else:
+        raise ValueError(f"{data_dir}: neither an MSD (imagesTr/labelsTr) nor a PNG (images/masks) dataset")
+    files = {p.name: p for p in sorted((data_dir / pairs[0]).iterdir())}
+    parts = partition_cases(sorted(files), num_sites, scheme, seed)
+    prefix = site_prefix or f"{data_dir.name}_site"
+    yamls = []
+    for i, names in enumerate(parts):
+        site = prefix if num_sites == 1 else f"{prefix}{i}"
+        root = out_dir / site
+        for name in names:
+            _link(data_dir / pairs[0] / name, root / pairs[0] / name)
+            _link(data_dir / pairs[1] / name, root / pairs[1] / name)
+        yamls.append(write_site_config(out_dir / f"{site}.yaml", site, modality, root, fmt, labels or DEMO_LABELS[modality]))
+    return yamls

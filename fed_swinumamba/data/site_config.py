@@ -1,0 +1,201 @@
+"""A hospital's site configuration: one YAML file, validated into frozen dataclasses.
+
+Every problem is reported as ``<file>: <dotted.field>: <what is wrong>`` so that an engineer at the
+site can fix it without reading code. ``sites/template.yaml`` documents every field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODALITIES = ("ct", "mri", "us")
+FORMATS = ("msd", "png")
+DEFAULT_PREPROCESSING = {"ct": {"window": [-200.0, 300.0]}, "mri": {"percentiles": [0.5, 99.5]}, "us": {}}
+
+
+class SiteConfigError(ValueError):
+    def __init__(self, source: str, field_name: str, problem: str):
+        super().__init__(f"{source}: {field_name}: {problem}" if field_name else f"{source}: {problem}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    root: Path
+    format: str = "msd"
+    slice_axis: int = 2
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    local_epochs: int | None = 1
+    local_steps: int | None = None
+    batch_size: int = 8
+    patch_size: tuple[int, int] = (64, 64)
+    pos_fraction: float = 0.67
+    augment: bool = True
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    enabled: bool = False
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    delta: float | None = None
+    unit: str = "case"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site: str
+    modality: str
+    data: DataSpec
+    labels: dict[int, str]
+    source: Path
+    split: SplitSpec = field(default_factory=SplitSpec)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.training.cache_dir or self.data.root / ".fed_swinumamba_cache"
+
+    def class_mapping_for(self, class_names: list[str]) -> dict[int, int]:
+        """Site label value -> federation class index (background 0 -> 0)."""
+        mapping = {0: 0}
+        for value, name in self.labels.items():
+            if name not in class_names:
+                raise SiteConfigError(str(self.source), f"labels.{value}", f"class {name!r} is not one of the federation's classes {list(class_names)}")
+            mapping[value] = class_names.index(name) + 1
+        return mapping
+
+
+# ---------------------------------------------------------------------------- validation helpers
+def _expect(source: str, name: str, value: Any, kind: type | tuple, what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise SiteConfigError(source, name, f"must be {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise SiteConfigError(source, name, f"must be {what}, got {value!r}")
+    return value
+
+
+def _section(source: str, name: str, value: Any, known: set[str], required: set[str] = frozenset()) -> dict:
+    if value is None:
+        value = {}
+    _expect(source, name, value, dict, "a mapping")
+    unknown = set(value) - known
+    if unknown:
+        raise SiteConfigError(source, f"{name}.{sorted(unknown)[0]}" if name else sorted(unknown)[0], f"unknown field (known: {', '.join(sorted(known))})")
+    missing = required - set(value)
+    if missing:
+        raise SiteConfigError(source, f"{name}.{sorted(missing)[0]}" if name else sorted(missing)[0], "required field is missing")
+    return value
+
+
+def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path | None = None) -> SiteConfig:
+    """Validate a parsed YAML mapping; relative data roots resolve against ``base_dir``."""
+    top = _section(source, "", raw, {"site", "modality", "data", "labels", "split", "preprocessing", "training", "privacy"}, {"site", "modality", "data", "labels"})
+    site = _expect(source, "site", top["site"], str, "a name of letters, digits, '_' or '-'")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
+        raise SiteConfigError(source, "site", f"must use only letters, digits, '_' or '-', got {site!r}")
+    modality = top["modality"]
+    if modality not in MODALITIES:
+        raise SiteConfigError(source, "modality", f"must be one of {', '.join(MODALITIES)} (got {modality!r})")
+
+    d = _section(source, "data", top["data"], {"root", "format", "slice_axis"}, {"root"})
+    root = Path(_expect(source, "data.root", d["root"], str, "a folder path")).expanduser()
+    if not root.is_absolute() and base_dir is not None:
+        root = (base_dir / root).resolve()
+    fmt = d.get("format", "msd")
+    if fmt not in FORMATS:
+        raise SiteConfigError(source, "data.format", f"must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    axis = _expect(source, "data.slice_axis", d.get("slice_axis", 2), int, "0, 1 or 2")
+    if axis not in (0, 1, 2):
+        raise SiteConfigError(source, "data.slice_axis", f"must be 0, 1 or 2 (got {axis})")
+
+    labels_raw = _expect(source, "labels", top["labels"], dict, "a mapping of label value -> class name")
+    labels = {}
+    for value, name in labels_raw.items():
+        _expect(source, f"labels.{value}", value, int, "an integer label value")
+        _expect(source, f"labels.{value}", name, str, "a class name")
+        if value == 0:
+            raise SiteConfigError(source, "labels.0", "0 is the background and must not be mapped")
+        labels[value] = name
+    if not labels:
+        raise SiteConfigError(source, "labels", "must map at least one label value")
+
+    s = _section(source, "split", top.get("split"), {"val_fraction", "seed"})
+    val_fraction = float(_expect(source, "split.val_fraction", s.get("val_fraction", 0.2), (int, float), "a fraction in (0, 1)"))
+    if not 0 < val_fraction < 1:
+        raise SiteConfigError(source, "split.val_fraction", f"must be in (0, 1), got {val_fraction}")
+    split = SplitSpec(val_fraction, _expect(source, "split.seed", s.get("seed", 0), int, "an integer"))
+
+    known_pre = {"ct": {"window"}, "mri": {"percentiles"}, "us": set()}[modality]
+    pre = {**DEFAULT_PREPROCESSING[modality], **_section(source, "preprocessing", top.get("preprocessing"), known_pre)}
+    for key in known_pre:
+        pair = pre[key]
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair) and pair[0] < pair[1]):
+            raise SiteConfigError(source, f"preprocessing.{key}", f"must be [low, high] with low < high, got {pair!r}")
+
+    t = _section(source, "training", top.get("training"), {"local_epochs", "local_steps", "batch_size", "patch_size", "pos_fraction", "augment", "cache_dir"})
+    if "local_epochs" in t and "local_steps" in t:
+        raise SiteConfigError(source, "training.local_steps", "give local_epochs or local_steps, not both")
+    epochs = _expect(source, "training.local_epochs", t["local_epochs"], int, "a positive integer") if "local_epochs" in t else (None if "local_steps" in t else 1)
+    steps = _expect(source, "training.local_steps", t["local_steps"], int, "a positive integer") if "local_steps" in t else None
+    for name, v in (("local_epochs", epochs), ("local_steps", steps)):
+        if v is not None and v < 1:
+            raise SiteConfigError(source, f"training.{name}", f"must be >= 1, got {v}")
+    batch = _expect(source, "training.batch_size", t.get("batch_size", 8), int, "a positive integer")
+    patch = t.get("patch_size", [64, 64])
+    if not (isinstance(patch, list) and len(patch) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch)):
+        raise SiteConfigError(source, "training.patch_size", f"must be [height, width] in pixels, got {patch!r}")
+    pos = float(_expect(source, "training.pos_fraction", t.get("pos_fraction", 0.67), (int, float), "a fraction in [0, 1]"))
+    if not 0 <= pos <= 1:
+        raise SiteConfigError(source, "training.pos_fraction", f"must be in [0, 1], got {pos}")
+    cache = t.get("cache_dir")
+    cache = None if cache is None else Path(_expect(source, "training.cache_dir", cache, str, "a folder path")).expanduser()
+    if cache is not None and not cache.is_absolute() and base_dir is not None:
+        cache = (base_dir / cache).resolve()
+    training = TrainingSpec(epochs, steps, batch, tuple(patch), pos, _expect(source, "training.augment", t.get("augment", True), bool, "true or false"), cache)
+
+    p = _section(source, "privacy", top.get("privacy"), {"enabled", "target_epsilon", "noise_multiplier", "max_grad_norm", "delta", "unit"})
+    unit = p.get("unit", "case")
+    if unit not in ("case", "slice"):
+        raise SiteConfigError(source, "privacy.unit", f"must be case or slice, got {unit!r}")
+    optional = {}
+    for name in ("target_epsilon", "noise_multiplier", "delta"):
+        v = p.get(name)
+        optional[name] = None if v is None else float(_expect(source, f"privacy.{name}", v, (int, float), "a positive number"))
+    privacy = PrivacySpec(
+        _expect(source, "privacy.enabled", p.get("enabled", False), bool, "true or false"),
+        optional["target_epsilon"], optional["noise_multiplier"],
+        float(_expect(source, "privacy.max_grad_norm", p.get("max_grad_norm", 1.0), (int, float), "a positive number")),
+        optional["delta"], unit,
+    )
+    return SiteConfig(site, modality, DataSpec(root, fmt, axis), labels, Path(source), split, pre, training, privacy)
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SiteConfigError(str(path), "", "site config file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        raise SiteConfigError(str(path), where, f"malformed YAML: {getattr(err, 'problem', err)}") from err
+    return validate_site_config_dict(raw, str(path), path.parent)

@@ -1,0 +1,112 @@
+"""End to end: three tiny sites (CT, MRI, ultrasound phantoms) federated on Flower's simulation engine,
+and what a site's replies may contain."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from client import client_app
+from fed_swinumamba.checkpoint import Checkpoint
+from fed_swinumamba.data import generate_phantoms, split_dataset
+from fed_swinumamba.model import ModelConfig
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, Instructions
+from fed_swinumamba.schedule import Stage
+from server.federation import Federation
+from simulation.runner import run_federated_simulation
+
+TINY = {"model-dims": "8,16,32,64", "model-depths": "1,1,1,1", "model-stem-width": 8, "model-d-state": 4}
+
+
+@pytest.fixture(scope="module")
+def three_sites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    yamls = []
+    for i, modality in enumerate(("ct", "mri", "us")):
+        data = generate_phantoms(root / "data" / modality, modality, num_cases=4, seed=i, size=32, num_slices=3)
+        yamls += split_dataset(data, modality, 1, "iid", 0, root / "sites" / modality)
+    for y in yamls:  # tiny local budget: two steps of batch 4 at 32x32
+        text = y.read_text().replace("patch_size: [64, 64]", "patch_size: [32, 32]")
+        y.write_text(text)
+    return yamls
+
+
+def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites, tmp_path):
+    overrides = {**TINY, "num-server-rounds": 2, "rounds-per-stage": 1, "local-steps": 2, "lr": 1e-3}
+    metrics = run_federated_simulation(three_sites, tmp_path / "run", overrides)
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [r["stage"] for r in metrics["rounds"]] == [0, 1]
+    assert "stage1" not in metrics["rounds"][0]["trainable_groups"] and "stage1" in metrics["rounds"][1]["trainable_groups"]
+    for rnd in metrics["rounds"]:
+        sites = rnd["sites"]
+        assert {s["modality"] for s in sites.values()} == {"ct", "mri", "us"} and len(sites) == 3
+        for site in sites.values():
+            assert "errors" not in site
+            assert set(site["dice"]) == {"organ", "lesion"}
+            assert 0.0 <= site["dice_mean"] <= 1.0
+            assert site["bytes_up"] > 0 and site["bytes_down"] > 0
+    # First contact sends everything; round 2 sends only what changed, so less goes down.
+    first, second = (metrics["rounds"][i]["sites"] for i in (0, 1))
+    assert all(second[s]["bytes_down"] < first[s]["bytes_down"] for s in first)
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["rounds"] == metrics["rounds"]
+    ckpt = Checkpoint.load(tmp_path / "run" / "checkpoints" / "latest.safetensors")
+    assert ckpt.server_round == 2 and ckpt.stage == 1 and ckpt.class_names == ("organ", "lesion")
+    ckpt.build_model()  # strict: every parameter of the described network is there
+
+
+def _train_message(model_config: ModelConfig) -> Message:
+    from fed_swinumamba.model import build_model
+
+    state = build_model(model_config).state_dict()
+    ins = Instructions(1, Stage(0, ("stem", "stage4", "decoder", "heads"), 1e-3), model_config, ("organ", "lesion"), version=0, base_version=FULL_SYNC, local_steps=1)
+    content = RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())})
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def test_a_site_sends_back_only_weights_and_scalars(three_sites, monkeypatch):
+    """Privacy: the reply holds the trained weights (names of the network), numbers, and the site's name."""
+    model_config = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    msg = _train_message(model_config)
+    context = Context(run_id=1, node_id=1, node_config={"site-config": str(three_sites[0])}, state=RecordDict(), run_config={})
+    monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
+    reply = client_app.train(msg, context)
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    assert isinstance(content["arrays"], ArrayRecord) and isinstance(content["metrics"], MetricRecord)
+    sent_names = set(content["arrays"].keys())
+    assert sent_names and sent_names <= set(msg.content[ARRAYS].keys())
+    assert not any(".layers.0." in n for n in sent_names)  # frozen stage1 is never sent back
+    assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
+    assert dict(content["site"]) == {"site": context_site_name(three_sites[0]), "modality": "ct"}
+    assert all(a.numpy().dtype == np.float32 for a in content["arrays"].values())
+
+
+def context_site_name(yaml_path) -> str:
+    from fed_swinumamba.data import load_site_config
+
+    return load_site_config(yaml_path).site
+
+
+def _reply_without_task_identity(init):
+    """Replies outside a running Flower node have no task identity to read; give them the instruction's."""
+
+    def patched(self, *args, reply_to=None, **kwargs):
+        if reply_to is not None:
+            kwargs["metadata"] = reply_to.metadata
+        return init(self, *args, **kwargs)
+
+    return patched
+
+
+def test_federation_refuses_to_resume_with_a_different_model(tmp_path):
+    from server.settings import FederationSettings
+
+    settings = FederationSettings.from_run_config({**TINY, "output-dir": str(tmp_path)})
+    fed = Federation(grid=None, settings=settings)
+    fed._checkpoint(3, 1, "latest")
+    resumed = Federation(grid=None, settings=FederationSettings.from_run_config({**TINY, "output-dir": str(tmp_path), "resume": True}))
+    assert resumed.start_round == 4
+    with pytest.raises(ValueError, match="model config differs"):
+        Federation(grid=None, settings=FederationSettings.from_run_config({**TINY, "model-d-state": 8, "output-dir": str(tmp_path), "resume": True}))
