@@ -1,21 +1,33 @@
 """Flower ClientApp run by each hospital's SuperNode: train and evaluate on the site's own data."""
 
 import logging
+from collections.abc import Callable
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from .site import SiteRound
 
 app = ClientApp()
-logging.getLogger("fed_swinumamba").setLevel(logging.INFO)
+log = logging.getLogger("fed_swinumamba.client")
+log.setLevel(logging.INFO)
+
+
+def _reply(msg: Message, work: Callable[[], RecordDict]) -> Message:
+    """The work's reply, or an error reply whose reason is the site's own message (the traceback stays here)."""
+    try:
+        return Message(content=work(), reply_to=msg)
+    except Exception as err:
+        log.exception("round failed at this site")
+        return Message(error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return Message(content=SiteRound(msg.content, context).train(), reply_to=msg)
+    return _reply(msg, lambda: SiteRound(msg.content, context).train())
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return Message(content=SiteRound(msg.content, context).evaluate(), reply_to=msg)
+    return _reply(msg, lambda: SiteRound(msg.content, context).evaluate())

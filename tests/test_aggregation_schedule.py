@@ -93,3 +93,14 @@ def test_sites_that_trained_different_stages_are_refused():
     replies = [_reply({SHARED: [1.0]}, 1, node=1), _reply({SHARED: [1.0], "heads.0.conv.weight": [1.0]}, 1, node=2)]
     with pytest.raises(ValueError, match="different weight sets"):
         ModalityAwareAggregator(strategy_factory("fedavg")).aggregate(1, {SHARED: np.zeros(1), "heads.0.conv.weight": np.zeros(1)}, replies)
+
+
+def test_pyproject_run_config_and_server_defaults_agree():
+    """`flwr run` reads pyproject; the simulation's Python API passes nothing and uses DEFAULTS: same run either way."""
+    import tomllib
+    from pathlib import Path
+
+    from server.settings import DEFAULTS
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULTS

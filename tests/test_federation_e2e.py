@@ -33,9 +33,21 @@ def three_sites(tmp_path_factory):
 
 
 def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites, tmp_path):
+    """...and a fourth site whose data folder is missing fails with a clear error without stopping the others."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(three_sites[2].read_text().replace("site: us_site", "site: broken_site").replace("root: us_site", "root: no_such_folder"))
     overrides = {**TINY, "num-server-rounds": 2, "rounds-per-stage": 1, "local-steps": 2, "lr": 1e-3}
-    metrics = run_federated_simulation(three_sites, tmp_path / "run", overrides)
+    metrics = run_federated_simulation([*three_sites, broken], tmp_path / "run", overrides)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for rnd in metrics["rounds"]:
+        failed = {k: v for k, v in rnd["sites"].items() if "errors" in v}
+        assert len(failed) == 1
+        (entry,) = failed.values()
+        errors = entry["errors"]
+        assert len(errors) == 2  # its train and its evaluate message each failed, with the site's own message
+        assert all("site broken_site: data folder" in e and "does not exist" in e for e in errors)
+        for k in failed:
+            del rnd["sites"][k]
     assert [r["stage"] for r in metrics["rounds"]] == [0, 1]
     assert "stage1" not in metrics["rounds"][0]["trainable_groups"] and "stage1" in metrics["rounds"][1]["trainable_groups"]
     for rnd in metrics["rounds"]:
@@ -50,7 +62,8 @@ def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites,
     first, second = (metrics["rounds"][i]["sites"] for i in (0, 1))
     assert all(second[s]["bytes_down"] < first[s]["bytes_down"] for s in first)
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert on_disk["rounds"] == metrics["rounds"]
+    assert [r["round"] for r in on_disk["rounds"]] == [1, 2]
+    assert all(on_disk["rounds"][i]["sites"][s] == metrics["rounds"][i]["sites"][s] for i in (0, 1) for s in first)
     ckpt = Checkpoint.load(tmp_path / "run" / "checkpoints" / "latest.safetensors")
     assert ckpt.server_round == 2 and ckpt.stage == 1 and ckpt.class_names == ("organ", "lesion")
     ckpt.build_model()  # strict: every parameter of the described network is there
