@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import SiteDataError, list_cases, preprocessing, split_cases
+from .datasets import SiteDataError, list_cases, preprocessing, site_data_error, split_cases
 from .site_config import SiteConfigError, load_site_config
 
 
@@ -54,7 +54,7 @@ def check_site(config_path: str | Path, class_names: list[str] | None = None) ->
         try:
             item = transform({"image": str(case.image), "label": str(case.label), "image_path": str(case.image), "label_path": str(case.label)})
         except Exception as err:  # report every case, not only the first broken one
-            report.problems.append(str(err) if isinstance(err, SiteDataError) else f"site {config.site}: {case.image}: cannot be loaded ({type(err).__name__}: {err})")
+            report.problems.append(str(site_data_error(err, config.site, case.image)))
             continue
         image, label = np.asarray(item["image"]), np.asarray(item["label"])
         report.cases.append({"case": case.case_id, "shape": tuple(image.shape[1:3]), "slices": image.shape[-1], "classes": sorted(np.unique(label).tolist()), "min": float(image.min()), "max": float(image.max())})

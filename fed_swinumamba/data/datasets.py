@@ -233,16 +233,23 @@ class SiteData:
         return cls(SliceDataset(volumes["train"], augmentation(config)), volumes["val"], list(class_names))
 
 
+def site_data_error(err: Exception, site: str, path: Path | str) -> SiteDataError:
+    """The SiteDataError behind a MONAI transform failure, or one naming the file and the root cause.
+
+    MONAI wraps whatever a transform raised in ``RuntimeError("applying transform ...")``; a corrupt
+    file surfaces as any of nibabel's or PIL's errors underneath.
+    """
+    cause = err
+    while cause.__cause__ is not None and not isinstance(cause, SiteDataError):
+        cause = cause.__cause__
+    if isinstance(cause, SiteDataError):
+        return cause
+    return SiteDataError(f"site {site}: {path}: cannot be loaded ({type(cause).__name__}: {cause})")
+
+
 def _load(ds: PersistentDataset, i: int, case: Case, site: str) -> dict:
     try:
         item = ds[i]
-    except SiteDataError:
-        raise
-    except Exception as err:  # a corrupt file surfaces as any of nibabel's / PIL's errors
-        cause = err
-        while cause.__cause__ is not None and not isinstance(cause, SiteDataError):
-            cause = cause.__cause__
-        if isinstance(cause, SiteDataError):
-            raise cause from None
-        raise SiteDataError(f"site {site}: {case.image}: cannot be loaded ({type(cause).__name__}: {cause})") from err
+    except Exception as err:
+        raise site_data_error(err, site, case.image) from None
     return {"image": torch.as_tensor(np.asarray(item["image"])), "label": torch.as_tensor(np.asarray(item["label"]))}
