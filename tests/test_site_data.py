@@ -184,3 +184,19 @@ def test_check_site_reports_every_broken_case_and_passes_a_good_site(ct_site):
     assert not bad.ok and len(bad.problems) == 2
     assert any("case_001" in p and "[9]" in p for p in bad.problems) and any("case_003" in p and "cannot be loaded" in p for p in bad.problems)
     assert "PROBLEM" in bad.format()
+
+
+def test_orientation_and_spacing_are_applied_as_configured(ct_site):
+    yaml_path, root = ct_site
+    plain = SiteData.from_config(load_site_config(yaml_path), CLASSES)
+    config = yaml.safe_load(yaml_path.read_text())
+    config["data"].update(orientation="LPS", spacing=[3.0, 3.0, 0])  # phantoms are stored RAS at 1.5 x 1.5 x 3 mm
+    yaml_path.write_text(yaml.safe_dump(config))
+    resampled = SiteData.from_config(load_site_config(yaml_path), CLASSES)
+    a, b = plain.val_cases[0]["label"], resampled.val_cases[0]["label"]
+    assert b.shape == (1, 16, 16, 3)  # half the in-plane size, slices kept
+    assert np.array_equal(b.numpy(), a.flip(1, 2)[:, ::2, ::2].numpy())  # R->L and A->P flip, then nearest 2x
+    config["data"]["orientation"] = "XYZ"
+    yaml_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SiteConfigError, match=r"data\.orientation: must be 3 axis codes"):
+        load_site_config(yaml_path)

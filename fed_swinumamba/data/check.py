@@ -52,7 +52,7 @@ def check_site(config_path: str | Path, class_names: list[str] | None = None) ->
     report.num_train, report.num_val = len(train), len(val)
     for case in cases:
         try:
-            item = transform({"image": str(case.image), "label": str(case.label), "image_path": str(case.image), "label_path": str(case.label)})
+            item = transform({"image": str(case.image), "label": str(case.label), "source_image": str(case.image), "source_label": str(case.label)})
         except Exception as err:  # report every case, not only the first broken one
             report.problems.append(str(site_data_error(err, config.site, case.image)))
             continue

@@ -23,6 +23,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
+    Orientationd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
@@ -31,6 +32,7 @@ from monai.transforms import (
     ScaleIntensityd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
+    Spacingd,
     SpatialPadd,
 )
 from torch.utils.data import Dataset
@@ -121,15 +123,15 @@ class CheckCased(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
-        image, label, path = d["image"], d["label"], d["image_path"]
+        image, label, path = d["image"], d["label"], d["source_image"]
         if image.shape[1:] != label.shape[1:]:
-            raise SiteDataError(f"site {self.site}: {path}: image shape {tuple(image.shape[1:])} differs from label shape {tuple(label.shape[1:])} ({d['label_path']})")
+            raise SiteDataError(f"site {self.site}: {path}: image shape {tuple(image.shape[1:])} differs from label shape {tuple(label.shape[1:])} ({d['source_label']})")
         if not torch.isfinite(torch.as_tensor(image)).all():
             raise SiteDataError(f"site {self.site}: {path}: image has NaN or infinite intensities")
         lab = torch.as_tensor(label).round().long()
         unknown = sorted(set(torch.unique(lab).tolist()) - set(self.mapping))
         if unknown:
-            raise SiteDataError(f"site {self.site}: {d['label_path']}: label values {unknown} are not in the site's label mapping {sorted(self.mapping)}")
+            raise SiteDataError(f"site {self.site}: {d['source_label']}: label values {unknown} are not in the site's label mapping {sorted(self.mapping)}")
         lut = torch.zeros(max(self.mapping) + 1, dtype=torch.long)
         for value, index in self.mapping.items():
             lut[value] = index
@@ -150,9 +152,20 @@ def intensity_transform(config: SiteConfig):
     return ScaleIntensityd("image", minv=0.0, maxv=1.0)
 
 
+def geometry(config: SiteConfig) -> list:
+    """Reorient and resample NIfTI volumes as configured (labels with nearest neighbour)."""
+    steps = []
+    if config.data.orientation:
+        steps.append(Orientationd(KEYS, axcodes=config.data.orientation))
+    if config.data.spacing:
+        steps.append(Spacingd(KEYS, pixdim=config.data.spacing, mode=("bilinear", "nearest")))
+    return steps
+
+
 def preprocessing(config: SiteConfig, class_names: list[str]) -> Compose:
     return Compose([
         LoadImaged(KEYS, image_only=True, ensure_channel_first=True),
+        *geometry(config),
         ToGreyd(KEYS),
         intensity_transform(config),
         CheckCased(config.site, config.class_mapping_for(class_names)),
@@ -221,11 +234,11 @@ class SiteData:
         cases = list_cases(config)
         train, val = split_cases(cases, config.split.val_fraction, config.split.seed)
         transform = preprocessing(config, class_names)
-        signature = json.dumps([config.modality, config.preprocessing, sorted(config.labels.items()), config.data.slice_axis, list(class_names)])
+        signature = json.dumps([config.modality, config.preprocessing, sorted(config.labels.items()), config.data.slice_axis, config.data.orientation, config.data.spacing, list(class_names)])
         cache = config.cache_dir / hashlib.sha1(signature.encode()).hexdigest()[:12]
         volumes = {}
         for split, group in (("train", train), ("val", val)):
-            items = [{"image": str(c.image), "label": str(c.label), "image_path": str(c.image), "label_path": str(c.label)} for c in group]
+            items = [{"image": str(c.image), "label": str(c.label), "source_image": str(c.image), "source_label": str(c.label)} for c in group]
             ds = PersistentDataset(items, transform, cache_dir=cache)
             volumes[split] = [_load(ds, i, group[i], config.site) for i in range(len(group))]
         for item, case in zip(volumes["val"], val):

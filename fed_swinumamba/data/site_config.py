@@ -28,6 +28,8 @@ class DataSpec:
     root: Path
     format: str = "msd"
     slice_axis: int = 2
+    orientation: str | None = None  # MONAI axcodes, e.g. "RAS"; None keeps the stored orientation
+    spacing: tuple[float, float, float] | None = None  # mm per axis; 0 keeps that axis's spacing
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     if modality not in MODALITIES:
         raise SiteConfigError(source, "modality", f"must be one of {', '.join(MODALITIES)} (got {modality!r})")
 
-    d = _section(source, "data", top["data"], {"root", "format", "slice_axis"}, {"root"})
+    d = _section(source, "data", top["data"], {"root", "format", "slice_axis", "orientation", "spacing"}, {"root"})
     root = Path(_expect(source, "data.root", d["root"], str, "a folder path")).expanduser()
     if not root.is_absolute() and base_dir is not None:
         root = (base_dir / root).resolve()
@@ -125,6 +127,15 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     axis = _expect(source, "data.slice_axis", d.get("slice_axis", 2), int, "0, 1 or 2")
     if axis not in (0, 1, 2):
         raise SiteConfigError(source, "data.slice_axis", f"must be 0, 1 or 2 (got {axis})")
+    orientation, spacing = d.get("orientation"), d.get("spacing")
+    if (orientation is not None or spacing is not None) and fmt != "msd":
+        raise SiteConfigError(source, "data.orientation" if orientation is not None else "data.spacing", "applies to NIfTI (msd) data only; PNG images carry no geometry")
+    if orientation is not None and not (isinstance(orientation, str) and len(orientation) == 3 and set(orientation.upper()) <= set("RLAPSI")):
+        raise SiteConfigError(source, "data.orientation", f"must be 3 axis codes such as RAS or LPS, got {orientation!r}")
+    if spacing is not None:
+        if not (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in spacing)):
+            raise SiteConfigError(source, "data.spacing", f"must be [s0, s1, s2] in mm (0 keeps an axis), got {spacing!r}")
+        spacing = tuple(float(v) for v in spacing)
 
     labels_raw = _expect(source, "labels", top["labels"], dict, "a mapping of label value -> class name")
     labels = {}
@@ -185,7 +196,7 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
         float(_expect(source, "privacy.max_grad_norm", p.get("max_grad_norm", 1.0), (int, float), "a positive number")),
         optional["delta"], unit,
     )
-    return SiteConfig(site, modality, DataSpec(root, fmt, axis), labels, Path(source), split, pre, training, privacy)
+    return SiteConfig(site, modality, DataSpec(root, fmt, axis, orientation and orientation.upper(), spacing), labels, Path(source), split, pre, training, privacy)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
