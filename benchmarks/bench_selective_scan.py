@@ -226,6 +226,7 @@ B/C grouped (b, 4, n, l), VMamba-like random inputs. Produced by `python benchma
 - Peak memory: each measurement runs in a fresh process; peak RSS (VmHWM, reset via /proc/self/clear_refs after
   the inputs are built) minus RSS at that point, over the first full-size fwd+bwd (after one tiny call that pages
   in the code), so it includes the input gradients and everything the allocator had to fetch from the OS.
+
 """
     if not args.no_write:
         write_section(section)

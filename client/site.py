@@ -8,6 +8,7 @@ Patient data stays here; what goes back is weights and scalar metrics only.
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import torch
@@ -81,7 +82,11 @@ class SiteRound:
     def train(self) -> RecordDict:
         ins, training = self.instructions, self.config.training
         data = self._data()
-        loader = DataLoader(data.train_dataset, batch_size=training.batch_size, shuffle=True, drop_last=False, num_workers=0)
+        # Same run seed, round and site -> same batches and augmentations: reruns reproduce.
+        seed = (ins.seed * 1_000_003 + ins.server_round * 7919 + zlib.crc32(self.config.site.encode())) % 2**31
+        data.train_dataset.transform.set_random_state(seed)
+        torch.manual_seed(seed)
+        loader = DataLoader(data.train_dataset, batch_size=training.batch_size, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(seed))
         max_steps = ins.local_steps or training.local_steps or None
         epochs = training.local_epochs or 1
 

@@ -28,7 +28,10 @@ def train_centralized(
     torch.manual_seed(seed)
     model = build_model(model_config)
     data = [SiteData.from_config(site, class_names) for site in sites]
-    loaders = [DataLoader(d.train_dataset, batch_size=s.training.batch_size, shuffle=True) for s, d in zip(sites, data)]
+    for i, d in enumerate(data):
+        d.train_dataset.transform.set_random_state(seed + i)
+    generator = torch.Generator().manual_seed(seed)
+    loaders = [DataLoader(d.train_dataset, batch_size=s.training.batch_size, shuffle=True, generator=generator) for s, d in zip(sites, data)]
     history = []
     for server_round in range(1, num_rounds + 1):
         stage = schedule.stage_for_round(server_round)

@@ -36,6 +36,7 @@ class Instructions:
     base_version: int = FULL_SYNC
     proximal_mu: float = 0.0
     local_steps: int = 0  # 0: the site's own training settings decide
+    seed: int = 0  # the run's seed: with the round, fixes each site's shuffling and augmentation
 
     def to_config(self) -> dict:
         return {
@@ -47,6 +48,7 @@ class Instructions:
             "base-version": self.base_version,
             "proximal-mu": self.proximal_mu,
             "local-steps": self.local_steps,
+            "seed": self.seed,
         }
 
     @classmethod
@@ -61,6 +63,7 @@ class Instructions:
                 base_version=int(config["base-version"]),
                 proximal_mu=float(config["proximal-mu"]),
                 local_steps=int(config["local-steps"]),
+                seed=int(config["seed"]),
             )
         except KeyError as err:
             raise ValueError(f"round instructions lack the field {err}: coordinator and site run different versions of fed-swinumamba") from err

@@ -100,7 +100,7 @@ class Federation:
         for node in nodes:
             arrays, base = self._payload(node, version)
             instructions = Instructions(
-                server_round, stage, self.s.model_config, self.s.class_names, version, base, self.s.proximal_mu, self.s.local_steps
+                server_round, stage, self.s.model_config, self.s.class_names, version, base, self.s.proximal_mu, self.s.local_steps, self.s.seed
             )
             content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())})
             messages.append(Message(content=content, dst_node_id=node, message_type=message_type))

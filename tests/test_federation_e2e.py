@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from client import client_app
@@ -69,11 +70,12 @@ def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites,
     ckpt.build_model()  # strict: every parameter of the described network is there
 
 
-def _train_message(model_config: ModelConfig) -> Message:
+def _train_message(model_config: ModelConfig, seed: int = 0) -> Message:
     from fed_swinumamba.model import build_model
 
+    torch.manual_seed(0)
     state = build_model(model_config).state_dict()
-    ins = Instructions(1, Stage(0, ("stem", "stage4", "decoder", "heads"), 1e-3), model_config, ("organ", "lesion"), version=0, base_version=FULL_SYNC, local_steps=1)
+    ins = Instructions(1, Stage(0, ("stem", "stage4", "decoder", "heads"), 1e-3), model_config, ("organ", "lesion"), version=0, base_version=FULL_SYNC, local_steps=2, seed=seed)
     content = RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())})
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 
@@ -123,3 +125,19 @@ def test_federation_refuses_to_resume_with_a_different_model(tmp_path):
     assert resumed.start_round == 4
     with pytest.raises(ValueError, match="model config differs"):
         Federation(grid=None, settings=FederationSettings.from_run_config({**TINY, "model-d-state": 8, "output-dir": str(tmp_path), "resume": True}))
+
+
+def test_local_training_is_reproducible_for_a_run_seed(three_sites, monkeypatch):
+    """Same seed, round and site: the same update (shuffling and augmentation seeded); another seed: another."""
+    model_config = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
+
+    def update(seed):
+        context = Context(run_id=1, node_id=1, node_config={"site-config": str(three_sites[1])}, state=RecordDict(), run_config={})
+        torch.manual_seed(1234 + seed)  # whatever the process state, the seed in the instructions decides
+        reply = client_app.train(_train_message(model_config, seed), context)
+        return {k: a.numpy() for k, a in reply.content["arrays"].items()}
+
+    first, again, other = update(0), update(0), update(1)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
