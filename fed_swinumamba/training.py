@@ -6,7 +6,6 @@ centralized baseline calls them on pooled data.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from monai.networks.utils import one_hot
 
 from .params import group_of
 
-log = logging.getLogger(__name__)
 
 
 def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[nn.Parameter]:
