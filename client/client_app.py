@@ -7,11 +7,13 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from fed_swinumamba.logs import enable_console_logging
+
 from .site import SiteRound
 
 app = ClientApp()
 log = logging.getLogger("fed_swinumamba.client")
-log.setLevel(logging.INFO)
+enable_console_logging()
 
 
 def _reply(msg: Message, work: Callable[[], RecordDict]) -> Message:

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from torch.utils.data import DataLoader
 
-from fed_swinumamba.data import SiteData, load_site_config
+from fed_swinumamba.data import SiteData, demo_site, load_site_config
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions
@@ -31,10 +31,16 @@ class SiteError(RuntimeError):
 
 
 def site_config_path(context: Context) -> Path:
-    """The site's YAML, from the SuperNode's node config ``site-config``."""
-    if "site-config" not in context.node_config:
-        raise SiteError("this node has no site config: start the SuperNode with --node-config \"site-config='/path/to/site.yaml'\"")
-    return Path(str(context.node_config["site-config"])).expanduser()
+    """The site's YAML, from the SuperNode's node config ``site-config``.
+
+    A virtual node of Flower's simulation engine (``flwr run .``) has none; it plays the built-in demo
+    site of its partition id, generated under the run config's ``demo-data`` folder.
+    """
+    if "site-config" in context.node_config:
+        return Path(str(context.node_config["site-config"])).expanduser()
+    if "partition-id" in context.node_config and context.run_config.get("demo-data"):
+        return demo_site(str(context.run_config["demo-data"]), int(context.node_config["partition-id"]))
+    raise SiteError("this node has no site config: start the SuperNode with --node-config \"site-config='/path/to/site.yaml'\"")
 
 
 class SiteRound:

@@ -31,6 +31,7 @@ DEFAULTS = {
     "resume": False,
     "seed": 0,
     "pretrained-checkpoint": "",
+    "demo-data": "runs/demo-data",
     "class-names": "organ,lesion",
     "modalities": "ct,mri,us",
     "model-variant": "swin_umamba",

@@ -12,14 +12,14 @@ import argparse
 import json
 import logging
 import sys
+import tomllib
 from pathlib import Path
 
-from fed_swinumamba.data import generate_phantoms, load_site_config, split_dataset
+from fed_swinumamba.data import DEMO_MODALITIES, generate_phantoms, load_site_config, make_demo_sites, split_dataset
 
 from .runner import run_centralized_baseline, run_federated_simulation
 
-DEMO_MODALITIES = ("ct", "mri", "us")
-DEMO_RUN_CONFIG = {"num-server-rounds": 6, "lr": 2e-3, "rounds-per-stage": 2}
+DEMO_RUN_CONFIG = tomllib.loads((Path(__file__).parent / "demo.toml").read_text())
 
 
 def _site_yamls(spec: list[str]) -> list[Path]:
@@ -50,15 +50,6 @@ def _overrides(pairs: list[str]) -> dict:
             value = {"true": True, "false": False}.get(value.lower(), value)
         out[key.strip()] = value
     return out
-
-
-def make_demo_sites(out: Path, num_cases: int = 16, seed: int = 0) -> list[Path]:
-    """One phantom dataset and one site YAML per demo modality."""
-    yamls = []
-    for i, modality in enumerate(DEMO_MODALITIES):
-        data = generate_phantoms(out / "data" / modality, modality, num_cases=num_cases, seed=seed + i)
-        yamls += split_dataset(data, modality, 1, "iid", seed, out / "sites" / modality, site_prefix=f"demo_{modality}")
-    return yamls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {}
     if args.command == "demo":
         sites = make_demo_sites(args.out)
-        overrides.update(DEMO_RUN_CONFIG)  # from scratch (no ImageNet file in the demo): a larger lr
+        overrides.update(DEMO_RUN_CONFIG)
     else:
         sites = _site_yamls(args.sites)
     overrides.update(_overrides(args.overrides))
