@@ -15,15 +15,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from torch.utils.data import DataLoader
 
-from fed_swinumamba.data import SiteData, demo_site, load_site_config
+from fed_swinumamba.data import CaseCrops, SiteData, demo_site, load_site_config
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
+from fed_swinumamba.privacy import PrivacyLedger, dp_metrics, privacy_spec, resolve, steps_per_round, train_private
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions
 from fed_swinumamba.training import evaluate_cases, train_local
 
 log = logging.getLogger("fed_swinumamba.client")
 
 GLOBAL_WEIGHTS, GLOBAL_VERSION = "global-weights", "global-version"
+PRIVACY, LEDGER = "privacy", "ledger"
 
 
 class SiteError(RuntimeError):
@@ -88,11 +90,10 @@ class SiteRound:
     def train(self) -> RecordDict:
         ins, training = self.instructions, self.config.training
         data = self._data()
-        # Same run seed, round and site -> same batches and augmentations: reruns reproduce.
+        # Same run seed, round and site -> same batches, augmentations and DP noise: reruns reproduce.
         seed = (ins.seed * 1_000_003 + ins.server_round * 7919 + zlib.crc32(self.config.site.encode())) % 2**31
         data.train_dataset.transform.set_random_state(seed)
         torch.manual_seed(seed)
-        loader = DataLoader(data.train_dataset, batch_size=training.batch_size, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(seed))
         max_steps = ins.local_steps or training.local_steps or None
         epochs = training.local_epochs or 1
 
@@ -100,14 +101,50 @@ class SiteRound:
             if step % 10 == 0:
                 log.info("site %s round %d: step %d loss %.4f", self.config.site, ins.server_round, step, loss)
 
+        privacy = privacy_spec(self.config.privacy, self.context.run_config)
+        if privacy.enabled:
+            return self._train_private(privacy, data, seed, max_steps, epochs, progress)
+        loader = DataLoader(data.train_dataset, batch_size=training.batch_size, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(seed))
         result = train_local(
             self.model, self.config.modality, loader, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
             max_steps=max_steps, epochs=epochs, proximal_mu=ins.proximal_mu, on_step=progress,
         )
         log.info("site %s round %d: trained %d steps on %d examples, loss %.4f", self.config.site, ins.server_round, result.steps, result.num_examples, result.loss)
-        trained = select(self.model.state_dict(), groups=ins.stage.trainable_groups)
-        metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss, "steps": result.steps, "num-train-cases": data.num_train_cases})
-        return RecordDict({ARRAYS: ArrayRecord({k: v.detach().cpu() for k, v in trained.items()}), METRICS: metrics, SITE: self._identity()})
+        metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "steps": result.steps, "num-train-cases": data.num_train_cases}
+        return self._trained_reply(metrics)
+
+    def _train_private(self, privacy, data: SiteData, seed: int, max_steps: int | None, epochs: int, progress) -> RecordDict:
+        """DP-SGD with the case as unit; stops for good once the next round would pass the budget."""
+        ins = self.instructions
+        planned_rounds = int(self.context.run_config.get("num-server-rounds", ins.server_round))
+        dp = resolve(privacy, data.num_train_cases, self.config.training.batch_size, lambda q: planned_rounds * steps_per_round(q, max_steps, epochs))
+        ledger = self._ledger()
+        steps = steps_per_round(dp.sample_rate, max_steps, epochs)
+        exhausted = dp.budget is not None and ledger.epsilon_after(dp.noise_multiplier, dp.sample_rate, steps, dp.delta) > dp.budget
+        if exhausted:
+            log.warning("site %s round %d: privacy budget %g would be exceeded (spent %.3f); no more training, evaluation goes on", self.config.site, ins.server_round, dp.budget, ledger.epsilon(dp.delta))
+            return RecordDict({METRICS: MetricRecord({"num-examples": 0, "steps": 0, **dp_metrics(dp, ledger, True)}), SITE: self._identity()})
+        cases = CaseCrops(data.train_dataset, dp.slices_per_case, seed)
+        result = train_private(
+            self.model, self.config.modality, cases, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
+            steps=steps, dp=dp, ledger=ledger, seed=seed, on_step=progress,
+        )
+        self.context.state[PRIVACY] = ConfigRecord({LEDGER: ledger.to_json()})
+        # The training loss is a function of the private batch: it stays in the site's log.
+        log.info("site %s round %d: DP-SGD %d steps (%s), loss %.4f, epsilon spent %.3f", self.config.site, ins.server_round, steps, dp.describe(), result.loss, ledger.epsilon(dp.delta))
+        metrics = {"num-examples": steps * dp.cases_per_batch, "steps": steps, "num-train-cases": data.num_train_cases, **dp_metrics(dp, ledger, False)}
+        return self._trained_reply(metrics)
+
+    def _ledger(self) -> PrivacyLedger:
+        """This site's accountant for the run, kept in the node's state between messages."""
+        if PRIVACY in self.context.state.config_records:
+            return PrivacyLedger.from_json(str(self.context.state[PRIVACY][LEDGER]))
+        return PrivacyLedger()
+
+    def _trained_reply(self, metrics: dict) -> RecordDict:
+        trained = select(self.model.state_dict(), groups=self.instructions.stage.trainable_groups)
+        arrays = ArrayRecord({k: v.detach().cpu() for k, v in trained.items()})
+        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: self._identity()})
 
     def evaluate(self) -> RecordDict:
         data = self._data()

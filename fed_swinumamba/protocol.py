@@ -4,7 +4,8 @@ Lives in the library because both sides need it and neither may import the other
 Python types that fit Flower's ConfigRecord / MetricRecord; nothing here imports Flower.
 
 A message to a site holds an ArrayRecord ``arrays`` (weights to load) and a ConfigRecord ``config``
-(the instructions below). A reply holds ``arrays`` (train only: the weights the site trained),
+(the instructions below). A reply holds ``arrays`` (train only: the weights the site trained; absent when a
+site whose privacy budget is spent declines to train),
 ``metrics`` (scalars only) and ``site`` (the site's name and modality: sites are known by name).
 """
 
@@ -18,6 +19,7 @@ from .schedule import Stage
 
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
 FULL_SYNC = -1  # base_version of a message that carries every weight the site needs
+NUM_EXAMPLES = "num-examples"  # the metric Flower's strategies weight a site's update by
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from monai.networks.utils import one_hot
 from .params import group_of
 
 
-
 def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[nn.Parameter]:
     """Train exactly the parameters of ``groups``; freeze the rest. Returns the trainable ones."""
     groups = set(groups)
@@ -32,9 +31,13 @@ def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[nn.Parameter]
     return trainable
 
 
-def segmentation_loss(model: nn.Module) -> nn.Module:
-    """Dice + cross-entropy on softmax logits vs integer labels (deep-supervised when the model is)."""
-    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+def segmentation_loss(model: nn.Module, one_hot_labels: bool = False) -> nn.Module:
+    """Dice + cross-entropy on softmax logits (deep-supervised when the model is).
+
+    Labels are integer maps (B, 1, H, W), or already one-hot (B, K, H, W) with ``one_hot_labels``, which
+    per-case gradients under vmap need (one-hot encoding writes in place).
+    """
+    loss = DiceCELoss(to_onehot_y=not one_hot_labels, softmax=True)
     return DeepSupervisionLoss(loss, weight_mode="exp") if getattr(model, "deep_supervision", False) else loss
 
 

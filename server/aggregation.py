@@ -12,12 +12,12 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fed_swinumamba.params import SHARED, partition_of
-from fed_swinumamba.protocol import ARRAYS, METRICS
+from fed_swinumamba.protocol import ARRAYS, METRICS, NUM_EXAMPLES
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ class ModalityAwareAggregator:
             for name in arrays:
                 split.setdefault(partition_of(name), ArrayRecord())[name] = arrays[name]
             for partition, record in split.items():
-                content = RecordDict({ARRAYS: record, METRICS: reply.content[METRICS]})
+                # The strategy needs only the weight of the reply; sites' other metrics differ (DP or not).
+                weight = MetricRecord({NUM_EXAMPLES: reply.content[METRICS][NUM_EXAMPLES]})
+                content = RecordDict({ARRAYS: record, METRICS: weight})
                 by_partition.setdefault(partition, []).append(Message(content=content, metadata=reply.metadata))
 
         updated: dict[str, np.ndarray] = {}

@@ -161,10 +161,7 @@ class Federation:
             sampled = sorted(rng.sample(nodes, min(k, len(nodes))))
             log.info("[ROUND %d/%d] stage %d, lr %.2e, training %s on %d of %d sites", server_round, self.s.num_rounds, stage.index, stage.lr, ",".join(stage.trainable_groups), len(sampled), len(nodes))
             sites: dict[str, dict] = {}
-            replies = self._exchange(sampled, server_round, version, MessageType.TRAIN, sites)
-            for reply in replies:
-                m = reply.content[METRICS]
-                sites[reply.content[SITE]["site"]].update(train_loss=float(m["train-loss"]), num_examples=int(m["num-examples"]))
+            replies = [r for r in self._exchange(sampled, server_round, version, MessageType.TRAIN, sites) if self._record_training(r, sites)]
             if len(replies) >= self.s.min_train_sites:
                 self.state.update(self.aggregator.aggregate(server_round, self.state, replies))
                 version = server_round
@@ -178,6 +175,21 @@ class Federation:
                     )
             self._record(server_round, stage, sites)
         return self.history
+
+    def _record_training(self, reply: Message, sites: dict) -> bool:
+        """Note a site's training metrics; False when it sent no update (its privacy budget is spent)."""
+        m, entry = reply.content[METRICS], sites[reply.content[SITE]["site"]]
+        entry["num_examples"] = int(m["num-examples"])
+        if "train-loss" in m:  # a DP site keeps its loss to itself
+            entry["train_loss"] = float(m["train-loss"])
+        if "epsilon" in m:
+            entry["epsilon"] = float(m["epsilon"])
+            entry["privacy"] = {k.removeprefix("dp-").replace("-", "_"): float(v) for k, v in m.items() if k.startswith("dp-")}
+            entry["privacy"]["unit"] = "case"
+            if m["dp-budget-exhausted"]:
+                log.warning("site %s: privacy budget %.3g spent (epsilon %.3f); it no longer trains, only evaluates", entry.get("site", reply.content[SITE]["site"]), float(m["dp-budget"]), float(m["epsilon"]))
+                entry["privacy_budget_exhausted"] = True
+        return ARRAYS in reply.content
 
     def _record(self, server_round: int, stage, sites: dict) -> None:
         self.history.append({"round": server_round, "stage": stage.index, "lr": stage.lr, "trainable_groups": list(stage.trainable_groups), "sites": sites})
@@ -195,11 +207,14 @@ class Federation:
 
 
 def dice_table(sites: dict, class_names) -> str:
-    header = f"{'site':<20}{'modality':<9}" + "".join(f"{c:>10}" for c in class_names) + f"{'mean':>8}"
+    private = any("epsilon" in s for s in sites.values())
+    header = f"{'site':<20}{'modality':<9}" + "".join(f"{c:>10}" for c in class_names) + f"{'mean':>8}" + (f"{'epsilon':>9}" if private else "")
     lines = [header]
     for name, s in sorted(sites.items()):
         if "dice" in s:
-            lines.append(f"{name:<20}{s['modality'] or '?':<9}" + "".join(f"{s['dice'][c]:>10.3f}" for c in class_names) + f"{s['dice_mean']:>8.3f}")
+            epsilon = (f"{s['epsilon']:>9.3f}" if "epsilon" in s else f"{'-':>9}") if private else ""
+            budget = "  budget spent" if s.get("privacy_budget_exhausted") else ""
+            lines.append(f"{name:<20}{s['modality'] or '?':<9}" + "".join(f"{s['dice'][c]:>10.3f}" for c in class_names) + f"{s['dice_mean']:>8.3f}" + epsilon + budget)
         else:
             lines.append(f"{name:<20}{s.get('modality') or '?':<9}  " + "; ".join(s.get("errors", ["not evaluated"])))
     return "\n".join(lines)

@@ -3,7 +3,7 @@
     python -m simulation demo                      # phantoms for 3 sites + the federated demo run
     python -m simulation demo-data --out DIR       # write CT, MRI and ultrasound phantom datasets
     python -m simulation split --data DIR --modality M --sites N --out DIR [--scheme iid|dirichlet|quantity]
-    python -m simulation run --sites DIR_OR_YAMLS --rounds R --out OUT [--centralized] [--set key=value ...]
+    python -m simulation run --sites DIR_OR_YAMLS --rounds R --out OUT [--centralized] [--dp-epsilon E] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--centralized", action="store_true", help="also run the centralized baseline")
+    p.add_argument("--dp-epsilon", type=float, default=None, metavar="E", help="DP-SGD at every site, total budget E per site over the run")
 
     p = sub.add_parser("demo-data", help="write CT, MRI and ultrasound phantom datasets")
     p.add_argument("--out", type=Path, required=True)
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="run-config override, e.g. --set strategy=fedprox")
     p.add_argument("--centralized", action="store_true", help="also train one model on the union of the sites' data with the same budget (the baseline)")
+    p.add_argument("--dp-epsilon", type=float, default=None, metavar="E", help="DP-SGD at every site, total budget E per site over the run")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update(_overrides(args.overrides))
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
+    if args.dp_epsilon is not None:
+        overrides["dp-epsilon"] = args.dp_epsilon
     metrics = run_federated_simulation(sites, args.out, overrides)
     if args.centralized:
         metrics["centralized"] = run_centralized_baseline(sites, args.out, overrides)

@@ -36,7 +36,8 @@ def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus
         site = sites[int(context.node_config["partition-id"])]
         node_config = {**context.node_config, "site-config": str(site.resolve())}
         torch.set_num_threads(max(1, int(cpus_per_site)))  # sites share the cores: oversubscribed threads stall
-        ctx = Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=context.state, run_config=context.run_config)
+        # The run config a SuperNode would receive with the run (DP and round settings are read at the site).
+        ctx = Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=context.state, run_config={**context.run_config, **run_config})
         return call_next(msg, ctx)
 
     server = ServerApp()

@@ -10,27 +10,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 
 from client import client_app
 from fed_swinumamba.checkpoint import Checkpoint
-from fed_swinumamba.data import generate_phantoms, split_dataset
 from fed_swinumamba.model import ModelConfig
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, Instructions
 from fed_swinumamba.schedule import Stage
 from server.federation import Federation
 from simulation.runner import run_federated_simulation
 
-TINY = {"model-dims": "8,16,32,64", "model-depths": "1,1,1,1", "model-stem-width": 8, "model-d-state": 4}
-
-
-@pytest.fixture(scope="module")
-def three_sites(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    yamls = []
-    for i, modality in enumerate(("ct", "mri", "us")):
-        data = generate_phantoms(root / "data" / modality, modality, num_cases=4, seed=i, size=32, num_slices=3)
-        yamls += split_dataset(data, modality, 1, "iid", 0, root / "sites" / modality)
-    for y in yamls:  # tiny local budget: two steps of batch 4 at 32x32
-        text = y.read_text().replace("patch_size: [64, 64]", "patch_size: [32, 32]")
-        y.write_text(text)
-    return yamls
+from conftest import TINY
 
 
 def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites, tmp_path):

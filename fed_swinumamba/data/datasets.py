@@ -215,6 +215,28 @@ class SliceDataset(Dataset):
         return out
 
 
+class CaseCrops(Dataset):
+    """DP training items: ``slices_per_case`` random slice crops of one training case, stacked.
+
+    Item c -> image (k, C, H, W), label (k, 1, H, W). The case is the privacy unit, so DP-SGD samples and
+    clips whole cases; which of its slices a step sees is drawn here, from ``seed``.
+    """
+
+    def __init__(self, slices: SliceDataset, slices_per_case: int, seed: int):
+        self.slices, self.slices_per_case = slices, slices_per_case
+        self.by_case = slices.slice_indices_by_case()
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.by_case)
+
+    def __getitem__(self, c: int) -> dict:
+        own = self.by_case[c]
+        picks = self.rng.choice(own, size=self.slices_per_case, replace=len(own) < self.slices_per_case)
+        items = [self.slices[int(i)] for i in picks]
+        return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items])}
+
+
 @dataclass
 class SiteData:
     train_dataset: SliceDataset

@@ -51,12 +51,15 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class PrivacySpec:
+    """DP-SGD at the site; the privacy unit is the case (patient): cases are sampled and clipped, not slices."""
+
     enabled: bool = False
-    target_epsilon: float | None = None
-    noise_multiplier: float | None = None
-    max_grad_norm: float = 1.0
-    delta: float | None = None
-    unit: str = "case"
+    target_epsilon: float | None = None  # total budget over the run; the noise is derived from it
+    noise_multiplier: float | None = None  # or given; then target_epsilon, if set, is only the budget
+    max_grad_norm: float = 1.0  # clip norm of one case's gradient
+    delta: float | None = None  # None: min(1e-5, 1 / number of training cases)
+    slices_per_case: int = 2  # random slices drawn from each sampled case per step
+    cases_per_batch: int | None = None  # expected cases per Poisson batch; None: batch_size // slices_per_case
 
 
 @dataclass(frozen=True)
@@ -182,20 +185,20 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
         cache = (base_dir / cache).resolve()
     training = TrainingSpec(epochs, steps, batch, tuple(patch), pos, _expect(source, "training.augment", t.get("augment", True), bool, "true or false"), cache)
 
-    p = _section(source, "privacy", top.get("privacy"), {"enabled", "target_epsilon", "noise_multiplier", "max_grad_norm", "delta", "unit"})
-    unit = p.get("unit", "case")
-    if unit not in ("case", "slice"):
-        raise SiteConfigError(source, "privacy.unit", f"must be case or slice, got {unit!r}")
-    optional = {}
-    for name in ("target_epsilon", "noise_multiplier", "delta"):
+    p = _section(source, "privacy", top.get("privacy"), {"enabled", "target_epsilon", "noise_multiplier", "max_grad_norm", "delta", "slices_per_case", "cases_per_batch"})
+    numbers = {}
+    for name in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "slices_per_case", "cases_per_batch"):
         v = p.get(name)
-        optional[name] = None if v is None else float(_expect(source, f"privacy.{name}", v, (int, float), "a positive number"))
-    privacy = PrivacySpec(
-        _expect(source, "privacy.enabled", p.get("enabled", False), bool, "true or false"),
-        optional["target_epsilon"], optional["noise_multiplier"],
-        float(_expect(source, "privacy.max_grad_norm", p.get("max_grad_norm", 1.0), (int, float), "a positive number")),
-        optional["delta"], unit,
-    )
+        if v is not None:
+            kind = int if name in ("slices_per_case", "cases_per_batch") else (int, float)
+            v = _expect(source, f"privacy.{name}", v, kind, "a positive number")
+            if v <= 0 or (name == "delta" and v >= 1):
+                raise SiteConfigError(source, f"privacy.{name}", f"must be a positive number{' below 1' if name == 'delta' else ''}, got {v!r}")
+            numbers[name] = v
+    enabled = _expect(source, "privacy.enabled", p.get("enabled", False), bool, "true or false")
+    if enabled and "target_epsilon" not in numbers and "noise_multiplier" not in numbers:
+        raise SiteConfigError(source, "privacy", "enabled without target_epsilon or noise_multiplier: give the budget, the noise, or both")
+    privacy = PrivacySpec(enabled, **{k: float(v) if k in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm") else v for k, v in numbers.items()})
     return SiteConfig(site, modality, DataSpec(root, fmt, axis, orientation and orientation.upper(), spacing), labels, Path(source), split, pre, training, privacy)
 
 

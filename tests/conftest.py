@@ -1,0 +1,21 @@
+"""Fixtures shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
+
+import pytest
+
+from fed_swinumamba.data import generate_phantoms, split_dataset
+
+# Run-config overrides for a tiny network (dims 8-64): fast on a CPU.
+TINY = {"model-dims": "8,16,32,64", "model-depths": "1,1,1,1", "model-stem-width": 8, "model-d-state": 4}
+
+
+@pytest.fixture(scope="session")
+def three_sites(tmp_path_factory):
+    """Site YAMLs of a CT, an MRI and an ultrasound site: 4 phantom cases each, 32x32, 3 slices."""
+    root = tmp_path_factory.mktemp("demo")
+    yamls = []
+    for i, modality in enumerate(("ct", "mri", "us")):
+        data = generate_phantoms(root / "data" / modality, modality, num_cases=4, seed=i, size=32, num_slices=3)
+        yamls += split_dataset(data, modality, 1, "iid", 0, root / "sites" / modality)
+    for y in yamls:  # tiny local budget: two steps of batch 4 at 32x32
+        y.write_text(y.read_text().replace("patch_size: [64, 64]", "patch_size: [32, 32]"))
+    return yamls

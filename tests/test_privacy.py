@@ -1,0 +1,202 @@
+"""Differential privacy at a site: per-case clipping, noise, accounting across rounds and stages, budget."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+
+from client.site import SiteRound
+from conftest import TINY
+from fed_swinumamba.data import load_site_config
+from fed_swinumamba.data.site_config import PrivacySpec
+from fed_swinumamba.model import ModelConfig, build_model
+from fed_swinumamba.privacy import DPConfig, PrivacyLedger, per_case_gradients, privacy_spec, resolve, train_private
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, Instructions
+from fed_swinumamba.schedule import UnfreezingSchedule
+from fed_swinumamba.training import segmentation_loss, set_trainable
+from simulation.runner import run_federated_simulation
+
+TINY_CONFIG = ModelConfig(modalities=("ct",), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+ALL_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "decoder", "heads")
+
+
+class RandomCases(torch.utils.data.Dataset):
+    """Cases of 2 random 32x32 slices, fixed per index."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, c):
+        g = torch.Generator().manual_seed(c)
+        return {"image": torch.randn(2, 1, 32, 32, generator=g), "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g)}
+
+
+def _one_hot(labels):
+    from monai.networks.utils import one_hot
+
+    return one_hot(labels.flatten(0, 1), 3).view(*labels.shape[:2], 3, *labels.shape[3:])
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(TINY_CONFIG)
+
+
+def test_per_case_gradient_is_the_gradient_of_the_case_slices_together_with_ss2d_trainable():
+    model = _tiny_model()
+    set_trainable(model, ALL_GROUPS)  # SS2D (the selective scan) included
+    cases = [RandomCases()[i] for i in range(3)]
+    images, labels = torch.stack([c["image"] for c in cases]), _one_hot(torch.stack([c["label"] for c in cases]))
+    loss_fn = segmentation_loss(model, one_hot_labels=True)
+    grads, losses = per_case_gradients(model, "ct", loss_fn, images, labels)
+    for i in range(3):
+        model.zero_grad()
+        loss = loss_fn(model(images[i], "ct"), labels[i])
+        loss.backward()
+        assert losses[i].item() == pytest.approx(loss.item(), rel=1e-5)
+        scan_params = [n for n in grads if n.endswith(("self_attention.Ds", "self_attention.x_proj_weight"))]
+        assert len(scan_params) == 8 and all(grads[n][i].abs().sum() > 0 for n in scan_params)  # through the scan
+        for name, p in model.named_parameters():
+            expected = p.grad if p.grad is not None else torch.zeros_like(p)
+            assert torch.allclose(grads[name][i], expected, rtol=1e-3, atol=1e-6), name
+
+
+def test_each_case_is_clipped_to_max_grad_norm_before_noise():
+    """The optimiser clips one gradient per case (not per slice): the sum equals sum_i g_i * min(1, C/|g_i|)."""
+    model = _tiny_model()
+    params = set_trainable(model, ALL_GROUPS)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    cases = [RandomCases()[i] for i in range(4)]
+    images, labels = torch.stack([c["image"] for c in cases]), _one_hot(torch.stack([c["label"] for c in cases]))
+    grads, _ = per_case_gradients(model, "ct", segmentation_loss(model, one_hot_labels=True), images, labels)
+    norms = torch.stack([torch.cat([grads[n][i].flatten() for n, _ in named]).norm() for i in range(4)])
+    max_grad_norm = float(norms.median())  # some cases clipped, some not
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=4)
+    for n, p in named:
+        p.grad_sample = grads[n]
+    optimizer.pre_step()
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    assert (norms * factors <= max_grad_norm * (1 + 1e-5)).all() and (factors < 1).any() and (factors == 1).any()
+    for n, p in named:
+        expected = (grads[n] * factors.view(-1, *[1] * (grads[n].dim() - 1))).sum(0) / 4
+        assert torch.allclose(p.grad, expected, rtol=1e-4, atol=1e-7), n
+
+
+def _dp(noise=1.0, budget=None, sample_rate=0.5):
+    return DPConfig(noise, 1.0, 1e-5, sample_rate, 3, 2, budget)
+
+
+def test_noise_depends_on_the_seed_and_epsilon_matches_an_independent_accountant():
+    def run(seed):
+        model, ledger = _tiny_model(), PrivacyLedger()
+        train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-3, steps=4, dp=_dp(), ledger=ledger, seed=seed)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), ledger
+
+    first, ledger = run(0)
+    again, _ = run(0)
+    other, _ = run(1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    independent = RDPAccountant()
+    for _ in range(4):
+        independent.step(noise_multiplier=1.0, sample_rate=0.5)
+    assert ledger.epsilon(1e-5) == pytest.approx(independent.get_epsilon(1e-5), rel=1e-12)
+    assert PrivacyLedger.from_json(ledger.to_json()).epsilon(1e-5) == ledger.epsilon(1e-5)
+
+
+def test_noise_for_a_target_epsilon_spends_it_over_the_planned_steps():
+    spec = PrivacySpec(enabled=True, target_epsilon=4.0, max_grad_norm=0.5)
+    dp = resolve(spec, num_cases=20, batch_size=8, planned_steps=lambda q: 30)
+    assert dp.sample_rate == pytest.approx(4 / 20) and dp.delta == 1e-5 and dp.budget == 4.0
+    ledger = PrivacyLedger()
+    ledger.record(dp.noise_multiplier, dp.sample_rate, 30)
+    assert 3.9 < ledger.epsilon(dp.delta) <= 4.0
+
+
+def test_run_config_switches_dp_on_for_sites_without_their_own_section():
+    off = PrivacySpec()
+    assert not privacy_spec(off, {"dp-epsilon": 0.0}).enabled
+    spec = privacy_spec(off, {"dp-epsilon": 8.0, "dp-max-grad-norm": 2.0, "dp-delta": 0.0})
+    assert spec.enabled and spec.target_epsilon == 8.0 and spec.max_grad_norm == 2.0 and spec.delta is None
+    own = PrivacySpec(enabled=True, noise_multiplier=1.5)
+    assert privacy_spec(own, {"dp-epsilon": 8.0}) is own
+
+
+# ---------------------------------------------------------------- a site over several rounds
+
+def _private_site(three_sites, tmp_path, **privacy):
+    """The CT demo site with its own DP section."""
+    text = three_sites[0].read_text().split("privacy:")[0]
+    lines = "".join(f"  {k}: {v}\n" for k, v in {"enabled": "true", **privacy}.items())
+    root = load_site_config(three_sites[0]).data.root
+    path = tmp_path / "private_ct.yaml"
+    path.write_text(text.replace("root: ct_site", f"root: {root}") + "privacy:\n" + lines)
+    return path
+
+
+def _round(context, server_round, stage, model_config, state):
+    ins = Instructions(server_round, stage, model_config, ("organ", "lesion"), version=server_round - 1, base_version=FULL_SYNC, local_steps=2, seed=0)
+    content = RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())})
+    return SiteRound(content, context).train()
+
+
+def test_epsilon_grows_across_rounds_and_a_stage_change_and_the_budget_stops_training(three_sites, tmp_path):
+    """Noise 1.5, budget 4: the site trains while the next round fits the budget, then only says so."""
+    path = _private_site(three_sites, tmp_path, noise_multiplier=1.5, target_epsilon=4.0, cases_per_batch=1)
+    model_config = ModelConfig.from_dict({**TINY_CONFIG.to_dict(), "modalities": ["ct"]})
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in build_model(model_config).state_dict().items()}
+    schedule = UnfreezingSchedule(rounds_per_stage=2)
+    context = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={"num-server-rounds": 8})
+    num_cases = 3  # 4 phantom cases, 20 % held out
+    sample_rate, delta = 1 / num_cases, min(1e-5, 1 / num_cases)
+
+    # When must it stop? After round r the ledger holds 2r steps at (1.5, 1/3).
+    def epsilon(steps):
+        accountant = RDPAccountant()
+        for _ in range(steps):
+            accountant.step(noise_multiplier=1.5, sample_rate=sample_rate)
+        return accountant.get_epsilon(delta)
+
+    last_round = max(r for r in range(1, 9) if epsilon(2 * r) <= 4.0)
+    assert 1 < last_round < 8
+
+    epsilons = []
+    for r in range(1, last_round + 2):
+        stage = schedule.stage_for_round(r)
+        reply = _round(context, r, stage, model_config, state)
+        m = reply[METRICS]
+        if r <= last_round:
+            assert m["dp-budget-exhausted"] == 0 and ARRAYS in reply
+            sent = set(reply[ARRAYS].keys())
+            assert sent == {k for k in state if _group(k) in stage.trainable_groups}  # the stage's groups only
+            for k in sent:  # apply the update, as the server would with one site
+                state[k] = torch.from_numpy(reply[ARRAYS][k].numpy().copy())
+            epsilons.append(m["epsilon"])
+            assert m["epsilon"] == pytest.approx(epsilon(2 * r), rel=1e-9)
+        else:
+            assert m["dp-budget-exhausted"] == 1 and ARRAYS not in reply and m["num-examples"] == 0
+            assert m["epsilon"] == pytest.approx(epsilons[-1])
+    assert all(b > a for a, b in zip(epsilons, epsilons[1:]))
+    assert schedule.stage_for_round(1).index != schedule.stage_for_round(3).index  # a stage change was crossed
+
+
+def _group(name):
+    from fed_swinumamba.params import group_of
+
+    return group_of(name)
+
+
+def test_simulation_with_dp_epsilon_reports_epsilon_per_site_per_round(three_sites, tmp_path):
+    overrides = {**TINY, "num-server-rounds": 2, "rounds-per-stage": 1, "local-steps": 2, "lr": 1e-3, "dp-epsilon": 8.0}
+    metrics = run_federated_simulation(three_sites, tmp_path / "run", overrides)
+    previous = {}
+    for rnd in metrics["rounds"]:
+        assert len(rnd["sites"]) == 3
+        for name, site in rnd["sites"].items():
+            assert 0 < site["epsilon"] <= 8.0 and site["epsilon"] > previous.get(name, 0.0)
+            assert site["privacy"]["unit"] == "case" and site["privacy"]["budget"] == 8.0
+            assert site["privacy"]["noise_multiplier"] > 0 and "train_loss" not in site and "dice" in site
+            previous[name] = site["epsilon"]
+    # The noise was derived from the budget for the planned rounds: running the plan spends it.
+    assert all(7.9 < epsilon <= 8.0 for epsilon in previous.values())
