@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="generate the 3-site demo (CT, MRI, US phantoms) and run the federation on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--cases", type=int, default=16, help="phantom cases per site")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--centralized", action="store_true", help="also run the centralized baseline")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = {}
     if args.command == "demo":
-        sites = make_demo_sites(args.out)
+        sites = make_demo_sites(args.out, num_cases=args.cases)
         overrides.update(DEMO_RUN_CONFIG)
     else:
         sites = _site_yamls(args.sites)

@@ -140,13 +140,12 @@ class CheckCased(MapTransform):
         return d
 
 
-def intensity_transform(config: SiteConfig):
+def intensity_transform(modality: str, pre: dict):
     """Modality normalisation to a range the network expects, as configured (data, not code)."""
-    pre = config.preprocessing
-    if config.modality == "ct":
+    if modality == "ct":
         lo, hi = pre["window"]
         return ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
-    if config.modality == "mri":
+    if modality == "mri":
         lo, hi = pre["percentiles"]
         return Compose([ScaleIntensityRangePercentilesd("image", lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True), NormalizeIntensityd("image", nonzero=True)])
     return ScaleIntensityd("image", minv=0.0, maxv=1.0)
@@ -167,7 +166,7 @@ def preprocessing(config: SiteConfig, class_names: list[str]) -> Compose:
         LoadImaged(KEYS, image_only=True, ensure_channel_first=True),
         *geometry(config),
         ToGreyd(KEYS),
-        intensity_transform(config),
+        intensity_transform(config.modality, config.preprocessing),
         CheckCased(config.site, config.class_mapping_for(class_names)),
         SliceAxisLastd(KEYS, config.data.slice_axis),
         EnsureTyped(KEYS, track_meta=False),

@@ -1,0 +1,122 @@
+"""Segmenting new images with a trained checkpoint (``python -m fed_swinumamba predict``).
+
+The checkpoint describes its network, so nothing else is needed; a site config, when given, supplies
+that site's preprocessing, slice axis, patch size and label values. Images go through the same MONAI
+loading and intensity transforms as training data, then slice-wise sliding-window inference. Masks are
+written on the input's own voxel grid: NIfTI with the input's affine and header, PNG at its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import Compose, EnsureTyped, LoadImaged
+from PIL import Image
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .data.datasets import SliceAxisLastd, ToGreyd, intensity_transform
+from .data.site_config import DEFAULT_PREPROCESSING, TrainingSpec, load_site_config
+from .model import ModelConfig, build_model
+from .training import predict_volume
+
+NIFTI_SUFFIXES, PNG_SUFFIXES = (".nii.gz", ".nii"), (".png",)
+
+
+def _is_image(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES + PNG_SUFFIXES)
+
+
+class Segmenter:
+    """One modality's network from a checkpoint, with that modality's preprocessing."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        modality: str,
+        *,
+        source: str = "checkpoint",
+        preprocessing: dict | None = None,
+        slice_axis: int = 2,
+        roi_size: Sequence[int] = TrainingSpec.patch_size,
+        label_values: Sequence[int] | None = None,
+        device: str = "cpu",
+    ):
+        available = checkpoint.model_config.modalities
+        if modality not in available:
+            raise ValueError(f"{source}: has no encoder for modality {modality!r}; it was trained for {', '.join(available)}")
+        config = ModelConfig.from_dict({**checkpoint.model_config.to_dict(), "modalities": [modality]})
+        self.model = build_model(config)
+        own = self.model.state_dict()
+        self.model.load_state_dict({k: v for k, v in checkpoint.state.items() if k in own}, strict=True)
+        self.model.to(device).eval()
+        self.modality, self.slice_axis, self.roi_size = modality, slice_axis, tuple(roi_size)
+        # Class index -> value written to the mask (the site's own label values when known).
+        self.lut = torch.as_tensor(label_values if label_values is not None else range(config.num_classes), dtype=torch.int64)
+        self.transform = Compose([
+            LoadImaged("image", image_only=True, ensure_channel_first=True),
+            ToGreyd("image"),
+            intensity_transform(modality, preprocessing if preprocessing is not None else DEFAULT_PREPROCESSING[modality]),
+            SliceAxisLastd("image", slice_axis),
+            EnsureTyped("image", track_meta=False),
+        ])
+
+    @classmethod
+    def from_files(cls, checkpoint: str | Path, modality: str, site_config: str | Path | None = None, device: str = "cpu") -> Segmenter:
+        ckpt = Checkpoint.load(checkpoint)
+        if site_config is None:
+            return cls(ckpt, modality, source=str(checkpoint), device=device)
+        site = load_site_config(site_config)
+        if site.modality != modality:
+            raise ValueError(f"{site_config}: site {site.site} is {site.modality}, not {modality}")
+        index_of = site.class_mapping_for(list(ckpt.class_names))  # site value -> class index
+        values = [0] * (len(ckpt.class_names) + 1)
+        for value, index in index_of.items():
+            if index:
+                values[index] = value
+        return cls(
+            ckpt, modality, source=str(checkpoint), preprocessing=site.preprocessing, slice_axis=site.data.slice_axis,
+            roi_size=site.training.patch_size, label_values=values, device=device,
+        )
+
+    def segment(self, path: str | Path) -> np.ndarray:
+        """The mask of one image, on the image's own grid (as MONAI loads it)."""
+        image = self.transform({"image": str(path)})["image"]  # (1, H, W, S)
+        labels = predict_volume(self.model, self.modality, image, self.roi_size)[0]  # (H, W, S)
+        labels = self.lut[labels]
+        mask = labels[..., 0] if _ndim(path) == 2 else labels.movedim(-1, self.slice_axis)
+        return mask.numpy()
+
+    def predict_file(self, source: Path, target: Path) -> Path:
+        mask = self.segment(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dtype = np.uint8 if mask.max(initial=0) < 256 else np.uint16
+        if source.name.lower().endswith(PNG_SUFFIXES):
+            Image.fromarray(mask.T.astype(dtype)).save(target)  # MONAI reads PNGs as (W, H)
+        else:
+            original = nib.load(str(source))
+            header = original.header.copy()
+            header.set_data_dtype(dtype)
+            nib.save(nib.Nifti1Image(mask.astype(dtype), original.affine, header), str(target))
+        return target
+
+
+def _ndim(path: str | Path) -> int:
+    return len(nib.load(str(path)).shape) if str(path).lower().endswith(NIFTI_SUFFIXES) else 2
+
+
+def predict(segmenter: Segmenter, source: str | Path, target: str | Path, progress: bool = True) -> list[Path]:
+    """Segment a file (written to ``target``) or every image of a folder (written under ``target``)."""
+    source, target = Path(source), Path(target)
+    if source.is_file():
+        return [segmenter.predict_file(source, target)]
+    if not source.is_dir():
+        raise FileNotFoundError(f"input {source} does not exist")
+    files = sorted(p for p in source.iterdir() if p.is_file() and _is_image(p))
+    if not files:
+        raise FileNotFoundError(f"input folder {source} holds no NIfTI (.nii, .nii.gz) or PNG image")
+    return [segmenter.predict_file(f, target / f.name) for f in tqdm(files, desc="segmenting", unit="image", disable=not progress)]

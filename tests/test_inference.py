@@ -1,0 +1,79 @@
+"""`python -m fed_swinumamba predict`: masks on the input's grid that reproduce the federation's evaluation."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from fed_swinumamba.__main__ import main
+from fed_swinumamba.checkpoint import Checkpoint
+from fed_swinumamba.data import SiteData, load_site_config
+from fed_swinumamba.model import ModelConfig, build_model
+from fed_swinumamba.params import LAYER_GROUPS
+from fed_swinumamba.training import evaluate_cases, train_local
+
+CLASSES = ["organ", "lesion"]
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(three_sites, tmp_path_factory):
+    """A tiny CT + ultrasound network trained a little on the CT site, saved as a run would save it."""
+    config = ModelConfig(modalities=("ct", "us"), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    torch.manual_seed(0)
+    model = build_model(config)
+    ct = load_site_config(three_sites[0])
+    data = SiteData.from_config(ct, CLASSES)
+    loader = DataLoader(data.train_dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train_local(model, "ct", loader, groups=LAYER_GROUPS, lr=3e-3, max_steps=60)
+    path = tmp_path_factory.mktemp("ckpt") / "best.safetensors"
+    Checkpoint(model.state_dict(), config, tuple(CLASSES), server_round=3, stage=1).save(path)
+    return path, model, ct, data
+
+
+def _dice(pred: np.ndarray, label: np.ndarray) -> list[float]:
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=3)
+    p, y = torch.as_tensor(pred).long()[None, None], torch.as_tensor(label).long()[None, None]
+    metric(one_hot(p, 3), one_hot(y, 3))
+    return metric.aggregate().tolist()
+
+
+def test_predict_keeps_shape_and_affine_and_reproduces_the_evaluation_dice(trained_checkpoint, tmp_path):
+    path, model, ct, data = trained_checkpoint
+    case = data.val_cases[0]
+    image_file = next(p for p in (ct.data.root / "imagesTr").iterdir() if p.name.startswith(case["case"]))
+    label_file = ct.data.root / "labelsTr" / image_file.name
+    out = tmp_path / "mask.nii.gz"
+    assert main(["predict", "--checkpoint", str(path), "--modality", "ct", "--input", str(image_file), "--output", str(out), "--site-config", str(ct.source)]) == 0
+
+    source, written = nib.load(str(image_file)), nib.load(str(out))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert written.header.get_zooms() == source.header.get_zooms()
+    mask = np.asarray(written.dataobj)
+    assert set(np.unique(mask)) <= {0, 1, 2} and (mask > 0).any()
+
+    expected = evaluate_cases(model, "ct", [case], CLASSES, ct.training.patch_size)
+    got = _dice(mask, np.asarray(nib.load(str(label_file)).dataobj))
+    assert got == pytest.approx([expected.dice[c] for c in CLASSES], abs=1e-6, nan_ok=True)
+
+
+def test_predict_a_folder_of_png_images_writes_masks_of_the_same_size(trained_checkpoint, three_sites, tmp_path):
+    path = trained_checkpoint[0]
+    us = load_site_config(three_sites[2])
+    images = us.data.root / "images"
+    assert main(["predict", "--checkpoint", str(path), "--modality", "us", "--input", str(images), "--output", str(tmp_path), "--site-config", str(us.source)]) == 0
+    for source in images.iterdir():
+        mask = np.array(Image.open(tmp_path / source.name))
+        assert mask.shape == np.array(Image.open(source)).shape[:2]
+        assert set(np.unique(mask)) <= {0, 128, 255}  # written back in the site's own label values
+
+
+def test_predict_refuses_a_modality_the_checkpoint_has_no_encoder_for(trained_checkpoint, three_sites, tmp_path, capsys):
+    path = trained_checkpoint[0]
+    image = next((load_site_config(three_sites[1]).data.root / "imagesTr").iterdir())
+    assert main(["predict", "--checkpoint", str(path), "--modality", "mri", "--input", str(image), "--output", str(tmp_path / "m.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "no encoder for modality 'mri'" in err and "ct, us" in err
