@@ -65,6 +65,9 @@ class SiteRound:
         """Bring the cached global model to the message's version and load it into the network."""
         ins, state = self.instructions, self.context.state
         own = {k: v for k, v in arrays.items() if k in self.model.state_dict()}
+        if ins.foreign_model:  # another site's model, to evaluate only
+            self.model.load_state_dict(ArrayRecord(own).to_torch_state_dict(), strict=True)
+            return
         if ins.base_version == FULL_SYNC:
             weights = ArrayRecord(own)
         else:
@@ -151,5 +154,6 @@ class SiteRound:
         result = evaluate_cases(self.model, self.config.modality, data.val_cases, self.instructions.class_names, self.config.training.patch_size)
         metrics = {f"dice-{c}": v for c, v in result.dice.items()}
         metrics.update({"dice-mean": result.dice_mean, "num-examples": result.num_cases})
-        log.info("site %s round %d: global model Dice %s", self.config.site, self.instructions.server_round, {k: round(v, 3) for k, v in metrics.items()})
+        model = f"{self.instructions.foreign_model}'s local model" if self.instructions.foreign_model else "global model"
+        log.info("site %s round %d: %s Dice %s", self.config.site, self.instructions.server_round, model, {k: round(v, 3) for k, v in metrics.items()})
         return RecordDict({METRICS: MetricRecord(metrics), SITE: self._identity()})

@@ -39,6 +39,9 @@ class Instructions:
     proximal_mu: float = 0.0
     local_steps: int = 0  # 0: the site's own training settings decide
     seed: int = 0  # the run's seed: with the round, fixes each site's shuffling and augmentation
+    # Cross-site evaluation: the arrays are another site's locally trained model (named here), to be
+    # evaluated and forgotten; the site's copy of the global model stays as it is. "" = the global model.
+    foreign_model: str = ""
 
     def to_config(self) -> dict:
         return {
@@ -51,6 +54,7 @@ class Instructions:
             "proximal-mu": self.proximal_mu,
             "local-steps": self.local_steps,
             "seed": self.seed,
+            "foreign-model": self.foreign_model,
         }
 
     @classmethod
@@ -66,6 +70,7 @@ class Instructions:
                 proximal_mu=float(config["proximal-mu"]),
                 local_steps=int(config["local-steps"]),
                 seed=int(config["seed"]),
+                foreign_model=str(config["foreign-model"]),
             )
         except KeyError as err:
             raise ValueError(f"round instructions lack the field {err}: coordinator and site run different versions of fed-swinumamba") from err

@@ -25,6 +25,7 @@ from fed_swinumamba.pretrained import load_vmamba_checkpoint
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions
 
 from .aggregation import ModalityAwareAggregator, strategy_factory
+from .report import write_report
 from .settings import FederationSettings
 
 log = logging.getLogger("fed_swinumamba.server")
@@ -50,6 +51,8 @@ class Federation:
         self.out = settings.output_dir
         self.out.mkdir(parents=True, exist_ok=True)
         self.history: list[dict] = []
+        self.local_models: dict[str, dict[str, np.ndarray]] = {}
+        self.cross_site: dict | None = None
         self.best = -1.0
         self.state, self.start_round = self._initial_state()
 
@@ -92,18 +95,21 @@ class Federation:
         else:
             groups = self.s.schedule.groups_changed_between(link.version, version) if link.version < version else ()
             weights, base = select(self.state, groups=groups, modalities=modalities), link.version
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}), base
+        return _arrays(weights), base
+
+    def _message(self, node: int, arrays: ArrayRecord, server_round: int, version: int, base: int, message_type: str, foreign_model: str = "") -> Message:
+        instructions = Instructions(
+            server_round, self.s.schedule.stage_for_round(server_round), self.s.model_config, self.s.class_names, version, base,
+            self.s.proximal_mu, self.s.local_steps, self.s.seed, foreign_model,
+        )
+        content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())})
+        return Message(content=content, dst_node_id=node, message_type=message_type)
 
     def _messages(self, nodes: list[int], server_round: int, version: int, message_type: str) -> tuple[list[Message], dict[int, int]]:
-        stage = self.s.schedule.stage_for_round(server_round)
         messages, bytes_down = [], {}
         for node in nodes:
             arrays, base = self._payload(node, version)
-            instructions = Instructions(
-                server_round, stage, self.s.model_config, self.s.class_names, version, base, self.s.proximal_mu, self.s.local_steps, self.s.seed
-            )
-            content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())})
-            messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
+            messages.append(self._message(node, arrays, server_round, version, base, message_type))
             bytes_down[node] = _nbytes(arrays)
         return messages, bytes_down
 
@@ -162,6 +168,8 @@ class Federation:
             log.info("[ROUND %d/%d] stage %d, lr %.2e, training %s on %d of %d sites", server_round, self.s.num_rounds, stage.index, stage.lr, ",".join(stage.trainable_groups), len(sampled), len(nodes))
             sites: dict[str, dict] = {}
             replies = [r for r in self._exchange(sampled, server_round, version, MessageType.TRAIN, sites) if self._record_training(r, sites)]
+            # Each site's locally trained model: what it sent over the global model it started from.
+            self.local_models = {r.content[SITE]["site"]: {**self.state, **_numpy(r.content[ARRAYS])} for r in replies}
             if len(replies) >= self.s.min_train_sites:
                 self.state.update(self.aggregator.aggregate(server_round, self.state, replies))
                 version = server_round
@@ -174,7 +182,35 @@ class Federation:
                         dice={c: float(m[f"dice-{c}"]) for c in self.s.class_names}, dice_mean=float(m["dice-mean"]), num_val_cases=int(m["num-examples"])
                     )
             self._record(server_round, stage, sites)
+        if self.s.cross_site_eval and self.local_models and self.history and self.history[-1]["round"] == self.s.num_rounds:
+            self.cross_site = self._cross_site_evaluation(self.s.num_rounds, version)
+            self._write_metrics()
+        write_report(self.out)
         return self.history
+
+    def _cross_site_evaluation(self, server_round: int, version: int) -> dict:
+        """Every site's locally trained model (last round) evaluated on every site's held-out data.
+
+        A site's local model carries only its own modality's encoder as trained; at a site of another
+        modality it is evaluated with that modality's encoder from the global model it started from.
+        The global row is the final round's evaluation.
+        """
+        final = self.history[-1]["sites"]
+        dice = {"global": {site: s["dice"] for site, s in final.items() if "dice" in s}}
+        dice_mean = {"global": {site: s["dice_mean"] for site, s in final.items() if "dice" in s}}
+        nodes = [n for n in sorted(self.grid.get_node_ids()) if self.links.get(n, SiteLink()).modality]
+        for name, local in sorted(self.local_models.items()):
+            messages = [self._message(n, _arrays(select(local, modalities=[self.links[n].modality])), server_round, version, FULL_SYNC, MessageType.EVALUATE, name) for n in nodes]
+            for reply in self.grid.send_and_receive(messages, timeout=self.s.round_timeout):
+                if reply.has_error():
+                    log.warning("cross-site evaluation of %s's model at %s failed: %s", name, self._site_key(reply.metadata.src_node_id), reply.error.reason)
+                    continue
+                m, site = reply.content[METRICS], str(reply.content[SITE]["site"])
+                dice.setdefault(name, {})[site] = {c: float(m[f"dice-{c}"]) for c in self.s.class_names}
+                dice_mean.setdefault(name, {})[site] = float(m["dice-mean"])
+        result = {"round": server_round, "models": list(dice), "sites": sorted(dice["global"]), "dice_mean": dice_mean, "dice": dice}
+        log.info("cross-site evaluation (rows: model, columns: site, mean Dice):\n%s", cross_site_table(result))
+        return result
 
     def _record_training(self, reply: Message, sites: dict) -> bool:
         """Note a site's training metrics; False when it sent no update (its privacy budget is spent)."""
@@ -200,7 +236,12 @@ class Federation:
             self.best = score
             self._checkpoint(server_round, stage.index, "best")
         self._checkpoint(server_round, stage.index, "latest")
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
         metrics = {"rounds": self.history, "config": self.s.run_config, "best_mean_dice": self.best if self.best >= 0 else None}
+        if self.cross_site:
+            metrics["cross_site"] = self.cross_site
         tmp = self.out / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=1, default=str))
         tmp.replace(self.out / "metrics.json")
@@ -218,6 +259,23 @@ def dice_table(sites: dict, class_names) -> str:
         else:
             lines.append(f"{name:<20}{s.get('modality') or '?':<9}  " + "; ".join(s.get("errors", ["not evaluated"])))
     return "\n".join(lines)
+
+
+def cross_site_table(result: dict) -> str:
+    sites = result["sites"]
+    lines = [f"{'model':<20}" + "".join(f"{s:>14}" for s in sites)]
+    for model in result["models"]:
+        row = result["dice_mean"].get(model, {})
+        lines.append(f"{model:<20}" + "".join(f"{row[s]:>14.3f}" if s in row else f"{'-':>14}" for s in sites))
+    return "\n".join(lines)
+
+
+def _arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in arrays.items()}
 
 
 def _nbytes(arrays: ArrayRecord) -> int:

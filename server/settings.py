@@ -26,6 +26,7 @@ DEFAULTS = {
     "min-available-sites": 1,
     "round-timeout": 900.0,
     "eval-interval": 1,
+    "cross-site-eval": True,
     "local-steps": 0,
     "output-dir": "runs/latest",
     "resume": False,
@@ -73,6 +74,7 @@ class FederationSettings:
     min_available_sites: int
     round_timeout: float
     eval_interval: int
+    cross_site_eval: bool
     local_steps: int
     output_dir: Path
     resume: bool
@@ -120,6 +122,7 @@ class FederationSettings:
             min_available_sites=int(c["min-available-sites"]),
             round_timeout=float(c["round-timeout"]),
             eval_interval=int(c["eval-interval"]),
+            cross_site_eval=bool(c["cross-site-eval"]),
             local_steps=int(c["local-steps"]),
             output_dir=Path(str(c["output-dir"])).expanduser(),
             resume=bool(c["resume"]),

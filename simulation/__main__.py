@@ -17,6 +17,8 @@ from pathlib import Path
 
 from fed_swinumamba.data import DEMO_MODALITIES, generate_phantoms, load_site_config, make_demo_sites, split_dataset
 
+from server.report import write_report
+
 from .runner import run_centralized_baseline, run_federated_simulation
 
 DEMO_RUN_CONFIG = tomllib.loads((Path(__file__).parent / "demo.toml").read_text())
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = run_federated_simulation(sites, args.out, overrides)
     if args.centralized:
         metrics["centralized"] = run_centralized_baseline(sites, args.out, overrides)
+        write_report(args.out)  # again, with the baseline beside the federated curves
     last = metrics["rounds"][-1] if metrics["rounds"] else {}
     print(json.dumps({site: s.get("dice_mean") for site, s in last.get("sites", {}).items()}, indent=1))
     return 0

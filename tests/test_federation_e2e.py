@@ -55,6 +55,17 @@ def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites,
     assert ckpt.server_round == 2 and ckpt.stage == 1 and ckpt.class_names == ("organ", "lesion")
     ckpt.build_model()  # strict: every parameter of the described network is there
 
+    # Cross-site evaluation after the last round: each site's local model at every site.
+    cross = on_disk["cross_site"]
+    assert cross["round"] == 2 and cross["sites"] == sorted(first) and cross["models"] == ["global", *sorted(first)]
+    assert cross["dice_mean"]["global"] == {s: second[s]["dice_mean"] for s in first}
+    for model in sorted(first):
+        assert set(cross["dice_mean"][model]) == set(first) and all(0.0 <= v <= 1.0 for v in cross["dice_mean"][model].values())
+    # A local model differs from the global one, so somewhere its Dice does too.
+    assert any(cross["dice_mean"][m][s] != cross["dice_mean"]["global"][s] for m in first for s in first)
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert f"{cross['dice_mean'][sorted(first)[0]][sorted(first)[-1]]:.3f}" in report
+
 
 def _train_message(model_config: ModelConfig, seed: int = 0) -> Message:
     from fed_swinumamba.model import build_model

@@ -1,0 +1,176 @@
+"""The run report: ``OUT/report.html`` (self-contained) and its PNG plots, from ``OUT/metrics.json``.
+
+Written at the end of every run and on demand (``python -m server report OUT``). Everything shown
+comes from metrics.json, Dice with three decimals as stored there.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a coordinator
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+
+def _fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _sites(rounds: list[dict]) -> list[str]:
+    return sorted({name for r in rounds for name in r["sites"]})
+
+
+def _stage_changes(rounds: list[dict]) -> list[tuple[int, int]]:
+    """(round, stage) where a new stage starts."""
+    return [(r["round"], r["stage"]) for prev, r in zip([None, *rounds], rounds) if prev is None or prev["stage"] != r["stage"]]
+
+
+def _series(rounds: list[dict], site: str, key: str) -> tuple[list[int], list[float]]:
+    points = [(r["round"], r["sites"][site][key]) for r in rounds if key in r["sites"].get(site, {})]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_dice(metrics: dict, path: Path) -> Path:
+    rounds, fig = metrics["rounds"], plt.figure(figsize=(8, 4.5))
+    ax = fig.gca()
+    colors = {}
+    for site in _sites(rounds):
+        line = ax.plot(*_series(rounds, site, "dice_mean"), marker="o", label=f"{site} (federated)")[0]
+        colors[site] = line.get_color()
+    for site in _sites(metrics.get("centralized") or []):
+        ax.plot(*_series(metrics["centralized"], site, "dice_mean"), linestyle="--", color=colors.get(site), label=f"{site} (centralized)")
+    for r, stage in _stage_changes(rounds)[1:]:
+        ax.axvline(r - 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.text(r - 0.45, 0.02, f"stage {stage}", rotation=90, color="grey", fontsize=8, va="bottom")
+    ax.set(xlabel="round", ylabel="mean foreground Dice (global model)", ylim=(0, 1), title="Dice per site over rounds")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_epsilon(metrics: dict, path: Path) -> Path:
+    rounds, fig = metrics["rounds"], plt.figure(figsize=(8, 4))
+    ax = fig.gca()
+    for site in _sites(rounds):
+        xs, ys = _series(rounds, site, "epsilon")
+        if xs:
+            ax.plot(xs, ys, marker="o", label=site)
+    ax.set(xlabel="round", ylabel="epsilon spent (RDP accountant)", title="Privacy spent per site (unit: case)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_bytes(metrics: dict, path: Path) -> Path:
+    rounds, fig = metrics["rounds"], plt.figure(figsize=(8, 4))
+    ax = fig.gca()
+    xs = [r["round"] for r in rounds]
+    for key, offset in (("bytes_down", -0.2), ("bytes_up", 0.2)):
+        ys = [sum(s.get(key, 0) for s in r["sites"].values()) / 2**20 for r in rounds]
+        ax.bar([x + offset for x in xs], ys, width=0.4, label=key.replace("_", " ") + " (all sites)")
+    ax.set(xlabel="round", ylabel="MiB", title="Communication per round")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_cross_site(cross: dict, path: Path) -> Path:
+    models, sites = cross["models"], cross["sites"]
+    values = [[cross["dice_mean"].get(m, {}).get(s, math.nan) for s in sites] for m in models]
+    fig = plt.figure(figsize=(1.6 * len(sites) + 3, 0.6 * len(models) + 2))
+    ax = fig.gca()
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(sites)), sites, rotation=30, ha="right")
+    ax.set_yticks(range(len(models)), [f"{m} model" for m in models])
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, _fmt(v), ha="center", va="center", color="white" if not math.isnan(v) and v < 0.6 else "black", fontsize=9)
+    ax.set(xlabel="evaluated at site (held-out data)", title=f"Cross-site mean Dice (round {cross['round']})")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _final_table(metrics: dict, classes: list[str]) -> str:
+    last = metrics["rounds"][-1]
+    private = any("epsilon" in s for s in last["sites"].values())
+    header = ["site", "modality", *classes, "mean"] + (["epsilon", "delta", "noise multiplier"] if private else []) + ["notes"]
+    rows = []
+    for name, s in sorted(last["sites"].items()):
+        row = [name, s.get("modality") or "?", *(_fmt(s.get("dice", {}).get(c)) for c in classes), _fmt(s.get("dice_mean"))]
+        if private:
+            p = s.get("privacy", {})
+            row += [_fmt(s.get("epsilon")), f"{p['delta']:.1e}" if "delta" in p else "–", _fmt(p.get("noise_multiplier"))]
+        notes = list(s.get("errors", [])) + (["privacy budget spent: no longer trains"] if s.get("privacy_budget_exhausted") else [])
+        rows.append(row + ["; ".join(notes)])
+    return _table(header, rows)
+
+
+def _rounds_table(metrics: dict) -> str:
+    sites = _sites(metrics["rounds"])
+    rows = [[str(r["round"]), str(r["stage"]), *(_fmt(r["sites"].get(s, {}).get("dice_mean")) for s in sites)] for r in metrics["rounds"]]
+    return _table(["round", "stage", *sites], rows)
+
+
+def _cross_table(cross: dict) -> str:
+    rows = [[f"{m} model", *(_fmt(cross["dice_mean"].get(m, {}).get(s)) for s in cross["sites"])] for m in cross["models"]]
+    return _table(["model \\ evaluated at", *cross["sites"]], rows)
+
+
+STYLE = """body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+td:first-child,th:first-child{text-align:left}th{background:#f0f0f0}img{max-width:100%}
+.meta{color:#555}"""
+
+
+def write_report(out: str | Path) -> Path:
+    """Write ``out/report.html`` and the PNG plots beside it from ``out/metrics.json``."""
+    out = Path(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    if not metrics.get("rounds"):
+        raise ValueError(f"{out / 'metrics.json'} holds no round yet")
+    config = metrics.get("config", {})
+    classes = [c.strip() for c in str(config.get("class-names", "organ,lesion")).split(",") if c.strip()]
+    sections = [
+        "<h2>Dice per site over rounds</h2>", _img(plot_dice(metrics, out / "dice_per_site.png"), "Dice per site over rounds"),
+        f"<h2>Final round ({metrics['rounds'][-1]['round']}): Dice per class, global model</h2>", _final_table(metrics, classes),
+        "<h2>Mean Dice per round</h2>", _rounds_table(metrics),
+    ]
+    if metrics.get("centralized"):
+        last = metrics["centralized"][-1]
+        rows = [[s, _fmt(v.get("dice_mean"))] for s, v in sorted(last["sites"].items())]
+        sections += [f"<h2>Centralized baseline (round {last['round']})</h2>", _table(["site", "mean Dice"], rows)]
+    if any("epsilon" in s for r in metrics["rounds"] for s in r["sites"].values()):
+        sections += ["<h2>Differential privacy</h2>", _img(plot_epsilon(metrics, out / "epsilon_per_site.png"), "epsilon per site")]
+    if metrics.get("cross_site"):
+        cross = metrics["cross_site"]
+        sections += ["<h2>Cross-site evaluation</h2>", _img(plot_cross_site(cross, out / "cross_site.png"), "cross-site Dice"), _cross_table(cross)]
+    sections += ["<h2>Communication</h2>", _img(plot_bytes(metrics, out / "bytes_per_round.png"), "bytes per round")]
+    meta = (f"{len(metrics['rounds'])} rounds, strategy {html.escape(str(config.get('strategy', '?')))}, model "
+            f"{html.escape(str(config.get('model-variant', '?')))}, best mean Dice {_fmt(metrics.get('best_mean_dice'))}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fed-swinumamba run report</title><style>{STYLE}</style></head>"
+            f"<body><h1>fed-swinumamba run report</h1><p class='meta'>{meta}</p>{''.join(sections)}</body></html>")
+    path = out / "report.html"
+    path.write_text(page)
+    return path

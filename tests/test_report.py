@@ -1,0 +1,68 @@
+"""The run report: every number it shows comes from metrics.json, with three decimals."""
+
+import json
+import math
+import re
+
+from PIL import Image
+
+from server.__main__ import main
+
+
+def _metrics():
+    def site(modality, organ, lesion, epsilon=None, **extra):
+        entry = {"modality": modality, "dice": {"organ": organ, "lesion": lesion}, "dice_mean": organ if math.isnan(lesion) else (organ + lesion) / 2, "bytes_up": 2**20, "bytes_down": 3 * 2**20, **extra}
+        if epsilon is not None:
+            entry.update(epsilon=epsilon, privacy={"delta": 1e-5, "noise_multiplier": 1.234, "unit": "case"})
+        return entry
+
+    rounds = [
+        {"round": 1, "stage": 0, "sites": {"a_ct": site("ct", 0.4111, 0.2222, 1.5), "b_us": site("us", 0.3333, 0.1444)}},
+        {"round": 2, "stage": 1, "sites": {"a_ct": site("ct", 0.8123, 0.6789, 2.25, privacy_budget_exhausted=True), "b_us": site("us", 0.7654, float("nan"))}},
+    ]
+    cross = {"round": 2, "models": ["global", "a_ct", "b_us"], "sites": ["a_ct", "b_us"],
+             "dice_mean": {"global": {"a_ct": 0.7456, "b_us": 0.7654}, "a_ct": {"a_ct": 0.7011, "b_us": 0.5922}, "b_us": {"a_ct": 0.4833, "b_us": 0.7744}}}
+    centralized = [{"round": 2, "stage": 1, "sites": {"a_ct": {"dice_mean": 0.9087}, "b_us": {"dice_mean": 0.8876}}}]
+    return {"rounds": rounds, "config": {"class-names": "organ,lesion", "strategy": "fedavg"}, "best_mean_dice": 0.7555, "cross_site": cross, "centralized": centralized}
+
+
+def test_report_shows_the_numbers_of_metrics_json(tmp_path):
+    metrics = _metrics()
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    cells = re.findall(r"<td>([^<]*)</td>", page)
+    last = metrics["rounds"][-1]["sites"]
+    for name, s in last.items():
+        for value in (s["dice"]["organ"], s["dice_mean"]):
+            assert f"{value:.3f}" in cells, (name, value)
+    assert "0.679" in cells and "–" in cells  # a NaN Dice (class absent) shows as a dash
+    assert "2.250" in cells and "1.234" in cells and "1.0e-05" in cells  # epsilon, noise, delta of the DP site
+    assert any("privacy budget spent" in c for c in cells)
+    for row in metrics["cross_site"]["dice_mean"].values():
+        assert all(f"{v:.3f}" in cells for v in row.values())
+    assert "0.909" in cells and "0.888" in cells  # centralized baseline
+    assert all(f"{s['dice_mean']:.3f}" in cells for s in metrics["rounds"][0]["sites"].values())  # per-round table
+    # Plots: written beside the page and embedded in it, so the page is self-contained.
+    for name in ("dice_per_site", "epsilon_per_site", "cross_site", "bytes_per_round"):
+        png = tmp_path / f"{name}.png"
+        assert Image.open(png).size[0] > 300
+    assert page.count("data:image/png;base64,") == 4 and "src=\"http" not in page
+
+
+def test_report_without_dp_or_cross_site_leaves_those_sections_out(tmp_path):
+    metrics = _metrics()
+    for r in metrics["rounds"]:
+        for s in r["sites"].values():
+            s.pop("epsilon", None)
+    del metrics["cross_site"], metrics["centralized"]
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "Differential privacy" not in page and "Cross-site" not in page and page.count("data:image/png") == 2
+    assert not (tmp_path / "epsilon_per_site.png").exists()
+
+
+def test_report_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "metrics.json" in capsys.readouterr().err
