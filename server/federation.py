@@ -27,6 +27,7 @@ from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, In
 from .aggregation import ModalityAwareAggregator, strategy_factory
 from .report import write_report
 from .settings import FederationSettings
+from .validation import screen_updates
 
 log = logging.getLogger("fed_swinumamba.server")
 
@@ -168,6 +169,7 @@ class Federation:
             log.info("[ROUND %d/%d] stage %d, lr %.2e, training %s on %d of %d sites", server_round, self.s.num_rounds, stage.index, stage.lr, ",".join(stage.trainable_groups), len(sampled), len(nodes))
             sites: dict[str, dict] = {}
             replies = [r for r in self._exchange(sampled, server_round, version, MessageType.TRAIN, sites) if self._record_training(r, sites)]
+            replies = self._screen(server_round, replies, sites)
             # Each site's locally trained model: what it sent over the global model it started from.
             self.local_models = {r.content[SITE]["site"]: {**self.state, **_numpy(r.content[ARRAYS])} for r in replies}
             if len(replies) >= self.s.min_train_sites:
@@ -212,6 +214,16 @@ class Federation:
         log.info("cross-site evaluation (rows: model, columns: site, mean Dice):\n%s", cross_site_table(result))
         return result
 
+    def _screen(self, server_round: int, replies: list[Message], sites: dict) -> list[Message]:
+        """Drop non-finite and outlying updates (see server.validation), logged with the site's name."""
+        rejected = screen_updates(replies, self.state, self.s.max_update_norm_ratio)
+        for rejection in rejected:
+            site = str(replies[rejection.index].content[SITE]["site"])
+            log.warning("round %d: update of site %s rejected: %s", server_round, site, rejection.reason)
+            sites[site]["rejected"] = rejection.reason
+        dropped = {r.index for r in rejected}
+        return [reply for i, reply in enumerate(replies) if i not in dropped]
+
     def _record_training(self, reply: Message, sites: dict) -> bool:
         """Note a site's training metrics; False when it sent no update (its privacy budget is spent)."""
         m, entry = reply.content[METRICS], sites[reply.content[SITE]["site"]]
@@ -254,8 +266,8 @@ def dice_table(sites: dict, class_names) -> str:
     for name, s in sorted(sites.items()):
         if "dice" in s:
             epsilon = (f"{s['epsilon']:>9.3f}" if "epsilon" in s else f"{'-':>9}") if private else ""
-            budget = "  budget spent" if s.get("privacy_budget_exhausted") else ""
-            lines.append(f"{name:<20}{s['modality'] or '?':<9}" + "".join(f"{s['dice'][c]:>10.3f}" for c in class_names) + f"{s['dice_mean']:>8.3f}" + epsilon + budget)
+            notes = ("  budget spent" if s.get("privacy_budget_exhausted") else "") + ("  update rejected" if "rejected" in s else "")
+            lines.append(f"{name:<20}{s['modality'] or '?':<9}" + "".join(f"{s['dice'][c]:>10.3f}" for c in class_names) + f"{s['dice_mean']:>8.3f}" + epsilon + notes)
         else:
             lines.append(f"{name:<20}{s.get('modality') or '?':<9}  " + "; ".join(s.get("errors", ["not evaluated"])))
     return "\n".join(lines)

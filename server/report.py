@@ -123,6 +123,7 @@ def _final_table(metrics: dict, classes: list[str]) -> str:
             p = s.get("privacy", {})
             row += [_fmt(s.get("epsilon")), f"{p['delta']:.1e}" if "delta" in p else "–", _fmt(p.get("noise_multiplier"))]
         notes = list(s.get("errors", [])) + (["privacy budget spent: no longer trains"] if s.get("privacy_budget_exhausted") else [])
+        notes += [f"update rejected: {s['rejected']}"] if "rejected" in s else []
         rows.append(row + ["; ".join(notes)])
     return _table(header, rows)
 

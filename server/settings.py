@@ -21,6 +21,7 @@ DEFAULTS = {
     "strategy": "fedavg",
     "proximal-mu": 0.01,
     "trimmed-beta": 0.2,
+    "max-update-norm-ratio": 10.0,
     "fraction-train": 1.0,
     "min-train-sites": 1,
     "min-available-sites": 1,
@@ -69,6 +70,7 @@ class FederationSettings:
     strategy: str
     proximal_mu: float
     trimmed_beta: float
+    max_update_norm_ratio: float
     fraction_train: float
     min_train_sites: int
     min_available_sites: int
@@ -117,6 +119,7 @@ class FederationSettings:
             strategy=c["strategy"],
             proximal_mu=float(c["proximal-mu"]) if c["strategy"] == "fedprox" else 0.0,
             trimmed_beta=float(c["trimmed-beta"]),
+            max_update_norm_ratio=float(c["max-update-norm-ratio"]),
             fraction_train=float(c["fraction-train"]),
             min_train_sites=int(c["min-train-sites"]),
             min_available_sites=int(c["min-available-sites"]),

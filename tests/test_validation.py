@@ -1,0 +1,79 @@
+"""Update validation on the server: a poisoned or diverged site does not harm the global model."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+from conftest import TINY
+from fed_swinumamba.params import group_of
+from fed_swinumamba.protocol import ARRAYS, CONFIG, METRICS, SITE, Instructions
+from server.federation import Federation
+from server.settings import FederationSettings
+
+
+class ScriptedGrid:
+    """A grid whose three sites answer at once: train replies move each sent weight by the site's step."""
+
+    def __init__(self, steps: dict[str, float]):
+        self.steps = steps  # site -> value added to every weight it trains (NaN: a diverged site)
+        self.nodes = {i + 1: site for i, site in enumerate(steps)}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for i, msg in enumerate(messages):
+            site = self.nodes[msg.metadata.dst_node_id]
+            identity = ConfigRecord({"site": site, "modality": "ct"})
+            if msg.metadata.message_type == MessageType.TRAIN:
+                ins = Instructions.from_config(msg.content[CONFIG])
+                trained = {k: a.numpy() + np.float32(self.steps[site]) for k, a in msg.content[ARRAYS].items() if group_of(k) in ins.stage.trainable_groups}
+                content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}), METRICS: MetricRecord({"num-examples": 10, "train-loss": 1.0}), SITE: identity})
+            else:
+                content = RecordDict({METRICS: MetricRecord({"dice-organ": 0.5, "dice-lesion": 0.5, "dice-mean": 0.5, "num-examples": 1}), SITE: identity})
+            metadata = Metadata(run_id=1, message_id=f"r{i}", src_node_id=msg.metadata.dst_node_id, dst_node_id=0, reply_to_message_id=f"m{i}", group_id="1", created_at=0.0, ttl=60.0, message_type=msg.metadata.message_type)
+            replies.append(Message(content=content, metadata=metadata))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity(monkeypatch):
+    """Messages are created inside a running ServerApp, which knows its run and node."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])
+@pytest.mark.parametrize("poison", [1e4, float("nan")])
+def test_a_poisoned_site_is_rejected_and_the_global_model_is_what_the_honest_sites_make(tmp_path, caplog, strategy, poison):
+    settings = FederationSettings.from_run_config({**TINY, "num-server-rounds": 1, "strategy": strategy, "output-dir": str(tmp_path), "cross-site-eval": False})
+    grid = ScriptedGrid({"honest_a": 0.01, "honest_b": 0.03, "poisoned": poison})
+    federation = Federation(grid, settings)
+    before = dict(federation.state)
+    with caplog.at_level(logging.WARNING, logger="fed_swinumamba.server"):
+        federation.run()
+    trained = [k for k in federation.state if not np.array_equal(federation.state[k], before[k])]
+    assert trained
+    for k in trained:  # the mean / median of the two honest steps, nothing of the poison
+        np.testing.assert_allclose(federation.state[k], before[k] + 0.02, rtol=1e-5, atol=1e-6)
+    sites = json.loads((tmp_path / "metrics.json").read_text())["rounds"][0]["sites"]
+    assert "rejected" in sites["poisoned"] and "rejected" not in sites["honest_a"] and "rejected" not in sites["honest_b"]
+    reason = "non-finite values" if np.isnan(poison) else "update norm"
+    assert reason in sites["poisoned"]["rejected"]
+    assert any("update of site poisoned rejected" in r.getMessage() for r in caplog.records)
+
+
+def test_without_the_norm_check_a_large_update_is_aggregated(tmp_path):
+    """The check is what protects the model: switched off, the poison goes through."""
+    settings = FederationSettings.from_run_config({**TINY, "num-server-rounds": 1, "output-dir": str(tmp_path), "cross-site-eval": False, "max-update-norm-ratio": 0})
+    federation = Federation(ScriptedGrid({"honest_a": 0.01, "honest_b": 0.03, "poisoned": 1e4}), settings)
+    before = dict(federation.state)
+    federation.run()
+    moved = [k for k in federation.state if not np.array_equal(federation.state[k], before[k])]
+    assert all(np.all(federation.state[k] - before[k] > 1000) for k in moved)
