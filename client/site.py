@@ -77,9 +77,13 @@ class SiteRound:
             weights = state[GLOBAL_WEIGHTS]
             for k, v in own.items():
                 weights[k] = v
-        missing = set(self.model.state_dict()) - set(weights.keys())
+        expected = self.model.state_dict()
+        missing = set(expected) - set(weights.keys())
         if missing:
             raise SiteError(f"site {self.config.site}: the coordinator's model lacks {len(missing)} tensors of this site's network, e.g. {sorted(missing)[:3]}; model configs differ")
+        for name, tensor in expected.items():
+            if tuple(weights[name].shape) != tuple(tensor.shape):
+                raise SiteError(f"site {self.config.site}: the coordinator's {name} has shape {tuple(weights[name].shape)}, this site's network {tuple(tensor.shape)}; model configs differ")
         self.model.load_state_dict(weights.to_torch_state_dict(), strict=True)
         state[GLOBAL_WEIGHTS] = weights
         state[CONFIG] = ConfigRecord({GLOBAL_VERSION: ins.version})

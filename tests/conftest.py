@@ -1,6 +1,7 @@
 """Fixtures shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from fed_swinumamba.data import generate_phantoms, split_dataset
 
@@ -19,3 +20,10 @@ def three_sites(tmp_path_factory):
     for y in yamls:  # tiny local budget: two steps of batch 4 at 32x32
         y.write_text(y.read_text().replace("patch_size: [64, 64]", "patch_size: [32, 32]"))
     return yamls
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages are created inside a running Flower app, which knows its run and node; tests have none."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)

@@ -77,7 +77,7 @@ def _train_message(model_config: ModelConfig, seed: int = 0) -> Message:
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
-def test_a_site_sends_back_only_weights_and_scalars(three_sites, monkeypatch):
+def test_a_site_sends_back_only_weights_and_scalars(three_sites, monkeypatch, task_identity):
     """Privacy: the reply holds the trained weights (names of the network), numbers, and the site's name."""
     model_config = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
     msg = _train_message(model_config)
@@ -124,7 +124,7 @@ def test_federation_refuses_to_resume_with_a_different_model(tmp_path):
         Federation(grid=None, settings=FederationSettings.from_run_config({**TINY, "model-d-state": 8, "output-dir": str(tmp_path), "resume": True}))
 
 
-def test_local_training_is_reproducible_for_a_run_seed(three_sites, monkeypatch):
+def test_local_training_is_reproducible_for_a_run_seed(three_sites, monkeypatch, task_identity):
     """Same seed, round and site: the same update (shuffling and augmentation seeded); another seed: another."""
     model_config = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
     monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
@@ -138,3 +138,23 @@ def test_local_training_is_reproducible_for_a_run_seed(three_sites, monkeypatch)
     first, again, other = update(0), update(0), update(1)
     assert all(np.array_equal(first[k], again[k]) for k in first)
     assert any(not np.array_equal(first[k], other[k]) for k in first)
+
+
+def _error_reason(reply: Message) -> str:
+    assert reply.has_error()
+    return reply.error.reason
+
+
+def test_a_model_config_differing_from_the_site_is_refused_with_a_clear_error(three_sites, monkeypatch, task_identity):
+    """The site answers with an error naming itself and the problem; it does not crash the node."""
+    context = Context(run_id=1, node_id=1, node_config={"site-config": str(three_sites[0])}, state=RecordDict(), run_config={})
+    told = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    msg = _train_message(told)
+    wider = _train_message(ModelConfig(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), stem_width=8, d_state=4))
+    msg.content[ARRAYS] = wider.content[ARRAYS]  # weights of another network than the instructions describe
+    mri_only = _train_message(ModelConfig(modalities=("mri",), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4))
+    monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
+    reason = _error_reason(client_app.train(msg, context))
+    assert "site ct_site:" in reason and "has shape" in reason and "model configs differ" in reason
+    reason = _error_reason(client_app.train(mri_only, context))
+    assert "site ct_site: modality 'ct' is not in this federation's ['mri']" in reason

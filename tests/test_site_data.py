@@ -160,6 +160,16 @@ def test_nan_intensities_are_a_clear_error(ct_site):
         SiteData.from_config(load_site_config(yaml_path), CLASSES)
 
 
+def test_corrupted_nifti_names_site_and_file(ct_site):
+    yaml_path, root = ct_site
+    image = root / "imagesTr" / "case_002.nii.gz"
+    data = image.read_bytes()
+    image.unlink()  # hard-linked from the source dataset: write a new file
+    image.write_bytes(data[: len(data) // 2])  # a transfer cut short
+    with pytest.raises(SiteDataError, match=r"site ct_site: .*case_002\.nii\.gz: cannot be loaded"):
+        SiteData.from_config(load_site_config(yaml_path), CLASSES)
+
+
 def test_missing_folder_and_unmatched_names(ct_site):
     yaml_path, root = ct_site
     (root / "labelsTr" / "case_000.nii.gz").unlink()

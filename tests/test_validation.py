@@ -40,13 +40,7 @@ class ScriptedGrid:
         return replies
 
 
-@pytest.fixture(autouse=True)
-def server_task_identity(monkeypatch):
-    """Messages are created inside a running ServerApp, which knows its run and node."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedmedian"])
