@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fed_swinumamba.logs import enable_console_logging
+from fed_swinumamba.protocol import redact_paths
 
 from .site import SiteRound
 
@@ -17,12 +18,17 @@ enable_console_logging()
 
 
 def _reply(msg: Message, work: Callable[[], RecordDict]) -> Message:
-    """The work's reply, or an error reply whose reason is the site's own message (the traceback stays here)."""
+    """The work's reply, or an error reply with the site's own message.
+
+    The traceback and file names stay in the site's log; the coordinator gets the message with paths
+    redacted (file names can identify patients).
+    """
     try:
         return Message(content=work(), reply_to=msg)
     except Exception as err:
         log.exception("round failed at this site")
-        return Message(error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err).__name__}: {err}"), reply_to=msg)
+        reason = redact_paths(f"{type(err).__name__}: {err}")
+        return Message(error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
 
 
 @app.train()

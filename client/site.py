@@ -136,17 +136,31 @@ class SiteRound:
             self.model, self.config.modality, cases, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
             steps=steps, dp=dp, ledger=ledger, seed=seed, on_step=progress,
         )
-        self.context.state[PRIVACY] = ConfigRecord({LEDGER: ledger.to_json()})
+        self._keep_ledger(ledger)
         # The training loss is a function of the private batch: it stays in the site's log.
         log.info("site %s round %d: DP-SGD %d steps (%s), loss %.4f, epsilon spent %.3f", self.config.site, ins.server_round, steps, dp.describe(), result.loss, ledger.epsilon(dp.delta))
         metrics = {"num-examples": steps * dp.cases_per_batch, "steps": steps, "num-train-cases": data.num_train_cases, **dp_metrics(dp, ledger, False)}
         return self._trained_reply(metrics)
 
+    def _ledger_file(self) -> Path:
+        return self.config.cache_dir / f"privacy-ledger-run-{self.context.run_id}.json"
+
     def _ledger(self) -> PrivacyLedger:
-        """This site's accountant for the run, kept in the node's state between messages."""
+        """This site's accountant for the run: in the node's state between messages, and on the site's
+        disk so that a restarted SuperNode does not spend the budget again."""
         if PRIVACY in self.context.state.config_records:
             return PrivacyLedger.from_json(str(self.context.state[PRIVACY][LEDGER]))
+        if self._ledger_file().is_file():
+            return PrivacyLedger.from_json(self._ledger_file().read_text())
         return PrivacyLedger()
+
+    def _keep_ledger(self, ledger: PrivacyLedger) -> None:
+        self.context.state[PRIVACY] = ConfigRecord({LEDGER: ledger.to_json()})
+        path = self._ledger_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(ledger.to_json())
+        tmp.replace(path)
 
     def _trained_reply(self, metrics: dict) -> RecordDict:
         trained = select(self.model.state_dict(), groups=self.instructions.stage.trainable_groups)

@@ -12,6 +12,7 @@ site whose privacy budget is spent declines to train),
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from .model import ModelConfig
@@ -20,6 +21,17 @@ from .schedule import Stage
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
 FULL_SYNC = -1  # base_version of a message that carries every weight the site needs
 NUM_EXAMPLES = "num-examples"  # the metric Flower's strategies weight a site's update by
+
+# Anything that looks like a file path (two or more components), in a message that leaves a site.
+_PATH = re.compile(r"(?:[A-Za-z]:)?[\\/]?(?:[\w.~-]+[\\/])+[\w.~-]+")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with file paths replaced by ``<path>``: file names can identify patients.
+
+    A site's errors go to the coordinator's log; the paths stay in the site's own log.
+    """
+    return _PATH.sub("<path>", message)
 
 
 @dataclass(frozen=True)

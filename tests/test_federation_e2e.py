@@ -32,7 +32,8 @@ def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites,
         (entry,) = failed.values()
         errors = entry["errors"]
         assert len(errors) == 2  # its train and its evaluate message each failed, with the site's own message
-        assert all("site broken_site: data folder" in e and "does not exist" in e for e in errors)
+        assert all("site broken_site: data folder <path> does not exist" in e for e in errors)
+        assert not any("no_such_folder" in e for e in errors)  # the coordinator never sees the site's paths
         for k in failed:
             del rnd["sites"][k]
     assert [r["stage"] for r in metrics["rounds"]] == [0, 1]

@@ -130,7 +130,7 @@ def _private_site(three_sites, tmp_path, **privacy):
     lines = "".join(f"  {k}: {v}\n" for k, v in {"enabled": "true", **privacy}.items())
     root = load_site_config(three_sites[0]).data.root
     path = tmp_path / "private_ct.yaml"
-    path.write_text(text.replace("root: ct_site", f"root: {root}") + "privacy:\n" + lines)
+    path.write_text(text.replace("root: ct_site", f"root: {root}") + f"training:\n  cache_dir: {tmp_path / 'cache'}\nprivacy:\n" + lines)
     return path
 
 
@@ -178,6 +178,10 @@ def test_epsilon_grows_across_rounds_and_a_stage_change_and_the_budget_stops_tra
             assert m["dp-budget-exhausted"] == 1 and ARRAYS not in reply and m["num-examples"] == 0
             assert m["epsilon"] == pytest.approx(epsilons[-1])
     assert all(b > a for a, b in zip(epsilons, epsilons[1:]))
+    # A restarted SuperNode (empty state) finds the ledger on the site's disk: the budget stays spent.
+    restarted = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={"num-server-rounds": 8})
+    again = _round(restarted, last_round + 2, schedule.stage_for_round(last_round + 2), model_config, state)[METRICS]
+    assert again["dp-budget-exhausted"] == 1 and again["epsilon"] == pytest.approx(epsilons[-1])
     assert schedule.stage_for_round(1).index != schedule.stage_for_round(3).index  # a stage change was crossed
 
 
