@@ -11,8 +11,10 @@ import logging
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import compute_clip_model_update
 from torch.utils.data import DataLoader
 
 from fed_swinumamba.data import CaseCrops, SiteData, demo_site, load_site_config
@@ -26,6 +28,18 @@ log = logging.getLogger("fed_swinumamba.client")
 
 GLOBAL_WEIGHTS, GLOBAL_VERSION = "global-weights", "global-version"
 PRIVACY, LEDGER = "privacy", "ledger"
+
+
+def clip_update(trained: ArrayRecord, start: ArrayRecord, clipping_norm: float) -> ArrayRecord:
+    """``trained`` moved back towards ``start`` so that the update's L2 norm is at most ``clipping_norm``.
+
+    Site-level DP (server/site_dp.py): what Flower's ``fixedclipping_mod`` does, on the weights the
+    site trained (the mod needs the reply to carry exactly the weights the message brought).
+    """
+    names = list(trained.keys())
+    weights = [trained[k].numpy() for k in names]
+    compute_clip_model_update(weights, [start[k].numpy() for k in names], clipping_norm)
+    return ArrayRecord({k: Array(np.ascontiguousarray(w)) for k, w in zip(names, weights, strict=True)})
 
 
 class SiteError(RuntimeError):
@@ -165,6 +179,8 @@ class SiteRound:
     def _trained_reply(self, metrics: dict) -> RecordDict:
         trained = select(self.model.state_dict(), groups=self.instructions.stage.trainable_groups)
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in trained.items()})
+        if self.instructions.clipping_norm > 0:
+            arrays = clip_update(arrays, self.context.state[GLOBAL_WEIGHTS], self.instructions.clipping_norm)
         return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: self._identity()})
 
     def evaluate(self) -> RecordDict:

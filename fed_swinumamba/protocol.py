@@ -54,6 +54,8 @@ class Instructions:
     # Cross-site evaluation: the arrays are another site's locally trained model (named here), to be
     # evaluated and forgotten; the site's copy of the global model stays as it is. "" = the global model.
     foreign_model: str = ""
+    # Site-level DP: clip the trained weights' distance from the global weights to this L2 norm (0: no).
+    clipping_norm: float = 0.0
 
     def to_config(self) -> dict:
         return {
@@ -67,6 +69,7 @@ class Instructions:
             "local-steps": self.local_steps,
             "seed": self.seed,
             "foreign-model": self.foreign_model,
+            "clipping-norm": self.clipping_norm,
         }
 
     @classmethod
@@ -83,6 +86,7 @@ class Instructions:
                 local_steps=int(config["local-steps"]),
                 seed=int(config["seed"]),
                 foreign_model=str(config["foreign-model"]),
+                clipping_norm=float(config["clipping-norm"]),
             )
         except KeyError as err:
             raise ValueError(f"round instructions lack the field {err}: coordinator and site run different versions of fed-swinumamba") from err

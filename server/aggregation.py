@@ -19,6 +19,8 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from fed_swinumamba.params import SHARED, partition_of
 from fed_swinumamba.protocol import ARRAYS, METRICS, NUM_EXAMPLES
 
+from .site_dp import SiteLevelDP
+
 log = logging.getLogger(__name__)
 
 
@@ -37,11 +39,16 @@ def strategy_factory(name: str, *, proximal_mu: float = 0.0, trimmed_beta: float
 
 
 class ModalityAwareAggregator:
-    """Aggregates train replies partition by partition with one strategy instance per partition."""
+    """Aggregates train replies partition by partition with one strategy instance per partition.
 
-    def __init__(self, make_strategy: Callable[[], Strategy]):
+    With ``site_dp`` (server/site_dp.py) every reply weighs the same and each partition's mean gets
+    Flower's central-DP noise.
+    """
+
+    def __init__(self, make_strategy: Callable[[], Strategy], site_dp: SiteLevelDP | None = None):
         self._make_strategy = make_strategy
         self._strategies: dict[str, Strategy] = {}
+        self.site_dp = site_dp
 
     def aggregate(self, server_round: int, global_state: Mapping[str, np.ndarray], replies: Sequence[Message]) -> dict[str, np.ndarray]:
         """New values for every weight that some reply trained; weights nobody sent stay as they are."""
@@ -53,7 +60,7 @@ class ModalityAwareAggregator:
                 split.setdefault(partition_of(name), ArrayRecord())[name] = arrays[name]
             for partition, record in split.items():
                 # The strategy needs only the weight of the reply; sites' other metrics differ (DP or not).
-                weight = MetricRecord({NUM_EXAMPLES: reply.content[METRICS][NUM_EXAMPLES]})
+                weight = MetricRecord({NUM_EXAMPLES: 1 if self.site_dp else reply.content[METRICS][NUM_EXAMPLES]})
                 content = RecordDict({ARRAYS: record, METRICS: weight})
                 by_partition.setdefault(partition, []).append(Message(content=content, metadata=reply.metadata))
 
@@ -65,6 +72,8 @@ class ModalityAwareAggregator:
                 raise ValueError(f"round {server_round}: sites sent different weight sets for partition {partition!r}; they must train the same stage")
             if isinstance(strategy, FedOpt):
                 strategy.current_arrays = {k: np.asarray(global_state[k]) for k in keys}  # the server optimiser's x_t
+            if self.site_dp:
+                strategy = self.site_dp.private(strategy, len(messages))
             arrays, _ = strategy.aggregate_train(server_round, messages)
             if arrays is None:
                 continue

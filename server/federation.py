@@ -27,6 +27,7 @@ from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, In
 from .aggregation import ModalityAwareAggregator, strategy_factory
 from .report import write_report
 from .settings import FederationSettings
+from .site_dp import SiteLevelDP
 from .validation import screen_updates
 
 log = logging.getLogger("fed_swinumamba.server")
@@ -55,7 +56,10 @@ class Federation:
         self.local_models: dict[str, dict[str, np.ndarray]] = {}
         self.cross_site: dict | None = None
         self.best = -1.0
+        self.site_dp_state: dict | None = None  # the site-level DP accountant of a resumed run
         self.state, self.start_round = self._initial_state()
+        if settings.site_dp and settings.cross_site_eval:
+            log.warning("site-level DP is on: cross-site evaluation is off (it would send each site's un-noised local model to the others)")
 
     # ------------------------------------------------------------------ state
     def _initial_state(self) -> tuple[dict[str, np.ndarray], int]:
@@ -68,6 +72,7 @@ class Federation:
             if metrics.is_file():
                 self.history = [r for r in json.loads(metrics.read_text())["rounds"] if r["round"] <= ckpt.server_round]
             self.best = float(ckpt.extra.get("best", -1.0))
+            self.site_dp_state = ckpt.extra.get("site_dp_accountant")
             log.info("resuming from %s: round %d done, stage %d", latest, ckpt.server_round, ckpt.stage)
             return {k: v.numpy() for k, v in ckpt.state.items()}, ckpt.server_round + 1
         torch.manual_seed(self.s.seed)
@@ -83,8 +88,20 @@ class Federation:
             self.s.class_names,
             server_round,
             stage,
-            {"run_config": self.s.run_config, "best": self.best},
+            {"run_config": self.s.run_config, "best": self.best, **self._site_dp_checkpoint()},
         ).save(self.out / "checkpoints" / f"{name}.safetensors")
+
+    def _site_dp_checkpoint(self) -> dict:
+        site_dp = self.aggregator.site_dp
+        return {"site_dp_accountant": site_dp.accountant.state_dict()} if site_dp else {}
+
+    def _start_site_dp(self, num_sites: int) -> None:
+        """The site-level DP accountant, made once the first round knows how many sites there are."""
+        if self.s.site_dp and self.aggregator.site_dp is None:
+            if self.site_dp_state:
+                self.aggregator.site_dp = SiteLevelDP.restore(self.s.site_dp, self.site_dp_state)
+            else:
+                self.aggregator.site_dp = SiteLevelDP(self.s.site_dp, num_sites)
 
     # ------------------------------------------------------------------ messages
     def _payload(self, node: int, version: int) -> tuple[ArrayRecord, int]:
@@ -102,6 +119,7 @@ class Federation:
         instructions = Instructions(
             server_round, self.s.schedule.stage_for_round(server_round), self.s.model_config, self.s.class_names, version, base,
             self.s.proximal_mu, self.s.local_steps, self.s.seed, foreign_model,
+            self.s.site_dp.clipping_norm if self.s.site_dp else 0.0,
         )
         content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())})
         return Message(content=content, dst_node_id=node, message_type=message_type)
@@ -166,16 +184,23 @@ class Federation:
             nodes = self.wait_for_sites()
             k = max(self.s.min_train_sites, round(self.s.fraction_train * len(nodes)))
             sampled = sorted(rng.sample(nodes, min(k, len(nodes))))
+            self._start_site_dp(len(nodes))
+            site_dp = self.aggregator.site_dp
+            if site_dp and not site_dp.budget_allows_round():
+                log.warning("round %d: the site-level privacy budget %.3g would be exceeded (spent %.3f); no more training, evaluation goes on", server_round, site_dp.s.budget, site_dp.epsilon())
+                sampled = []
             log.info("[ROUND %d/%d] stage %d, lr %.2e, training %s on %d of %d sites", server_round, self.s.num_rounds, stage.index, stage.lr, ",".join(stage.trainable_groups), len(sampled), len(nodes))
             sites: dict[str, dict] = {}
             replies = [r for r in self._exchange(sampled, server_round, version, MessageType.TRAIN, sites) if self._record_training(r, sites)]
             replies = self._screen(server_round, replies, sites)
             # Each site's locally trained model: what it sent over the global model it started from.
             self.local_models = {r.content[SITE]["site"]: {**self.state, **_numpy(r.content[ARRAYS])} for r in replies}
-            if len(replies) >= self.s.min_train_sites:
+            if replies and len(replies) >= self.s.min_train_sites:
                 self.state.update(self.aggregator.aggregate(server_round, self.state, replies))
                 version = server_round
-            else:
+                if site_dp:
+                    site_dp.record_release(len(replies))
+            elif sampled:
                 log.warning("round %d: %d sites trained, fewer than min-train-sites=%d; global model unchanged", server_round, len(replies), self.s.min_train_sites)
             if server_round % self.s.eval_interval == 0 or server_round == self.s.num_rounds:
                 for reply in self._exchange(sorted(self.grid.get_node_ids()), server_round, version, MessageType.EVALUATE, sites):
@@ -184,7 +209,7 @@ class Federation:
                         dice={c: float(m[f"dice-{c}"]) for c in self.s.class_names}, dice_mean=float(m["dice-mean"]), num_val_cases=int(m["num-examples"])
                     )
             self._record(server_round, stage, sites)
-        if self.s.cross_site_eval and self.local_models and self.history and self.history[-1]["round"] == self.s.num_rounds:
+        if self.s.cross_site_eval and not self.s.site_dp and self.local_models and self.history and self.history[-1]["round"] == self.s.num_rounds:
             self.cross_site = self._cross_site_evaluation(self.s.num_rounds, version)
             self._write_metrics()
         write_report(self.out)
@@ -240,7 +265,10 @@ class Federation:
         return ARRAYS in reply.content
 
     def _record(self, server_round: int, stage, sites: dict) -> None:
-        self.history.append({"round": server_round, "stage": stage.index, "lr": stage.lr, "trainable_groups": list(stage.trainable_groups), "sites": sites})
+        entry = {"round": server_round, "stage": stage.index, "lr": stage.lr, "trainable_groups": list(stage.trainable_groups), "sites": sites}
+        if self.aggregator.site_dp:
+            entry["site_dp"] = self.aggregator.site_dp.report()
+        self.history.append(entry)
         log.info("round %d global Dice per site:\n%s", server_round, dice_table(sites, self.s.class_names))
         means = [s["dice_mean"] for s in sites.values() if "dice_mean" in s and s["dice_mean"] == s["dice_mean"]]
         score = float(np.mean(means)) if means else None

@@ -60,8 +60,11 @@ def plot_epsilon(metrics: dict, path: Path) -> Path:
     for site in _sites(rounds):
         xs, ys = _series(rounds, site, "epsilon")
         if xs:
-            ax.plot(xs, ys, marker="o", label=site)
-    ax.set(xlabel="round", ylabel="epsilon spent (RDP accountant)", title="Privacy spent per site (unit: case)")
+            ax.plot(xs, ys, marker="o", label=f"{site} (unit: case)")
+    federation = [(r["round"], r["site_dp"]["epsilon"]) for r in rounds if "site_dp" in r]
+    if federation:
+        ax.plot(*zip(*federation, strict=True), marker="s", color="black", label="federation (site-level DP, unit: site)")
+    ax.set(xlabel="round", ylabel="epsilon spent (RDP accountant)", title="Privacy spent")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -128,6 +131,15 @@ def _final_table(metrics: dict, classes: list[str]) -> str:
     return _table(header, rows)
 
 
+def _site_dp_note(last_round: dict) -> str:
+    p = last_round.get("site_dp")
+    if not p:
+        return ""
+    budget = "no limit" if p["budget"] is None else f"budget {p['budget']:.3f}" + (", spent: training stopped" if p["budget_exhausted"] else "")
+    return (f"<p>Site-level DP (unit: a whole site): epsilon {p['epsilon']:.3f} at delta {p['delta']:.1e} after {p['releases']} rounds, "
+            f"noise multiplier {p['noise_multiplier']:.3f}, clipping norm {p['clipping_norm']:.3g}, {budget}.</p>")
+
+
 def _rounds_table(metrics: dict) -> str:
     sites = _sites(metrics["rounds"])
     rows = [[str(r["round"]), str(r["stage"]), *(_fmt(r["sites"].get(s, {}).get("dice_mean")) for s in sites)] for r in metrics["rounds"]]
@@ -162,8 +174,8 @@ def write_report(out: str | Path) -> Path:
         last = metrics["centralized"][-1]
         rows = [[s, _fmt(v.get("dice_mean"))] for s, v in sorted(last["sites"].items())]
         sections += [f"<h2>Centralized baseline (round {last['round']})</h2>", _table(["site", "mean Dice"], rows)]
-    if any("epsilon" in s for r in metrics["rounds"] for s in r["sites"].values()):
-        sections += ["<h2>Differential privacy</h2>", _img(plot_epsilon(metrics, out / "epsilon_per_site.png"), "epsilon per site")]
+    if any("site_dp" in r or any("epsilon" in s for s in r["sites"].values()) for r in metrics["rounds"]):
+        sections += ["<h2>Differential privacy</h2>", _site_dp_note(metrics["rounds"][-1]), _img(plot_epsilon(metrics, out / "epsilon_per_site.png"), "epsilon spent")]
     if metrics.get("cross_site"):
         cross = metrics["cross_site"]
         sections += ["<h2>Cross-site evaluation</h2>", _img(plot_cross_site(cross, out / "cross_site.png"), "cross-site Dice"), _cross_table(cross)]

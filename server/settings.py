@@ -8,6 +8,8 @@ from pathlib import Path
 from fed_swinumamba.model import ModelConfig
 from fed_swinumamba.schedule import UnfreezingSchedule
 
+from .site_dp import SiteDPSettings
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian")
 
 # Defaults of every key, so that a run started without pyproject (the simulation's Python API) behaves
@@ -40,6 +42,10 @@ DEFAULTS = {
     "dp-delta": 0.0,
     "dp-slices-per-case": 2,
     "dp-cases-per-batch": 0,
+    "site-dp-noise-multiplier": 0.0,
+    "site-dp-clipping-norm": 0.1,
+    "site-dp-delta": 1e-5,
+    "site-dp-epsilon": 0.0,
     "class-names": "organ,lesion",
     "modalities": "ct,mri,us",
     "model-variant": "swin_umamba",
@@ -82,6 +88,7 @@ class FederationSettings:
     resume: bool
     seed: int
     pretrained_checkpoint: str
+    site_dp: SiteDPSettings | None
     run_config: dict
 
     @classmethod
@@ -131,5 +138,6 @@ class FederationSettings:
             resume=bool(c["resume"]),
             seed=int(c["seed"]),
             pretrained_checkpoint=str(c["pretrained-checkpoint"]),
+            site_dp=SiteDPSettings.from_run_config(c),
             run_config=c,
         )

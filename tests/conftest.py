@@ -1,9 +1,13 @@
 """Fixtures shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
 
+import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fed_swinumamba.data import generate_phantoms, split_dataset
+from fed_swinumamba.params import group_of
+from fed_swinumamba.protocol import ARRAYS, CONFIG, METRICS, SITE, Instructions
 
 # Run-config overrides for a tiny network (dims 8-64): fast on a CPU.
 TINY = {"model-dims": "8,16,32,64", "model-depths": "1,1,1,1", "model-stem-width": 8, "model-d-state": 4}
@@ -27,3 +31,32 @@ def task_identity(monkeypatch):
     """Messages are created inside a running Flower app, which knows its run and node; tests have none."""
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class ScriptedGrid:
+    """A grid whose three sites answer at once: train replies move each sent weight by the site's step."""
+
+    def __init__(self, steps: dict[str, float], num_examples: dict[str, int] | None = None):
+        self.steps = steps  # site -> value added to every weight it trains (NaN: a diverged site)
+        self.num_examples = num_examples or dict.fromkeys(steps, 10)
+        self.nodes = {i + 1: site for i, site in enumerate(steps)}
+        self.train_instructions: list[Instructions] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for i, msg in enumerate(messages):
+            site = self.nodes[msg.metadata.dst_node_id]
+            identity = ConfigRecord({"site": site, "modality": "ct"})
+            if msg.metadata.message_type == MessageType.TRAIN:
+                ins = Instructions.from_config(msg.content[CONFIG])
+                self.train_instructions.append(ins)
+                trained = {k: a.numpy() + np.float32(self.steps[site]) for k, a in msg.content[ARRAYS].items() if group_of(k) in ins.stage.trainable_groups}
+                content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}), METRICS: MetricRecord({"num-examples": self.num_examples[site], "train-loss": 1.0}), SITE: identity})
+            else:
+                content = RecordDict({METRICS: MetricRecord({"dice-organ": 0.5, "dice-lesion": 0.5, "dice-mean": 0.5, "num-examples": 1}), SITE: identity})
+            metadata = Metadata(run_id=1, message_id=f"r{i}", src_node_id=msg.metadata.dst_node_id, dst_node_id=0, reply_to_message_id=f"m{i}", group_id="1", created_at=0.0, ttl=60.0, message_type=msg.metadata.message_type)
+            replies.append(Message(content=content, metadata=metadata))
+        return replies

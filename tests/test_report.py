@@ -66,3 +66,14 @@ def test_report_without_dp_or_cross_site_leaves_those_sections_out(tmp_path):
 def test_report_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "metrics.json" in capsys.readouterr().err
+
+
+def test_report_shows_site_level_privacy(tmp_path):
+    metrics = _metrics()
+    for r, epsilon in zip(metrics["rounds"], (0.8765, 1.4321), strict=True):
+        r["site_dp"] = {"epsilon": epsilon, "delta": 1e-5, "noise_multiplier": 1.5, "clipping_norm": 0.1, "releases": r["round"], "budget": 1.5, "budget_exhausted": True, "unit": "site"}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "epsilon 1.432 at delta 1.0e-05 after 2 rounds" in page and "training stopped" in page
+    assert Image.open(tmp_path / "epsilon_per_site.png").size[0] > 300

@@ -5,39 +5,10 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from conftest import TINY
-from fed_swinumamba.params import group_of
-from fed_swinumamba.protocol import ARRAYS, CONFIG, METRICS, SITE, Instructions
+from conftest import TINY, ScriptedGrid
 from server.federation import Federation
 from server.settings import FederationSettings
-
-
-class ScriptedGrid:
-    """A grid whose three sites answer at once: train replies move each sent weight by the site's step."""
-
-    def __init__(self, steps: dict[str, float]):
-        self.steps = steps  # site -> value added to every weight it trains (NaN: a diverged site)
-        self.nodes = {i + 1: site for i, site in enumerate(steps)}
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for i, msg in enumerate(messages):
-            site = self.nodes[msg.metadata.dst_node_id]
-            identity = ConfigRecord({"site": site, "modality": "ct"})
-            if msg.metadata.message_type == MessageType.TRAIN:
-                ins = Instructions.from_config(msg.content[CONFIG])
-                trained = {k: a.numpy() + np.float32(self.steps[site]) for k, a in msg.content[ARRAYS].items() if group_of(k) in ins.stage.trainable_groups}
-                content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}), METRICS: MetricRecord({"num-examples": 10, "train-loss": 1.0}), SITE: identity})
-            else:
-                content = RecordDict({METRICS: MetricRecord({"dice-organ": 0.5, "dice-lesion": 0.5, "dice-mean": 0.5, "num-examples": 1}), SITE: identity})
-            metadata = Metadata(run_id=1, message_id=f"r{i}", src_node_id=msg.metadata.dst_node_id, dst_node_id=0, reply_to_message_id=f"m{i}", group_id="1", created_at=0.0, ttl=60.0, message_type=msg.metadata.message_type)
-            replies.append(Message(content=content, metadata=metadata))
-        return replies
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -1,0 +1,105 @@
+"""Site-level differential privacy: Flower's central DP with client-side fixed clipping.
+
+For federations with many sites, where the unit to protect is a whole hospital's contribution:
+each site clips its update (trained weights minus the global weights it started from) to
+``clipping_norm`` (client/site.py, Flower's ``compute_clip_model_update``), and the coordinator
+averages the updates with equal weights and adds Gaussian noise of standard deviation
+``noise_multiplier * clipping_norm / n`` to every partition's average (Flower's
+``DifferentialPrivacyClientSideFixedClipping`` around each partition's FedAvg/FedProx).
+
+One site's clipped update moves the shared average by at most C_s / n_s and its modality's average
+by at most C_m / n_m with C_s^2 + C_m^2 <= C^2, so a round is one Gaussian mechanism with noise
+multiplier ``noise_multiplier`` for the site, and one release is accounted per round (Flower's RDP
+accountant, no sampling amplification, state kept in the checkpoints so a resumed run goes on
+counting). Flower's ``fixedclipping_mod`` cannot be used as is: it needs the reply to carry exactly
+the weights the message brought, and our sites receive and return only the groups that changed
+or trained.
+
+Not covered by the guarantee: the scalar metrics sites send (as in Flower), and cross-site
+evaluation, which would send one site's un-noised local model to the others: it is switched off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+log = logging.getLogger("fed_swinumamba.server")
+
+
+@dataclass(frozen=True)
+class SiteDPSettings:
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+    budget: float | None  # total epsilon over the run; None: no limit
+
+    @classmethod
+    def from_run_config(cls, c: dict) -> SiteDPSettings | None:
+        """None when ``site-dp-noise-multiplier`` is 0 (off)."""
+        sigma = float(c["site-dp-noise-multiplier"])
+        if sigma == 0:
+            return None
+        if sigma < 0 or float(c["site-dp-clipping-norm"]) <= 0 or not 0 < float(c["site-dp-delta"]) < 1:
+            raise ValueError("site-level DP needs site-dp-noise-multiplier > 0, site-dp-clipping-norm > 0 and 0 < site-dp-delta < 1")
+        if c["strategy"] not in ("fedavg", "fedprox"):
+            raise ValueError(f"site-level DP needs an averaging strategy (fedavg or fedprox), not {c['strategy']!r}: its noise is calibrated to a mean")
+        budget = float(c["site-dp-epsilon"])
+        return cls(sigma, float(c["site-dp-clipping-norm"]), float(c["site-dp-delta"]), budget if budget > 0 else None)
+
+
+class SiteLevelDP:
+    """Noise for each partition's aggregate and the federation's accountant (one release per round)."""
+
+    def __init__(self, settings: SiteDPSettings, num_sites: int, state: dict | None = None):
+        self.s = settings
+        self.accountant = RdpAccountant(PrivacyConfig(
+            target_delta=settings.delta,
+            population_size=num_sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            max_epsilon=settings.budget,
+        ))
+        if state:
+            self.accountant.load_state_dict(state)
+
+    @classmethod
+    def restore(cls, settings: SiteDPSettings, state: dict) -> SiteLevelDP:
+        """The accountant of an interrupted run, with the releases it had counted."""
+        return cls(settings, int(state["config"]["population_size"]), state)
+
+    def _event(self, num_replies: int) -> GaussianPrivacyEvent:
+        population = self.accountant.config.population_size
+        return GaussianPrivacyEvent(self.s.noise_multiplier, min(num_replies, population), population)
+
+    def budget_allows_round(self) -> bool:
+        """False once one more release would spend more than the budget."""
+        return self.s.budget is None or not self.accountant.would_exceed(self._event(1))
+
+    def private(self, strategy: Strategy, num_replies: int) -> Strategy:
+        """``strategy`` with Flower's central-DP noise for a mean of ``num_replies`` clipped updates."""
+        return DifferentialPrivacyClientSideFixedClipping(strategy, self.s.noise_multiplier, self.s.clipping_norm, num_replies)
+
+    def record_release(self, num_replies: int) -> None:
+        self.accountant.compose(self._event(num_replies))
+        log.info("site-level DP: epsilon %.3f (delta %g) after %d rounds", self.epsilon(), self.s.delta, self.accountant.num_releases)
+
+    def epsilon(self) -> float:
+        return self.accountant.get_privacy_spent().epsilon if self.accountant.num_releases else 0.0
+
+    def report(self) -> dict:
+        """What metrics.json records each round."""
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.s.delta,
+            "noise_multiplier": self.s.noise_multiplier,
+            "clipping_norm": self.s.clipping_norm,
+            "releases": self.accountant.num_releases,
+            "budget": self.s.budget,
+            "budget_exhausted": not self.budget_allows_round(),
+            "unit": "site",
+        }
