@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on a coordinator
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 
@@ -98,6 +99,9 @@ def plot_cross_site(cross: dict, path: Path) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:
+        if ax.get_xlabel() == "round":  # rounds are whole numbers
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
