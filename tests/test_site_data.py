@@ -210,3 +210,20 @@ def test_orientation_and_spacing_are_applied_as_configured(ct_site):
     yaml_path.write_text(yaml.safe_dump(config))
     with pytest.raises(SiteConfigError, match=r"data\.orientation: must be 3 axis codes"):
         load_site_config(yaml_path)
+
+
+def test_a_dicom_site_loads_like_the_same_phantoms_in_nifti(tmp_path):
+    """DICOM series (LPS, stored with a rescale intercept) reach the network on the NIfTI grid, in HU."""
+    sites = {}
+    for fmt in ("msd", "dicom"):
+        data = generate_phantoms(tmp_path / fmt, "ct", num_cases=3, seed=5, size=32, num_slices=4, dicom=fmt == "dicom")
+        (yaml_path,) = split_dataset(data, "ct", 1, "iid", 0, tmp_path / f"sites_{fmt}")
+        assert yaml.safe_load(yaml_path.read_text())["data"]["format"] == fmt
+        sites[fmt] = SiteData.from_config(load_site_config(yaml_path), CLASSES)
+    nifti, dicom = sites["msd"], sites["dicom"]
+    assert dicom.num_train_cases == nifti.num_train_cases == 2
+    for a, b in zip(nifti.val_cases, dicom.val_cases, strict=True):
+        assert b["image"].shape == a["image"].shape == (1, 32, 32, 4)
+        assert np.array_equal(b["label"].numpy(), a["label"].numpy())
+        # HU stored as integers: after the CT window (400 HU -> [0, 1]) within half a HU
+        np.testing.assert_allclose(b["image"].numpy(), a["image"].numpy(), atol=0.5 / 400 + 1e-6)

@@ -53,25 +53,37 @@ class Case:
     label: Path
 
 
-def _stem(path: Path) -> str:
+def case_stem(path: Path) -> str:
+    """The case name of an image or label file (or DICOM series folder)."""
     name = path.name
+    if path.is_dir():
+        return name
     for suffix in (".nii.gz", ".nii", ".png"):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
 
 
+# Per data format: image folder, label folder, image pattern, label pattern. A DICOM image is a folder
+# holding one series (imagesTr/<case>/*.dcm); its label is a NIfTI on the same grid, as annotation tools save them.
+LAYOUTS = {
+    "msd": ("imagesTr", "labelsTr", "*.nii*", "*.nii*"),
+    "dicom": ("imagesTr", "labelsTr", "*/", "*.nii*"),
+    "png": ("images", "masks", "*.png", "*.png"),
+}
+
+
 def list_cases(config: SiteConfig) -> list[Case]:
     """Image/label pairs of the site's folder; unmatched names are an error, not a skip."""
     root, site = config.data.root, config.site
-    images_dir, labels_dir, pattern = ("imagesTr", "labelsTr", "*.nii*") if config.data.format == "msd" else ("images", "masks", "*.png")
+    images_dir, labels_dir, image_pattern, label_pattern = LAYOUTS[config.data.format]
     for folder in (root, root / images_dir, root / labels_dir):
         if not folder.is_dir():
             raise SiteDataError(f"site {site}: data folder {folder} does not exist (from {config.source})")
-    images = {_stem(p): p for p in sorted((root / images_dir).glob(pattern))}
-    labels = {_stem(p): p for p in sorted((root / labels_dir).glob(pattern))}
+    images = {case_stem(p): p for p in sorted((root / images_dir).glob(image_pattern))}
+    labels = {case_stem(p): p for p in sorted((root / labels_dir).glob(label_pattern))}
     if not images:
-        raise SiteDataError(f"site {site}: no {pattern} image in {root / images_dir}")
+        raise SiteDataError(f"site {site}: no {image_pattern} image in {root / images_dir}")
     unmatched = sorted(set(images) ^ set(labels))
     if unmatched:
         side = images_dir if unmatched[0] in images else labels_dir
@@ -151,8 +163,20 @@ def intensity_transform(modality: str, pre: dict):
     return ScaleIntensityd("image", minv=0.0, maxv=1.0)
 
 
+def loading(config: SiteConfig) -> list:
+    """Read image and label. DICOM series and their NIfTI labels are brought to one voxel order (RAS
+    unless ``data.orientation`` says otherwise): the two formats store the same grid differently."""
+    if config.data.format != "dicom":
+        return [LoadImaged(KEYS, image_only=True, ensure_channel_first=True)]
+    return [
+        LoadImaged("image", reader="PydicomReader", image_only=True, ensure_channel_first=True),
+        LoadImaged("label", image_only=True, ensure_channel_first=True),
+        *([] if config.data.orientation else [Orientationd(KEYS, axcodes="RAS")]),
+    ]
+
+
 def geometry(config: SiteConfig) -> list:
-    """Reorient and resample NIfTI volumes as configured (labels with nearest neighbour)."""
+    """Reorient and resample volumes as configured (labels with nearest neighbour)."""
     steps = []
     if config.data.orientation:
         steps.append(Orientationd(KEYS, axcodes=config.data.orientation))
@@ -163,7 +187,7 @@ def geometry(config: SiteConfig) -> list:
 
 def preprocessing(config: SiteConfig, class_names: list[str]) -> Compose:
     return Compose([
-        LoadImaged(KEYS, image_only=True, ensure_channel_first=True),
+        *loading(config),
         *geometry(config),
         ToGreyd(KEYS),
         intensity_transform(config.modality, config.preprocessing),

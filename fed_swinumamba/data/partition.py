@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .datasets import LAYOUTS, case_stem
 from .phantoms import DEMO_LABELS
 
 SCHEMES = ("iid", "dirichlet", "quantity")
@@ -56,6 +57,11 @@ def write_site_config(path: Path, site: str, modality: str, root: Path, data_for
 
 
 def _link(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) a file, or a folder's files (a DICOM series), to ``dst``."""
+    if src.is_dir():
+        for child in src.iterdir():
+            _link(child, dst / child.name)
+        return
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()
@@ -65,24 +71,30 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def split_dataset(data_dir: str | Path, modality: str, num_sites: int, scheme: str, seed: int, out_dir: str | Path, labels: dict[int, str] | None = None, site_prefix: str | None = None) -> list[Path]:
-    """Partition ``data_dir`` (MSD or PNG layout) by case into ``num_sites`` site folders + YAMLs."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+def dataset_format(data_dir: Path) -> str:
+    """msd, dicom (imagesTr holds series folders) or png, from the dataset's layout."""
     if (data_dir / "imagesTr").is_dir():
-        fmt, pairs = "msd", ("imagesTr", "labelsTr")
-    elif (data_dir / "images").is_dir():
-        fmt, pairs = "png", ("images", "masks")
-    else:
-        raise ValueError(f"{data_dir}: neither an MSD (imagesTr/labelsTr) nor a PNG (images/masks) dataset")
-    files = {p.name: p for p in sorted((data_dir / pairs[0]).iterdir())}
-    parts = partition_cases(sorted(files), num_sites, scheme, seed)
+        return "dicom" if any(p.is_dir() for p in (data_dir / "imagesTr").iterdir()) else "msd"
+    if (data_dir / "images").is_dir():
+        return "png"
+    raise ValueError(f"{data_dir}: neither an MSD / DICOM (imagesTr/labelsTr) nor a PNG (images/masks) dataset")
+
+
+def split_dataset(data_dir: str | Path, modality: str, num_sites: int, scheme: str, seed: int, out_dir: str | Path, labels: dict[int, str] | None = None, site_prefix: str | None = None) -> list[Path]:
+    """Partition ``data_dir`` (MSD, DICOM or PNG layout) by case into ``num_sites`` site folders + YAMLs."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    fmt = dataset_format(data_dir)
+    images_dir, labels_dir, image_pattern, label_pattern = LAYOUTS[fmt]
+    image_files = {case_stem(p): p for p in (data_dir / images_dir).glob(image_pattern)}
+    label_files = {case_stem(p): p for p in (data_dir / labels_dir).glob(label_pattern)}
+    parts = partition_cases(sorted(image_files), num_sites, scheme, seed)
     prefix = site_prefix or f"{data_dir.name}_site"
     yamls = []
     for i, names in enumerate(parts):
         site = prefix if num_sites == 1 else f"{prefix}{i}"
         root = out_dir / site
-        for name in names:
-            _link(data_dir / pairs[0] / name, root / pairs[0] / name)
-            _link(data_dir / pairs[1] / name, root / pairs[1] / name)
+        for case in names:
+            _link(image_files[case], root / images_dir / image_files[case].name)
+            _link(label_files[case], root / labels_dir / label_files[case].name)
         yamls.append(write_site_config(out_dir / f"{site}.yaml", site, modality, root, fmt, labels or DEMO_LABELS[modality]))
     return yamls

@@ -1,7 +1,7 @@
 """Synthetic CT, MRI and ultrasound phantoms with exact ground truth, for the built-in demo.
 
-They are written in the real on-disk formats (MSD-style NIfTI for CT and MRI, PNG pairs for
-ultrasound) so that the demo exercises the same loading code as hospital data. Each case has an
+They are written in the real on-disk formats (MSD-style NIfTI for CT and MRI, optionally CT as DICOM
+series, PNG pairs for ultrasound) so that the demo exercises the same loading code as hospital data. Each case has an
 organ-like smooth blob (label 1) and, in most cases, a lesion inside it (label 2); CT is in Hounsfield
 units with noise, MRI has a multiplicative bias field, ultrasound has speckle and acoustic shadowing.
 """
@@ -14,6 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 CLASS_NAMES = ("organ", "lesion")
 # Label values as each demo modality stores them (ultrasound masks are 8-bit greys).
@@ -97,10 +99,45 @@ def _us(rng, body, organ, lesion) -> np.ndarray:
     return (img * fan) * 255.0
 
 
-def generate_phantoms(out_dir: str | Path, modality: str, num_cases: int = 16, seed: int = 0, size: int = 64, num_slices: int = 12) -> Path:
-    """Write ``num_cases`` phantom cases of ``modality`` under ``out_dir``; returns ``out_dir``."""
+def write_ct_dicom_series(volume_hu: np.ndarray, spacing: tuple[float, float, float], folder: Path, case_id: str) -> Path:
+    """Write an (x, y, z) CT volume in HU as a DICOM series, one file per z slice, the way scanners do.
+
+    Voxel (i, j, k) lies at RAS (i, j, k) * spacing, as in the NIfTI phantoms: the DICOM patient frame
+    is LPS, so the rows/columns run along -L/-P (ImageOrientationPatient -1,0,0,0,-1,0). Stored as
+    unsigned 16 bit with RescaleIntercept -1024.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = lambda *parts: generate_uid(entropy_srcs=[case_id, *map(str, parts)])  # noqa: E731  reproducible
+    stored = np.clip(np.rint(volume_hu + 1024), 0, 65535).astype(np.uint16)
+    for k in range(stored.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = CTImageStorage, uid("slice", k), ExplicitVRLittleEndian
+        ds = FileDataset(folder / f"slice_{k:04d}.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uid("study"), uid("series"), uid("frame")
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", f"phantom-{case_id}", k + 1
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, k * spacing[2]]
+        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[0]], spacing[2]  # (row, column) spacing
+        pixels = np.ascontiguousarray(stored[:, :, k].T)  # rows along y, columns along x
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(ds.filename, enforce_file_format=True)
+    return folder
+
+
+def generate_phantoms(out_dir: str | Path, modality: str, num_cases: int = 16, seed: int = 0, size: int = 64, num_slices: int = 12, dicom: bool = False) -> Path:
+    """Write ``num_cases`` phantom cases of ``modality`` under ``out_dir``; returns ``out_dir``.
+
+    ``dicom``: CT images as DICOM series folders ``imagesTr/<case>/`` (labels stay NIfTI).
+    """
     if modality not in DEMO_LABELS:
         raise ValueError(f"modality must be one of {sorted(DEMO_LABELS)}, got {modality!r}")
+    if dicom and modality != "ct":
+        raise ValueError(f"DICOM phantoms are CT only, not {modality!r}")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     values = DEMO_LABELS[modality]
@@ -110,7 +147,8 @@ def generate_phantoms(out_dir: str | Path, modality: str, num_cases: int = 16, s
     else:
         (out / "imagesTr").mkdir(parents=True, exist_ok=True)
         (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    spacing = (1.5, 1.5, 3.0)
+    affine = np.diag([*spacing, 1.0])
     for i in range(num_cases):
         name = f"case_{i:03d}"
         slices = 1 if modality == "us" else num_slices
@@ -122,7 +160,10 @@ def generate_phantoms(out_dir: str | Path, modality: str, num_cases: int = 16, s
             Image.fromarray(label[..., 0]).save(out / "masks" / f"{name}.png")
             continue
         image = (_ct if modality == "ct" else _mri)(rng, body, organ, lesion)
-        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), out / "imagesTr" / f"{name}.nii.gz")
+        if dicom:
+            write_ct_dicom_series(image, spacing, out / "imagesTr" / name, name)
+        else:
+            nib.save(nib.Nifti1Image(image.astype(np.float32), affine), out / "imagesTr" / f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / f"{name}.nii.gz")
     if modality != "us":
         meta = {
@@ -130,7 +171,7 @@ def generate_phantoms(out_dir: str | Path, modality: str, num_cases: int = 16, s
             "modality": {"0": modality.upper()},
             "labels": {"0": "background", **{str(v): n for v, n in values.items()}},
             "numTraining": num_cases,
-            "training": [{"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"} for i in range(num_cases)],
+            "training": [{"image": f"./imagesTr/case_{i:03d}" + ("" if dicom else ".nii.gz"), "label": f"./labelsTr/case_{i:03d}.nii.gz"} for i in range(num_cases)],
         }
         (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     return out

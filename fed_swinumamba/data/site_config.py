@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 MODALITIES = ("ct", "mri", "us")
-FORMATS = ("msd", "png")
+FORMATS = ("msd", "dicom", "png")
 DEFAULT_PREPROCESSING = {"ct": {"window": [-200.0, 300.0]}, "mri": {"percentiles": [0.5, 99.5]}, "us": {}}
 
 
@@ -131,8 +131,8 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     if axis not in (0, 1, 2):
         raise SiteConfigError(source, "data.slice_axis", f"must be 0, 1 or 2 (got {axis})")
     orientation, spacing = d.get("orientation"), d.get("spacing")
-    if (orientation is not None or spacing is not None) and fmt != "msd":
-        raise SiteConfigError(source, "data.orientation" if orientation is not None else "data.spacing", "applies to NIfTI (msd) data only; PNG images carry no geometry")
+    if (orientation is not None or spacing is not None) and fmt == "png":
+        raise SiteConfigError(source, "data.orientation" if orientation is not None else "data.spacing", "applies to volumes (msd, dicom) only; PNG images carry no geometry")
     if orientation is not None and not (isinstance(orientation, str) and len(orientation) == 3 and set(orientation.upper()) <= set("RLAPSI")):
         raise SiteConfigError(source, "data.orientation", f"must be 3 axis codes such as RAS or LPS, got {orientation!r}")
     if spacing is not None:
