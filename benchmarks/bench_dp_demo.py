@@ -5,7 +5,8 @@ batches of ``--cases-per-batch`` cases x 2 slices; without DP: the sites' defaul
 and prints a Markdown table of each site's final mean foreground Dice and the DP/non-DP ratio
 (target >= 0.9).
 
-    python benchmarks/bench_dp_demo.py --cases 400 --local-steps 20 --epsilon 8 --out runs/bench_dp
+    python benchmarks/bench_dp_demo.py --cases 400 --local-steps 20 --epsilon 8 --out runs/bench_dp \
+        --set eval-interval=6 --set cross-site-eval=false   # only the final Dice is compared
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import time
 from pathlib import Path
 
 
-def run_demo(out: Path, cases: int, local_steps: int, epsilon: float | None, cases_per_batch: int) -> tuple[dict, float]:
+def run_demo(out: Path, cases: int, local_steps: int, epsilon: float | None, cases_per_batch: int, overrides: list[str]) -> tuple[dict, float]:
     cmd = [sys.executable, "-m", "simulation", "demo", "--out", str(out), "--cases", str(cases), "--set", f"local-steps={local_steps}"]
+    cmd += [arg for kv in overrides for arg in ("--set", kv)]
     if epsilon is not None:
         cmd += ["--dp-epsilon", str(epsilon), "--set", f"dp-cases-per-batch={cases_per_batch}"]
     start = time.perf_counter()
@@ -34,9 +36,10 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--cases-per-batch", type=int, default=16, help="expected cases per DP batch (2 slices each)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_dp"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="run-config override for both runs")
     args = parser.parse_args()
-    plain, plain_s = run_demo(args.out / "no_dp", args.cases, args.local_steps, None, args.cases_per_batch)
-    private, private_s = run_demo(args.out / "dp", args.cases, args.local_steps, args.epsilon, args.cases_per_batch)
+    plain, plain_s = run_demo(args.out / "no_dp", args.cases, args.local_steps, None, args.cases_per_batch, args.overrides)
+    private, private_s = run_demo(args.out / "dp", args.cases, args.local_steps, args.epsilon, args.cases_per_batch, args.overrides)
     last_plain, last_private = plain["rounds"][-1]["sites"], private["rounds"][-1]["sites"]
     rounds = len(plain["rounds"])
     print(f"Demo phantoms, {args.cases} cases per site, {rounds} rounds x {args.local_steps} local steps, DP batches of "
