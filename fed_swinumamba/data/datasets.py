@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,11 @@ from torch.utils.data import Dataset
 from .site_config import SiteConfig
 
 KEYS = ("image", "label")
+
+# MONAI's LoadImage instantiates every reader it knows, including the GPU DICOM decoder (nvImageCodec),
+# which warns in every process where it is unavailable; the plain pydicom decoders are what sites use.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 
 class SiteDataError(ValueError):
@@ -71,6 +78,8 @@ LAYOUTS = {
     "dicom": ("imagesTr", "labelsTr", "*/", "*.nii*"),
     "png": ("images", "masks", "*.png", "*.png"),
 }
+
+READERS = {"msd": "NibabelReader", "png": "PILReader"}  # MONAI readers of the single-file formats
 
 
 def list_cases(config: SiteConfig) -> list[Case]:
@@ -167,10 +176,10 @@ def loading(config: SiteConfig) -> list:
     """Read image and label. DICOM series and their NIfTI labels are brought to one voxel order (RAS
     unless ``data.orientation`` says otherwise): the two formats store the same grid differently."""
     if config.data.format != "dicom":
-        return [LoadImaged(KEYS, image_only=True, ensure_channel_first=True)]
+        return [LoadImaged(KEYS, reader=READERS[config.data.format], image_only=True, ensure_channel_first=True)]
     return [
         LoadImaged("image", reader="PydicomReader", image_only=True, ensure_channel_first=True),
-        LoadImaged("label", image_only=True, ensure_channel_first=True),
+        LoadImaged("label", reader="NibabelReader", image_only=True, ensure_channel_first=True),
         *([] if config.data.orientation else [Orientationd(KEYS, axcodes="RAS")]),
     ]
 
