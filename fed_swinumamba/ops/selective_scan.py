@@ -1,21 +1,38 @@
-"""Mamba selective scan: mamba-ssm's CUDA kernel on GPU, a fast chunked PyTorch scan elsewhere.
+"""Mamba selective scan: mamba-ssm's CUDA kernel on GPU; on CPU a compiled kernel, else chunked PyTorch.
 
 Signature and layouts follow mamba-ssm's ``selective_scan_fn``; the meaning is
 ``selective_scan_reference`` below (mamba-ssm's ``selective_scan_ref``).
 
-The CPU path exists because mamba-ssm's own fallback loops over time with autograd on slices,
-whose backward materialises a full-size gradient per step (minutes per layer). Ours runs the
-recurrence as one in-place op per step on small time chunks that stay in cache, saves only the
-inputs plus one state per chunk, and recomputes each chunk in the backward pass. It supports
+The CPU paths exist because mamba-ssm's own fallback loops over time with autograd on slices,
+whose backward materialises a full-size gradient per step (minutes per layer). Both save only the
+inputs plus one state per time chunk and recompute each chunk in the backward pass:
+
+- native (fp32/fp64 on CPU): a fused C++/OpenMP kernel (``native_scan``), built with the system
+  compiler on first use and cached; one pass over the data forward, two backward.
+- torch (anything else, or where the kernel cannot be built): the recurrence as one in-place op
+  per step on small time chunks that stay in cache.
+
+``FED_SWINUMAMBA_SCAN=torch`` forces the PyTorch path; ``=native`` requires the kernel (an error
+where it cannot run); unset or ``auto`` uses the kernel where it can. Both paths support
 ``torch.func`` (vmap / grad), which Opacus uses for per-sample gradients.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 
+from . import native_scan
+
 __all__ = ["selective_scan", "selective_scan_reference"]
+
+log = logging.getLogger(__name__)
+
+PATH_ENV = "FED_SWINUMAMBA_SCAN"
 
 _CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk buffer: amortises per-chunk ops, small next to the inputs (measured)
 
@@ -67,12 +84,43 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta = delta + delta_bias.to(ct)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    y, _ = _SelectiveScan.apply(x, delta, A.to(ct), B.to(ct), C.to(ct))
+    y, _ = _SelectiveScan.apply(x, delta, A.to(ct), B.to(ct), C.to(ct), _use_native(x, A.shape[1]))
     if D is not None:
         y = y + x * D.to(ct)[:, None]
     if z is not None:
         y = y * F.silu(z.to(ct))
     return y.to(u.dtype).contiguous()
+
+
+def _use_native(x: torch.Tensor, n: int) -> bool:
+    """Whether the compiled kernel runs this scan (FED_SWINUMAMBA_SCAN, the module docstring)."""
+    choice = os.environ.get(PATH_ENV, "auto")
+    if choice not in ("auto", "native", "torch"):
+        raise ValueError(f"{PATH_ENV}={choice!r}: use auto, native or torch")
+    if choice == "torch":
+        return False
+    reason = _native_unsupported(x, n)
+    if reason and choice == "native":
+        raise RuntimeError(f"{PATH_ENV}=native, but {reason}")
+    if reason:
+        _log_once(reason)
+    return not reason
+
+
+def _native_unsupported(x: torch.Tensor, n: int) -> str:
+    """Why the kernel cannot run on x, or "" if it can."""
+    if x.device.type != "cpu":
+        return f"the tensors are on {x.device.type}"
+    if x.dtype not in native_scan.DTYPES:
+        return f"the kernel has no {x.dtype}"
+    if n > native_scan.MAX_STATE:
+        return f"the kernel takes n <= {native_scan.MAX_STATE}, not {n}"
+    return native_scan.library()[1]
+
+
+@functools.cache
+def _log_once(reason: str) -> None:
+    log.info("selective scan on its PyTorch path: %s", reason)
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -125,7 +173,7 @@ def _chunk_states(dt, du, A, Bt, s, e, h0, a, h):
     return a_t, h_t
 
 
-def _scan_forward(u, delta, A, B, C):
+def _torch_scan_forward(u, delta, A, B, C):
     """y (b, d, l) without D/z, and the state entering each time chunk (n_chunks, b, d, n) for the backward."""
     (b, d, l), (g, n) = u.shape, B.shape[1:3]
     T = _chunk_len(b, d, n, l)
@@ -145,7 +193,7 @@ def _scan_forward(u, delta, A, B, C):
     return y.permute(1, 2, 0), h_in
 
 
-def _scan_backward(u, delta, A, B, C, h_in, dy):
+def _torch_scan_backward(u, delta, A, B, C, h_in, dy):
     """Gradients (u, delta, A per batch element (b, d, n), B, C) of sum(dy * y), chunk by chunk in reverse."""
     (b, d, l), (g, n) = u.shape, B.shape[1:3]
     H = d // g
@@ -208,40 +256,46 @@ def _vmap_rule(fn, info, in_dims, args, fold_dims, out_dims):
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """(u, delta, A, B, C) -> (y, states entering each chunk); the states are saved for the backward."""
+    """(u, delta, A, B, C, native) -> (y, states entering each chunk); the states are saved for the backward.
+
+    `native` picks the kernel for the forward and, through ctx, the same one for the backward (the
+    paths chunk time differently).
+    """
 
     @staticmethod
-    def forward(u, delta, A, B, C):
-        return _scan_forward(u, delta, A, B, C)
+    def forward(u, delta, A, B, C, native):
+        return (native_scan.scan_forward if native else _torch_scan_forward)(u, delta, A, B, C)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(*inputs, output[1])
+        ctx.save_for_backward(*inputs[:5], output[1])
+        ctx.native = inputs[5]
 
     @staticmethod
     def backward(ctx, dy, _):
         u, delta, A, B, C, h_in = ctx.saved_tensors
-        du, ddelta, dA, dB, dC = _SelectiveScanBackward.apply(u, delta, A, B, C, h_in, dy)
-        return du, ddelta, dA.sum(0), dB, dC
+        du, ddelta, dA, dB, dC = _SelectiveScanBackward.apply(u, delta, A, B, C, h_in, dy, ctx.native)
+        return du, ddelta, dA.sum(0), dB, dC, None
 
     @staticmethod
-    def vmap(info, in_dims, u, delta, A, B, C):
-        return _vmap_rule(_SelectiveScan, info, in_dims, (u, delta, A, B, C), (0, 0, None, 0, 0), (0, 1))
+    def vmap(info, in_dims, u, delta, A, B, C, native):
+        args = (u, delta, A, B, C, native)
+        return _vmap_rule(_SelectiveScan, info, in_dims, args, (0, 0, None, 0, 0, None), (0, 1))
 
 
 class _SelectiveScanBackward(torch.autograd.Function):
     """The backward as a Function of its own, so vmap(grad(.)) folds it too and keeps A's gradient per sample."""
 
     @staticmethod
-    def forward(u, delta, A, B, C, h_in, dy):
-        return _scan_backward(u, delta, A, B, C, h_in, dy)
+    def forward(u, delta, A, B, C, h_in, dy, native):
+        return (native_scan.scan_backward if native else _torch_scan_backward)(u, delta, A, B, C, h_in, dy)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         pass
 
     @staticmethod
-    def vmap(info, in_dims, u, delta, A, B, C, h_in, dy):
-        args = (u, delta, A, B, C, h_in, dy)
-        return _vmap_rule(_SelectiveScanBackward, info, in_dims, args, (0, 0, None, 0, 0, 1, 0), (0,) * 5)
+    def vmap(info, in_dims, u, delta, A, B, C, h_in, dy, native):
+        args = (u, delta, A, B, C, h_in, dy, native)
+        return _vmap_rule(_SelectiveScanBackward, info, in_dims, args, (0, 0, None, 0, 0, 1, 0, None), (0,) * 5)
