@@ -1,7 +1,7 @@
 """C++ source of the native CPU selective scan (built by ``native_scan``).
 
 It lives in a .py string because Flower's app packages (FABs) keep only Python and config files.
-Plain C++20 + OpenMP, no torch headers: it compiles in about a second. The arithmetic matches
+Plain C++20 + OpenMP, no torch headers. The arithmetic matches
 ``selective_scan._torch_scan_forward`` / ``_torch_scan_backward``; see ``native_scan`` for the tensor layouts.
 """
 
@@ -19,35 +19,34 @@ constexpr int64_t kMaxState = 256;  // mamba-ssm's largest d_state
 template <class T> struct Float;
 template <> struct Float<float> {
   using Bits = uint32_t;
-  static constexpr int mantissa = 23, exponent_bias = 127, degree = 7;
-  static constexpr float lo = -87.0f, hi = 88.0f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr int mantissa = 23, exponent_bias = 127, min_exponent = -125, degree = 6;
 };
 template <> struct Float<double> {
   using Bits = uint64_t;
-  static constexpr int mantissa = 52, exponent_bias = 1023, degree = 13;
-  static constexpr double lo = -708.0, hi = 709.0, ln2_hi = 6.93147180369123816490e-01,
-                          ln2_lo = 1.90821492927058770002e-10;
+  static constexpr int mantissa = 52, exponent_bias = 1023, min_exponent = -1021, degree = 12;
 };
 
-template <class T> constexpr T inv_factorial(int k) { return k == 0 ? T(1) : inv_factorial<T>(k - 1) / T(k); }
+constexpr double kLn2 = 0.6931471805599453, kLog2e = 1.4426950408889634;
 
-// exp(x) to about one ulp, written so that loops over it vectorise (std::exp does not).
-// 2^k * exp(r) with k = round(x / ln 2) (the 1.5 * 2^mantissa shift leaves k in the low bits)
-// and a Taylor polynomial for |r| <= ln(2) / 2. Below lo it returns 0: exp(delta * A) of a
-// large step underflows to zero, never to inf or NaN.
-template <class T> inline T exp_vec(T x) {
+// ln(2)^k / k!: the Taylor coefficients of 2^f.
+template <class T> constexpr T exp2_coefficient(int k) { return k == 0 ? T(1) : exp2_coefficient<T>(k - 1) * T(kLn2 / k); }
+
+// 2^x to about 1.5 ulp, written so that loops over it vectorise (std::exp2 does not): 2^k * 2^f with
+// k = round(x) (adding 1.5 * 2^mantissa leaves k in the low bits) and a Taylor polynomial for
+// |f| <= 1/2. x is clamped to [min_exponent, exponent_bias]: exp(delta * A) of a very large step
+// is about 1e-38 (fp32), never a subnormal, inf or NaN.
+template <class T> inline T exp2_vec(T x) {
   using F = Float<T>;
   using Bits = typename F::Bits;
   constexpr T shift = T(3 * (Bits(1) << (F::mantissa - 1)));
-  const T xc = std::min(std::max(x, F::lo), F::hi);
-  const T s = xc * T(1.4426950408889634) + shift;
-  const T k = s - shift;
-  const T r = xc - k * F::ln2_hi - k * F::ln2_lo;
-  T p = inv_factorial<T>(F::degree);
-  for (int i = F::degree - 1; i >= 0; --i) p = p * r + inv_factorial<T>(i);
-  const Bits scale = (std::bit_cast<Bits>(s) - std::bit_cast<Bits>(shift) + Bits(F::exponent_bias)) << F::mantissa;
-  const T value = p * std::bit_cast<T>(scale);
-  return x < F::lo ? T(0) : value;
+  constexpr Bits bias = Bits(F::exponent_bias) - std::bit_cast<Bits>(shift);
+  x = x < T(F::min_exponent) ? T(F::min_exponent) : x;  // maxps / minps with -ffinite-math-only
+  x = x > T(F::exponent_bias) ? T(F::exponent_bias) : x;
+  const T s = x + shift;
+  const T f = x - (s - shift);
+  T p = exp2_coefficient<T>(F::degree);
+  for (int k = F::degree - 1; k >= 0; --k) p = p * f + exp2_coefficient<T>(k);
+  return p * std::bit_cast<T>((std::bit_cast<Bits>(s) + bias) << F::mantissa);
 }
 
 struct Shape {
@@ -69,6 +68,14 @@ struct Task {
   }
 };
 
+// exp(delta A) = 2^(delta A log2(e)): A scaled once per chunk.
+template <class T, int kN> struct Log2A {
+  T v[kN ? kN : kMaxState];
+  Log2A(const T* A, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) v[i] = A[i] * T(kLog2e);
+  }
+};
+
 // One chunk of the recurrence from the state h0 entering it: a_t = exp(delta_t A) and
 // h_t = a_t h_{t-1} + delta_t u_t B_t for t in [t0, t1), stored at a[(t - t0) * n], h[(t - t0) * n].
 template <class T, int kN>
@@ -76,13 +83,14 @@ inline void chunk_states(const T* __restrict u, const T* __restrict delta, const
                          const T* __restrict B, const T* __restrict h0, int64_t n_, int64_t t0, int64_t t1,
                          T* __restrict a, T* __restrict h) {
   const int64_t n = kN ? kN : n_;
+  const Log2A<T, kN> A2(A, n);
   for (int64_t t = t0; t < t1; ++t, a += n, h += n) {
     const T dt = delta[t], x = dt * u[t];
     const T* Bt = B + t * n;
     const T* h_prev = t > t0 ? h - n : h0;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      a[i] = exp_vec(dt * A[i]);
+      a[i] = exp2_vec(dt * A2.v[i]);
       h[i] = a[i] * h_prev[i] + x * Bt[i];
     }
   }
@@ -95,8 +103,7 @@ void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, T* 
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t i = 0; i < tasks; ++i) {
     const Task w(s, slices, i);
-    const int64_t plane = (w.batch * s.groups + w.group) * s.length * n;
-    std::vector<T> a_buf(s.chunk * n), h_buf(s.chunk * n);
+    const T *Bg = B + (w.batch * s.groups + w.group) * s.length * n, *Cg = C + (Bg - B);
     // Chunk by chunk over all the slice's channels: the chunk's B and C rows stay in L1.
     for (int64_t k = 0; k < chunks; ++k) {
       const int64_t t0 = k * s.chunk, t1 = std::min(t0 + s.chunk, s.length);
@@ -104,15 +111,21 @@ void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, T* 
         const int64_t row = w.batch * s.channels + c, r0 = row * s.length;
         T* entering = states + (k * s.batch * s.channels + row) * n;
         if (k == 0) std::fill_n(entering, n, T(0));
-        chunk_states<T, kN>(u + r0, delta + r0, A + c * n, B + plane, entering, n, t0, t1, a_buf.data(), h_buf.data());
+        T h[kN ? kN : kMaxState];
+        std::copy_n(entering, n, h);
+        const Log2A<T, kN> A2(A + c * n, n);
         for (int64_t t = t0; t < t1; ++t) {
-          const T *ht = h_buf.data() + (t - t0) * n, *Ct = C + plane + t * n;
+          const T dt = delta[r0 + t], x = dt * u[r0 + t];
+          const T *Bt = Bg + t * n, *Ct = Cg + t * n;
           T acc = 0;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < n; ++j) acc += ht[j] * Ct[j];
+          for (int64_t j = 0; j < n; ++j) {
+            h[j] = exp2_vec(dt * A2.v[j]) * h[j] + x * Bt[j];
+            acc += h[j] * Ct[j];
+          }
           y[r0 + t] = acc;
         }
-        if (k + 1 < chunks) std::copy_n(h_buf.data() + (t1 - t0 - 1) * n, n, entering + s.batch * s.channels * n);
+        if (k + 1 < chunks) std::copy_n(h, n, entering + s.batch * s.channels * n);
       }
     }
   }
@@ -142,7 +155,9 @@ void backward(const T* u, const T* delta, const T* A, const T* B, const T* C, co
         const T* h0 = states + (k * s.batch * s.channels + row) * n;
         const T* Ac = A + c * n;
         chunk_states<T, kN>(u + r0, delta + r0, Ac, Bg, h0, n, t0, t1, a_buf.data(), h_buf.data());
-        T* g = carry.data() + (c - w.c0) * n;  // exp(delta_{t+1} A) G_{t+1}
+        T g[kN ? kN : kMaxState];  // exp(delta_{t+1} A) G_{t+1}
+        T* carried = carry.data() + (c - w.c0) * n;
+        std::copy_n(carried, n, g);
         std::fill_n(dA_acc, n, T(0));
         for (int64_t t = t1 - 1; t >= t0; --t) {
           const T* a = a_buf.data() + (t - t0) * n;
@@ -166,6 +181,7 @@ void backward(const T* u, const T* delta, const T* A, const T* B, const T* C, co
           du[r0 + t] = dt * d_x;
           ddelta[r0 + t] = u[r0 + t] * d_x + d_dt;
         }
+        std::copy_n(g, n, carried);
         for (int64_t i = 0; i < n; ++i) dA[row * n + i] += dA_acc[i];
       }
     }

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64  # time steps per saved state: the backward recomputes a chunk's a and h (2 x 4 KiB at n=16, fp32)
 MAX_STATE = 256  # the kernel's largest n (kMaxState)
-_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
+# No -ffast-math: exp2_vec's rounding trick needs exact fp. These three let min/max/select vectorise.
+_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
+          "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 DTYPES = tuple(_SUFFIX)
 _INT, _PTR = ctypes.c_int64, ctypes.c_void_p

@@ -136,10 +136,11 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     C = C.repeat_interleave(x.shape[1] // C.shape[1], dim=1)
     h = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])
     ys = []
-    for t in range(x.shape[2]):
-        dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * B[..., t] * x[:, :, t, None]
-        ys.append((h * C[..., t]).sum(-1))
+    # unbind, not indexing: its backward stacks the steps' gradients once instead of one full-size tensor per step
+    for dt, x_t, B_t, C_t in zip(delta.unbind(-1), x.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        dt = dt[..., None]
+        h = torch.exp(dt * A) * h + dt * B_t * x_t[..., None]
+        ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + x * D.to(ct)[:, None]
