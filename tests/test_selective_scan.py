@@ -4,11 +4,12 @@ Tests taking the `path` fixture run on both CPU paths: the compiled kernel and t
 """
 
 import importlib
-import os
-import subprocess
+import logging
+import re
+import shutil
 import sys
 import types
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -19,7 +20,6 @@ from fed_swinumamba.ops import native_scan, selective_scan, selective_scan_refer
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 ss_module = importlib.import_module("fed_swinumamba.ops.selective_scan")
-ROOT = Path(__file__).resolve().parents[1]
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -249,3 +249,46 @@ def test_mamba_import_is_tried_once(monkeypatch):
     assert ss_module._mamba_selective_scan_fn() is None  # the failed attempt is cached
     monkeypatch.setattr(ss_module, "_MAMBA_TRIED", False)
     assert ss_module._mamba_selective_scan_fn() is fake.selective_scan_fn
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """An empty kernel cache and no library loaded yet in this process, as in a new ClientApp process."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native_scan.library.cache_clear()
+    yield tmp_path / "fed_swinumamba"
+    native_scan.library.cache_clear()
+
+
+@pytest.mark.parametrize("compiler, reason", [("no-such-c++", "no C++ compiler"), ("false", "false failed")])
+def test_without_a_working_compiler_the_torch_path_runs(fresh_cache, monkeypatch, caplog, compiler, reason):
+    monkeypatch.setenv("CXX", compiler)
+    inputs = make_inputs()
+    with caplog.at_level(logging.WARNING, logger=ss_module.__name__):
+        y, g = value_and_grads(selective_scan, inputs, set(NAMES), True)
+    assert reason in caplog.text and "PyTorch path" in caplog.text
+    assert not list(fresh_cache.glob("**/*.so*"))  # no library and no temporary build left behind
+    monkeypatch.setenv(ss_module.PATH_ENV, "torch")
+    y_torch, g_torch = value_and_grads(selective_scan, inputs, set(NAMES), True)
+    torch.testing.assert_close(y, y_torch, rtol=0, atol=0)
+    for k in g:
+        torch.testing.assert_close(g[k], g_torch[k], rtol=0, atol=0, msg=k)
+    monkeypatch.setenv(ss_module.PATH_ENV, "native")
+    with pytest.raises(RuntimeError, match=re.escape(reason)):
+        selective_scan(**inputs)
+
+
+def test_concurrent_builds_leave_one_library_that_later_processes_reuse(fresh_cache, monkeypatch):
+    compiler = shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    target = native_scan._library_path(compiler)
+    with ThreadPoolExecutor(2) as pool:  # two processes' first calls at once
+        list(pool.map(lambda _: native_scan._build(compiler, target), range(2)))
+    assert [p.name for p in fresh_cache.iterdir()] == [target.name]
+    monkeypatch.setattr(native_scan, "_build", None)  # a later process must not build again
+    lib, reason = native_scan.library()
+    assert lib is not None and reason == ""
+    monkeypatch.setenv(ss_module.PATH_ENV, "native")
+    inputs = make_inputs(groups=4)
+    torch.testing.assert_close(selective_scan(**inputs), selective_scan_reference(**inputs), rtol=1e-9, atol=1e-10)

@@ -47,12 +47,17 @@ def _cache_dir() -> Path:
 
 
 def _cpu_identity() -> str:
-    """-march=native code runs only on CPUs like the builder's: key the build by the CPU too."""
+    """-march=native code may not run on another CPU: a cache shared between machines keys builds by CPU."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0].splitlines()
     except OSError:
-        return platform.machine() + platform.processor()
-    return platform.machine() + "".join(x for x in lines if x.startswith(("model name", "flags")))[:4096]
+        first_cpu = [platform.processor()]
+    return "\n".join([platform.machine(), *(x for x in first_cpu if x.startswith(("vendor_id", "model name", "flags")))])
+
+
+def _library_path(compiler: str) -> Path:
+    key = hashlib.sha256("\0".join([SOURCE, compiler, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"selective_scan_{key}.so"
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -83,17 +88,14 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     path = shutil.which(compiler)
     if path is None:
         return None, f"no C++ compiler ({compiler!r} not found; set CXX)"
-    key = hashlib.sha256("\0".join([SOURCE, path, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"selective_scan_{key}.so"
+    target = _library_path(path)
     try:
         if not target.exists():
             log.info("building the native selective scan kernel into %s", target)
             _build(path, target)
         return _declare(ctypes.CDLL(str(target))), ""
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        reason = f"could not build or load the native scan kernel: {e}"
-        log.warning("%s; the selective scan uses its PyTorch path", reason)
-        return None, reason
+        return None, f"could not build or load the native scan kernel: {e}"
 
 
 def _slices(b: int, d: int, g: int, threads: int) -> int:

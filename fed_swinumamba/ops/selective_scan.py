@@ -120,7 +120,7 @@ def _native_unsupported(x: torch.Tensor, n: int) -> str:
 
 @functools.cache
 def _log_once(reason: str) -> None:
-    log.info("selective scan on its PyTorch path: %s", reason)
+    log.warning("selective scan on its (slower) PyTorch path: %s", reason)
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
