@@ -75,8 +75,8 @@ def _build(compiler: str, target: Path) -> None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suffix in _SUFFIX.values():
         fwd, bwd = getattr(lib, f"scan_forward_{suffix}"), getattr(lib, f"scan_backward_{suffix}")
-        fwd.argtypes = [_PTR] * 7 + [_INT] * 7 + [ctypes.c_int]
-        bwd.argtypes = [_PTR] * 12 + [_INT] * 7 + [ctypes.c_int]
+        fwd.argtypes = [_PTR] * 9 + [_INT] * 7 + [ctypes.c_int] * 2
+        bwd.argtypes = [_PTR] * 16 + [_INT] * 7 + [ctypes.c_int] * 2
         fwd.restype = bwd.restype = ctypes.c_int
     return lib
 
@@ -118,29 +118,29 @@ def _group_planes(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch
     return B.transpose(2, 3).contiguous(), C.transpose(2, 3).contiguous()
 
 
-def scan_forward(u, delta, A, B, C):
+def scan_forward(u, delta, A, B, C, D, delta_bias, softplus):
     """y (b, d, l) and the state entering each chunk of CHUNK steps (n_chunks, b, d, n)."""
     (b, d, l), (g, n) = u.shape, B.shape[1:3]
-    u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
     Bt, Ct = _group_planes(B, C)
     y = torch.empty_like(u)
     states = u.new_empty(-(-l // CHUNK), b, d, n)
     threads = torch.get_num_threads()
-    slices = _slices(b, d, g, threads)
-    _call("scan_forward", u.dtype, *_ptrs(u, delta, A, Bt, Ct, y, states), b, d, n, l, g, CHUNK, slices, threads)
+    inputs = [t.contiguous() for t in (u, delta, A, Bt, Ct, D, delta_bias)]  # alive through the call
+    _call("scan_forward", u.dtype, *_ptrs(*inputs, y, states), b, d, n, l, g, CHUNK, _slices(b, d, g, threads),
+          softplus, threads)
     return y, states
 
 
-def scan_backward(u, delta, A, B, C, states, dy):
-    """Gradients (u, delta, A per batch element (b, d, n), B, C) of sum(dy * y)."""
+def scan_backward(u, delta, A, B, C, D, delta_bias, softplus, states, dy):
+    """Gradients of sum(dy * y): u, delta, B, C, and A, D, delta_bias per batch element ((b, d, n), (b, d))."""
     (b, d, l), (g, n) = u.shape, B.shape[1:3]
-    u, delta, A, states, dy = u.contiguous(), delta.contiguous(), A.contiguous(), states.contiguous(), dy.contiguous()
     Bt, Ct = _group_planes(B, C)
     threads = torch.get_num_threads()
     slices = _slices(b, d, g, threads)
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
-    dA = u.new_zeros(b, d, n)
+    dA, dD, dbias = u.new_zeros(b, d, n), u.new_zeros(b, d), u.new_zeros(b, d)
     dB, dC = u.new_zeros(slices, b, g, l, n), u.new_zeros(slices, b, g, l, n)
-    _call("scan_backward", u.dtype, *_ptrs(u, delta, A, Bt, Ct, states, dy, du, ddelta, dA, dB, dC),
-          b, d, n, l, g, CHUNK, slices, threads)
-    return du, ddelta, dA, dB.sum(0).transpose(2, 3), dC.sum(0).transpose(2, 3)
+    inputs = [t.contiguous() for t in (u, delta, A, Bt, Ct, D, delta_bias, states, dy)]
+    _call("scan_backward", u.dtype, *_ptrs(*inputs, du, ddelta, dA, dB, dC, dD, dbias),
+          b, d, n, l, g, CHUNK, slices, softplus, threads)
+    return du, ddelta, dA, dB.sum(0).transpose(2, 3), dC.sum(0).transpose(2, 3), dD, dbias

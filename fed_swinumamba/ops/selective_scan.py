@@ -79,14 +79,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if u.shape[1] % B.shape[1] or u.shape[1] % C.shape[1]:
         raise ValueError(f"d={u.shape[1]} is not divisible by the groups of B {tuple(B.shape)} / C {tuple(C.shape)}")
     ct = _compute_dtype(u.dtype)
-    x, delta = u.to(ct), delta.to(ct)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    y, _ = _SelectiveScan.apply(x, delta, A.to(ct), B.to(ct), C.to(ct), _use_native(x, A.shape[1]))
-    if D is not None:
-        y = y + x * D.to(ct)[:, None]
+    x = u.to(ct)
+    D = x.new_zeros(x.shape[1]) if D is None else D.to(ct)
+    delta_bias = x.new_zeros(x.shape[1]) if delta_bias is None else delta_bias.to(ct)
+    native = _use_native(x, A.shape[1])
+    y, _ = _SelectiveScan.apply(x, delta.to(ct), A.to(ct), B.to(ct), C.to(ct), D, delta_bias, delta_softplus, native)
     if z is not None:
         y = y * F.silu(z.to(ct))
     return y.to(u.dtype).contiguous()
@@ -238,6 +235,26 @@ def _torch_scan_backward(u, delta, A, B, C, h_in, dy):
     )
 
 
+def _torch_delta(delta, delta_bias, softplus):
+    """The scan's delta (bias added, softplus applied) and its derivative wrt the raw delta (None: 1)."""
+    z = delta + delta_bias[:, None]
+    return (F.softplus(z), torch.sigmoid(z)) if softplus else (z, None)
+
+
+def _torch_forward(u, delta, A, B, C, D, delta_bias, softplus):
+    """The PyTorch path of ``native_scan.scan_forward``: y with the D term, and the chunk states."""
+    y, h_in = _torch_scan_forward(u, _torch_delta(delta, delta_bias, softplus)[0], A, B, C)
+    return y.addcmul(u, D[:, None]), h_in
+
+
+def _torch_backward(u, delta, A, B, C, D, delta_bias, softplus, h_in, dy):
+    """The PyTorch path of ``native_scan.scan_backward``; D's and delta_bias's gradients per batch element."""
+    dt, slope = _torch_delta(delta, delta_bias, softplus)
+    du, ddt, dA, dB, dC = _torch_scan_backward(u, dt, A, B, C, h_in, dy)
+    ddelta = ddt if slope is None else ddt * slope
+    return du.addcmul(dy, D[:, None]), ddelta, dA, dB, dC, (dy * u).sum(-1), ddelta.sum(-1)
+
+
 def _fold(x, bdim, size, dim=0):
     """Move vmap's dim of x to `dim` (expanding if x is unbatched) and merge it into the next dim."""
     x = x.unsqueeze(dim).expand(*x.shape[:dim], size, *x.shape[dim:]) if bdim is None else x.movedim(bdim, dim)
@@ -246,9 +263,9 @@ def _fold(x, bdim, size, dim=0):
 
 def _vmap_rule(fn, info, in_dims, args, fold_dims, out_dims):
     """vmap for a scan Function: fold vmap's dim into the batch dim (the scan is independent per batch
-    element), or, if A itself is batched (rare), apply per vmapped slice and stack."""
+    element), or, if a per-channel input (A, D, delta_bias) is batched (rare), apply per vmapped slice and stack."""
     size = info.batch_size
-    if in_dims[2] is not None:
+    if any(bd is not None and fd is None for bd, fd in zip(in_dims, fold_dims)):
         outs = [fn.apply(*(x if bd is None else x.select(bd, i) for x, bd in zip(args, in_dims))) for i in range(size)]
         return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
     folded = (x if fd is None else _fold(x, bd, size, fd) for x, bd, fd in zip(args, in_dims, fold_dims))
@@ -257,46 +274,50 @@ def _vmap_rule(fn, info, in_dims, args, fold_dims, out_dims):
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """(u, delta, A, B, C, native) -> (y, states entering each chunk); the states are saved for the backward.
+    """(u, delta, A, B, C, D, delta_bias, softplus, native) -> (y, states entering each chunk).
 
-    `native` picks the kernel for the forward and, through ctx, the same one for the backward (the
-    paths chunk time differently).
+    delta is raw (before bias and softplus); the states are saved for the backward. `native` picks
+    the kernel for the forward and, through ctx, the same one for the backward (the paths chunk time
+    differently).
     """
 
     @staticmethod
-    def forward(u, delta, A, B, C, native):
-        return (native_scan.scan_forward if native else _torch_scan_forward)(u, delta, A, B, C)
+    def forward(u, delta, A, B, C, D, delta_bias, softplus, native):
+        return (native_scan.scan_forward if native else _torch_forward)(u, delta, A, B, C, D, delta_bias, softplus)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(*inputs[:5], output[1])
-        ctx.native = inputs[5]
+        ctx.save_for_backward(*inputs[:7], output[1])
+        ctx.softplus, ctx.native = inputs[7:]
 
     @staticmethod
     def backward(ctx, dy, _):
-        u, delta, A, B, C, h_in = ctx.saved_tensors
-        du, ddelta, dA, dB, dC = _SelectiveScanBackward.apply(u, delta, A, B, C, h_in, dy, ctx.native)
-        return du, ddelta, dA.sum(0), dB, dC, None
+        u, delta, A, B, C, D, delta_bias, h_in = ctx.saved_tensors
+        args = (u, delta, A, B, C, D, delta_bias, ctx.softplus, h_in, dy, ctx.native)
+        du, ddelta, dA, dB, dC, dD, dbias = _SelectiveScanBackward.apply(*args)
+        return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0), None, None
 
     @staticmethod
-    def vmap(info, in_dims, u, delta, A, B, C, native):
-        args = (u, delta, A, B, C, native)
-        return _vmap_rule(_SelectiveScan, info, in_dims, args, (0, 0, None, 0, 0, None), (0, 1))
+    def vmap(info, in_dims, *args):
+        return _vmap_rule(_SelectiveScan, info, in_dims, args, (0, 0, None, 0, 0, None, None, None, None), (0, 1))
 
 
 class _SelectiveScanBackward(torch.autograd.Function):
-    """The backward as a Function of its own, so vmap(grad(.)) folds it too and keeps A's gradient per sample."""
+    """The backward as a Function of its own, so vmap(grad(.)) folds it too and keeps the gradients of the
+    per-channel inputs (A, D, delta_bias) per sample."""
 
     @staticmethod
-    def forward(u, delta, A, B, C, h_in, dy, native):
-        return (native_scan.scan_backward if native else _torch_scan_backward)(u, delta, A, B, C, h_in, dy)
+    def forward(u, delta, A, B, C, D, delta_bias, softplus, h_in, dy, native):
+        return (native_scan.scan_backward if native else _torch_backward)(
+            u, delta, A, B, C, D, delta_bias, softplus, h_in, dy
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         pass
 
     @staticmethod
-    def vmap(info, in_dims, u, delta, A, B, C, h_in, dy, native):
-        args = (u, delta, A, B, C, h_in, dy, native)
-        return _vmap_rule(_SelectiveScanBackward, info, in_dims, args, (0, 0, None, 0, 0, 1, 0, None), (0,) * 5)
+    def vmap(info, in_dims, *args):
+        fold_dims = (0, 0, None, 0, 0, None, None, None, 1, 0, None)
+        return _vmap_rule(_SelectiveScanBackward, info, in_dims, args, fold_dims, (0,) * 7)
