@@ -104,6 +104,25 @@ def test_matches_reference_fp64(path, small_chunks, groups, use, softplus):
     assert_matches(make_inputs(groups=groups), set(use), softplus, rtol=1e-9, atol=1e-10)
 
 
+def test_state_size_16_matches_reference(path, small_chunks):
+    # n = 16 (VMamba's d_state) has its own specialisation in the kernel.
+    assert_matches(make_inputs(n=16, groups=4), set(NAMES), True, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_channels_of_a_group_split_over_threads(small_chunks, monkeypatch, threads):
+    # One batch element, one group: 3 threads give each a slice of 8 channels (2, 3, 3) with its own dB / dC.
+    if native_scan.library()[0] is None:
+        pytest.skip(native_scan.library()[1])
+    monkeypatch.setenv(ss_module.PATH_ENV, "native")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches(make_inputs(b=1, groups=1), set(NAMES), True, rtol=1e-9, atol=1e-10)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("groups", [None, 4])
 def test_float32_returns_float32_and_matches(path, groups):
     inputs = make_inputs(groups=groups, dtype=torch.float32)
