@@ -88,8 +88,8 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     path = shutil.which(compiler)
     if path is None:
         return None, f"no C++ compiler ({compiler!r} not found; set CXX)"
-    target = _library_path(path)
     try:
+        target = _library_path(path)  # Path.home() raises RuntimeError where there is no home
         if not target.exists():
             log.info("building the native selective scan kernel into %s", target)
             _build(path, target)

@@ -7,10 +7,11 @@ The CPU paths exist because mamba-ssm's own fallback loops over time with autogr
 whose backward materialises a full-size gradient per step (minutes per layer). Both save only the
 inputs plus one state per time chunk and recompute each chunk in the backward pass:
 
-- native (fp32/fp64 on CPU): a fused C++/OpenMP kernel (``native_scan``), built with the system
-  compiler on first use and cached; one pass over the data forward, two backward.
-- torch (anything else, or where the kernel cannot be built): the recurrence as one in-place op
-  per step on small time chunks that stay in cache.
+- native (any CPU tensors): a C++/OpenMP kernel (``native_scan``) fusing delta_bias, softplus and
+  the D term, built with the system compiler on first use and cached; one pass over the data
+  forward, two backward, with the state in registers.
+- torch (where the kernel cannot be built or run): the recurrence as one in-place op per step on
+  small time chunks that stay in cache. Both paths compute in fp32 (fp64 for fp64 inputs).
 
 ``FED_SWINUMAMBA_SCAN=torch`` forces the PyTorch path; ``=native`` requires the kernel (an error
 where it cannot run); unset or ``auto`` uses the kernel where it can. Both paths support
