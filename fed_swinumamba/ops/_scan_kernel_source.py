@@ -1,8 +1,8 @@
 """C++ source of the native CPU selective scan (built by ``native_scan``).
 
 It lives in a .py string because Flower's app packages (FABs) keep only Python and config files.
-Plain C++20 + OpenMP, no torch headers. The arithmetic matches
-``selective_scan._torch_scan_forward`` / ``_torch_scan_backward``; see ``native_scan`` for the tensor layouts.
+Plain C++20 + OpenMP, no torch headers. The arithmetic matches the PyTorch path
+(``selective_scan._torch_forward`` / ``_torch_backward``); ``native_scan`` calls it.
 """
 
 SOURCE = r"""

@@ -7,8 +7,8 @@ Concurrent first uses (one ClientApp process per Flower message, Ray actors) eac
 temporary file and rename it into place atomically. No compiler or a failed build: ``library()``
 returns None with the reason, and the scan stays on its PyTorch path.
 
-Inputs and results as ``selective_scan._torch_scan_forward`` / ``_torch_scan_backward`` (the PyTorch path),
-except that the states are saved every CHUNK steps.
+``scan_forward`` / ``scan_backward`` take and return what ``selective_scan._torch_forward`` /
+``_torch_backward`` (the PyTorch path) do, except that the states are saved every CHUNK steps.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from ._scan_kernel_source import SOURCE
 
-__all__ = ["CHUNK", "DTYPES", "MAX_STATE", "library", "scan_backward", "scan_forward"]
+__all__ = ["CHUNK", "MAX_STATE", "library", "scan_backward", "scan_forward"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ MAX_STATE = 256  # the kernel's largest n (kMaxState)
 _FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
           "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-DTYPES = tuple(_SUFFIX)
 _INT, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 

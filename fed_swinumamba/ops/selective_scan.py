@@ -9,7 +9,7 @@ inputs plus one state per time chunk and recompute each chunk in the backward pa
 
 - native (any CPU tensors): a C++/OpenMP kernel (``native_scan``) fusing delta_bias, softplus and
   the D term, built with the system compiler on first use and cached; one pass over the data
-  forward, two backward, with the state in registers.
+  forward, two backward, each channel's state kept in L1 cache.
 - torch (where the kernel cannot be built or run): the recurrence as one in-place op per step on
   small time chunks that stay in cache. Both paths compute in fp32 (fp64 for fp64 inputs).
 
@@ -91,7 +91,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def _use_native(x: torch.Tensor, n: int) -> bool:
-    """Whether the compiled kernel runs this scan (FED_SWINUMAMBA_SCAN, the module docstring)."""
+    """Whether the compiled kernel runs this scan (see FED_SWINUMAMBA_SCAN in the module docstring)."""
     choice = os.environ.get(PATH_ENV, "auto")
     if choice not in ("auto", "native", "torch"):
         raise ValueError(f"{PATH_ENV}={choice!r}: use auto, native or torch")
@@ -109,8 +109,6 @@ def _native_unsupported(x: torch.Tensor, n: int) -> str:
     """Why the kernel cannot run on x, or "" if it can."""
     if x.device.type != "cpu":
         return f"the tensors are on {x.device.type}"
-    if x.dtype not in native_scan.DTYPES:
-        return f"the kernel has no {x.dtype}"
     if n > native_scan.MAX_STATE:
         return f"the kernel takes n <= {native_scan.MAX_STATE}, not {n}"
     return native_scan.library()[1]
