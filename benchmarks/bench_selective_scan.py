@@ -1,17 +1,19 @@
-"""Selective scan on CPU, forward + backward: ours vs mamba-ssm's own ``selective_scan_ref``.
+"""Selective scan on CPU, forward + backward: our native kernel and PyTorch path vs mamba-ssm's ``selective_scan_ref``.
 
 mamba-ssm cannot be imported without its CUDA extension, so the reference function's source is
 taken from the installed package (or an unpacked sdist, --mamba-path) with ``ast`` and executed
-with torch/einops: we time mamba-ssm's code, not a copy of it.
+with torch/einops: we time mamba-ssm's code, not a copy of it. Without it (or with --no-reference)
+only our two paths are measured.
 
-Each (implementation, shape) runs in a fresh subprocess. Peak memory is that process's peak RSS
-(VmHWM, reset through /proc/self/clear_refs once the inputs exist) minus the RSS at that point, over
-the first full-size fwd+bwd (after one tiny call that pages in the code): everything it allocates,
-input gradients included.
+Each (implementation, shape) runs in a fresh subprocess. Ours: the native kernel and the PyTorch path
+(FED_SWINUMAMBA_SCAN) alternate in one process, so that a busy machine slows both alike. Peak memory
+is that process's peak RSS (VmHWM, reset through /proc/self/clear_refs once the inputs exist) minus
+the RSS at that point, over the first full-size fwd+bwd (after one tiny call that pages in the code):
+everything it allocates, input gradients included; for ours, that of the native kernel (run first).
 Time: the reference runs once (minutes on the big shape); ours reports the median of --repeats
-runs after that first one.
+runs of each path after that first one.
 
-    python benchmarks/bench_selective_scan.py [--repeats 5] [--mamba-path DIR_OR_FILE] [--no-write]
+    python benchmarks/bench_selective_scan.py [--repeats 5] [--mamba-path DIR_OR_FILE] [--no-reference] [--no-write]
 """
 
 from __future__ import annotations
@@ -89,16 +91,19 @@ def worker(impl: str, shape: tuple[int, ...], repeats: int, interface: str | Non
     import torch
 
     if impl == "ref":
-        fn = load_reference(Path(interface))
+        fns = {"ref": load_reference(Path(interface))}
     else:
         sys.path.insert(0, str(ROOT))
-        from fed_swinumamba.ops import selective_scan as fn
+        from fed_swinumamba.ops import selective_scan
 
-    inputs, dy = make_inputs((1, 8, 4, 8, 4))
-    fn(**inputs, delta_softplus=True).backward(dy)  # page in the kernels' code, which would count as RSS
+        fns = {path: _on_path(selective_scan, path) for path in ("native", "torch")}
+
+    for fn in fns.values():  # page in the kernels' code, which would count as RSS
+        inputs, dy = make_inputs((1, 8, 4, 8, 4))
+        fn(**inputs, delta_softplus=True).backward(dy)
     inputs, dy = make_inputs(shape)
 
-    def step():
+    def step(fn):
         for v in inputs.values():
             v.grad = None
         t0 = time.perf_counter()
@@ -110,14 +115,26 @@ def worker(impl: str, shape: tuple[int, ...], repeats: int, interface: str | Non
     start = cpu_counters()
     base = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    first = step()
+    first = step(next(iter(fns.values())))
     peak_mib = (_status_kib("VmHWM") - base) / 1024
-    runs = [first] if impl == "ref" else [step() for _ in range(repeats)]
-    fwd = statistics.median(r[0] for r in runs)
-    bwd = statistics.median(r[1] for r in runs)
-    return {"fwd_s": fwd, "bwd_s": bwd, "total_s": statistics.median(sum(r) for r in runs), "runs": len(runs),
-            "peak_mib": peak_mib, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    runs = {name: [] for name in fns}
+    for _ in range(0 if impl == "ref" else repeats):
+        for name, fn in fns.items():
+            runs[name].append(step(fn))
+    if impl == "ref":
+        runs["ref"].append(first)
+    timing = {name: {"fwd_s": statistics.median(r[0] for r in rs), "bwd_s": statistics.median(r[1] for r in rs),
+                     "total_s": statistics.median(sum(r) for r in rs), "runs": len(rs)} for name, rs in runs.items()}
+    return {**timing, "peak_mib": peak_mib, "threads": torch.get_num_threads(), "torch_version": torch.__version__,
             "others_cpu": others_cpu_share(start)}
+
+
+def _on_path(fn, path: str):
+    """fn on one of our CPU paths (native kernel / PyTorch), chosen per call through FED_SWINUMAMBA_SCAN."""
+    def run(**kwargs):
+        os.environ["FED_SWINUMAMBA_SCAN"] = path
+        return fn(**kwargs)
+    return run
 
 
 def make_inputs(shape):
@@ -169,8 +186,9 @@ def write_section(text: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=5, help="timed fwd+bwd runs of ours (the reference runs once)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed fwd+bwd runs of each of our paths (the reference runs once)")
     ap.add_argument("--mamba-path", help="selective_scan_interface.py, or a directory (e.g. unpacked sdist) holding it")
+    ap.add_argument("--no-reference", action="store_true", help="time only our two paths")
     ap.add_argument("--no-write", action="store_true", help=f"print only; do not update {RESULTS.name}")
     ap.add_argument("--worker", nargs=2, metavar=("IMPL", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -180,47 +198,60 @@ def main() -> int:
         print(json.dumps(worker(impl, tuple(map(int, shape.split(","))), args.repeats, args.mamba_path)))
         return 0
 
-    interface = find_interface(args.mamba_path)
+    interface = None if args.no_reference else find_interface(args.mamba_path)
     if interface is None:
-        print("mamba-ssm's selective_scan_interface.py not found: install the source without CUDA "
-              "(MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation mamba-ssm) "
-              "or pass --mamba-path to an unpacked sdist.", file=sys.stderr)
-        return 1
-    version = re.search(r"__version__ = [\"']([^\"']+)", (interface.parents[1] / "__init__.py").read_text())
-    ref_name = f"mamba-ssm {version.group(1) if version else '(version unknown)'} `selective_scan_ref`"
-    print(f"reference: {interface}")
+        print("Timing only our paths: mamba-ssm's selective_scan_interface.py not found or not wanted (install the "
+              "source without CUDA: MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation "
+              "mamba-ssm, or pass --mamba-path to an unpacked sdist).", file=sys.stderr)
+        ref_name = None
+    else:
+        version = re.search(r"__version__ = [\"']([^\"']+)", (interface.parents[1] / "__init__.py").read_text())
+        ref_name = f"mamba-ssm {version.group(1) if version else '(version unknown)'} `selective_scan_ref`"
+        print(f"reference: {interface}")
 
+    load = os.getloadavg()
     rows = []
     for shape in SHAPES:
         ours = run_worker("ours", shape, args.repeats, None)
-        print(f"{shape}: ours {ours['total_s']:.3f} s, timing the reference once ...", flush=True)
-        ref = run_worker("ref", shape, 1, interface)
+        print(f"{shape}: native {ours['native']['total_s']:.3f} s, PyTorch path {ours['torch']['total_s']:.3f} s", flush=True)
+        ref = None
+        if interface is not None:
+            print("timing the reference once ...", flush=True)
+            ref = run_worker("ref", shape, 1, interface)
         rows.append((shape, ref, ours))
+    load = (*load, *os.getloadavg())
 
-    header = ("| b, d, n, l, groups | reference fwd+bwd (s) | ours fwd+bwd (s) [fwd / bwd] | speed-up "
-              "| reference peak (MiB) | ours peak (MiB) | CPU used by other processes (ref / ours) |")
-    lines = [header, "|" + "---|" * 7]
+    header = ("| b, d, n, l, groups | native fwd+bwd (s) [fwd / bwd] | PyTorch path fwd+bwd (s) [fwd / bwd] "
+              "| native vs PyTorch path | native peak (MiB) | reference fwd+bwd (s) | native vs reference "
+              "| reference peak (MiB) | CPU used by other processes (ours / ref) |")
+    lines = [header, "|" + "---|" * 9]
     for shape, ref, ours in rows:
-        lines.append(f"| {', '.join(map(str, shape))} | {ref['total_s']:.2f} | {ours['total_s']:.3f} "
-                     f"[{ours['fwd_s']:.3f} / {ours['bwd_s']:.3f}] | {ref['total_s'] / ours['total_s']:.0f}x "
-                     f"| {ref['peak_mib']:.0f} | {ours['peak_mib']:.0f} "
-                     f"| {ref['others_cpu']:.0%} / {ours['others_cpu']:.0%} |")
+        nat, tor = ours["native"], ours["torch"]
+        ref_cells = (f"{ref['total_s']:.2f} | {ref['total_s'] / nat['total_s']:.0f}x | {ref['peak_mib']:.0f}"
+                     if ref else "not run | | ")
+        ref_cpu = f"{ref['others_cpu']:.0%}" if ref else "-"
+        lines.append(f"| {', '.join(map(str, shape))} | {nat['total_s']:.3f} [{nat['fwd_s']:.3f} / {nat['bwd_s']:.3f}] "
+                     f"| {tor['total_s']:.3f} [{tor['fwd_s']:.3f} / {tor['bwd_s']:.3f}] "
+                     f"| {tor['total_s'] / nat['total_s']:.1f}x | {ours['peak_mib']:.0f} | {ref_cells} "
+                     f"| {ours['others_cpu']:.0%} / {ref_cpu} |")
     table = "\n".join(lines)
     print(table)
 
-    torch_version, threads = rows[0][2]["torch"], rows[0][2]["threads"]
+    torch_version, threads = rows[0][2]["torch_version"], rows[0][2]["threads"]
+    versus = f"vs {ref_name} (source executed from the installed package, not imported)" if ref_name else (
+        "(mamba-ssm's reference not run this time)")
     section = f"""{SECTION}
 
-`fed_swinumamba.ops.selective_scan` (CPU path) vs {ref_name} (source executed from the installed
-package, not imported), forward + backward, fp32, delta_softplus=True, D and delta_bias given, z=None,
-B/C grouped (b, 4, n, l), VMamba-like random inputs. Produced by `python benchmarks/bench_selective_scan.py
---repeats {args.repeats}`.
+`fed_swinumamba.ops.selective_scan` on CPU, native kernel and PyTorch path, {versus}, forward + backward,
+fp32, delta_softplus=True, D and delta_bias given, z=None, B/C grouped (b, 4, n, l), VMamba-like random
+inputs. Produced by `python benchmarks/bench_selective_scan.py --repeats {args.repeats}`.
 
 {table}
 
 - Machine: {os.cpu_count()}-core CPU ({cpu_name()}), torch {torch_version}, {threads} intra-op threads, Python {platform.python_version()}.
-- Time: wall clock of `y = scan(...)` plus `y.backward(dy)`. The reference is run once (it is slow); ours is the
-  median of {args.repeats} runs after a first, untimed one.
+  Load average (1 / 5 / 15 min) {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the start, {load[3]:.1f} / {load[4]:.1f} / {load[5]:.1f} at the end.
+- Time: wall clock of `y = scan(...)` plus `y.backward(dy)`. The reference is run once (it is slow); our two paths
+  alternate in one process, each the median of {args.repeats} runs after a first, untimed one.
 - Contention: the share of the machine's CPU time that other processes used while each measurement ran (from
   /proc/stat minus this process's CPU time). Non-zero means the CPU was shared and that timing is pessimistic.
 - Peak memory: each measurement runs in a fresh process; peak RSS (VmHWM, reset via /proc/self/clear_refs after

@@ -1,15 +1,22 @@
-"""The fast selective scan against the plain sequential definition: values, every gradient, vmap, Opacus."""
+"""The fast selective scan against the plain sequential definition: values, every gradient, vmap, Opacus.
+
+Tests taking the `path` fixture run on both CPU paths: the compiled kernel and the PyTorch scan.
+"""
 
 import importlib
+import logging
+import re
+import shutil
 import sys
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from fed_swinumamba.ops import selective_scan, selective_scan_reference
+from fed_swinumamba.ops import native_scan, selective_scan, selective_scan_reference
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 ss_module = importlib.import_module("fed_swinumamba.ops.selective_scan")
@@ -66,10 +73,20 @@ def assert_matches(inputs, use, softplus, rtol, atol):
         torch.testing.assert_close(g[k].double(), g_ref[k], rtol=rtol, atol=atol * g_ref[k].abs().max().item(), msg=k)
 
 
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Force one CPU path (FED_SWINUMAMBA_SCAN=native raises rather than falling back)."""
+    if request.param == "native" and native_scan.library()[0] is None:
+        pytest.skip(native_scan.library()[1])
+    monkeypatch.setenv(ss_module.PATH_ENV, request.param)
+    return request.param
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 5 time steps for the default shape (b*d*n = 64), so l=37 has 8 chunks, the last ragged."""
     monkeypatch.setattr(ss_module, "_CHUNK_ELEMENTS", 2 * 8 * 4 * 5)
+    monkeypatch.setattr(native_scan, "CHUNK", 5)
 
 
 OPTION_SETS = [
@@ -83,33 +100,60 @@ OPTION_SETS = [
 @pytest.mark.parametrize("groups", [None, 1, 4])
 @pytest.mark.parametrize("use", OPTION_SETS)
 @pytest.mark.parametrize("softplus", [False, True])
-def test_matches_reference_fp64(small_chunks, groups, use, softplus):
+def test_matches_reference_fp64(path, small_chunks, groups, use, softplus):
     assert_matches(make_inputs(groups=groups), set(use), softplus, rtol=1e-9, atol=1e-10)
 
 
+def test_state_size_16_matches_reference(path, small_chunks):
+    # n = 16 (VMamba's d_state) has its own specialisation in the kernel.
+    assert_matches(make_inputs(n=16, groups=4), set(NAMES), True, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_channels_of_a_group_split_over_threads(small_chunks, monkeypatch, threads):
+    # One batch element, one group: 3 threads give each a slice of 8 channels (2, 3, 3) with its own dB / dC.
+    if native_scan.library()[0] is None:
+        pytest.skip(native_scan.library()[1])
+    monkeypatch.setenv(ss_module.PATH_ENV, "native")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches(make_inputs(b=1, groups=1), set(NAMES), True, rtol=1e-9, atol=1e-10)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("groups", [None, 4])
-def test_float32_returns_float32_and_matches(groups):
+def test_float32_returns_float32_and_matches(path, groups):
     inputs = make_inputs(groups=groups, dtype=torch.float32)
     assert_matches(inputs, set(NAMES), True, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_returns_bfloat16_and_computes_in_fp32():
+def test_bfloat16_returns_bfloat16_and_computes_in_fp32(path):
     # Same bf16 values in fp64 for the reference: what is left is rounding the results to bf16 (~4e-3).
     assert_matches(make_inputs(groups=4, dtype=torch.bfloat16), set(NAMES), True, rtol=1e-2, atol=1e-2)
 
 
-def test_long_sequence(monkeypatch):
+@pytest.fixture(scope="module")
+def long_sequence():
+    """Inputs of 4096 time steps and the reference's output and gradients (slow: computed once)."""
     inputs = make_inputs(b=1, d=4, n=4, l=4096, groups=2, seed=3)
-    y_ref, g_ref = value_and_grads(selective_scan_reference, inputs, set(NAMES), True)
-    for chunk_elements in (ss_module._CHUNK_ELEMENTS, 16 * 300):  # one chunk; 14 chunks of 300 steps
+    return inputs, *value_and_grads(selective_scan_reference, inputs, set(NAMES), True)
+
+
+def test_long_sequence(path, long_sequence, monkeypatch):
+    inputs, y_ref, g_ref = long_sequence
+    # PyTorch path: one chunk, then 14 chunks of 300 steps; native: 64 chunks of 64, then 14 of 300.
+    for chunk_elements, native_chunk in ((ss_module._CHUNK_ELEMENTS, native_scan.CHUNK), (16 * 300, 300)):
         monkeypatch.setattr(ss_module, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(native_scan, "CHUNK", native_chunk)
         y, g = value_and_grads(selective_scan, inputs, set(NAMES), True)
         torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
         for k in g:
             torch.testing.assert_close(g[k], g_ref[k], rtol=1e-9, atol=1e-10 * g_ref[k].abs().max().item(), msg=k)
 
 
-def test_large_delta_is_finite_and_matches(small_chunks):
+def test_large_delta_is_finite_and_matches(path, small_chunks):
     # exp(delta * A) with delta up to 500 underflows to 0 in fp32: must give zeros, not inf/NaN.
     inputs = make_inputs(groups=2, dtype=torch.float32, delta_range=(50.0, 500.0))
     y, g = value_and_grads(selective_scan, inputs, set(NAMES), True)
@@ -117,7 +161,7 @@ def test_large_delta_is_finite_and_matches(small_chunks):
     assert_matches(inputs, set(NAMES), True, rtol=1e-5, atol=1e-5)
 
 
-def test_ungrouped_equals_single_group():
+def test_ungrouped_equals_single_group(path):
     inputs = make_inputs(groups=1)
     flat = dict(inputs, B=inputs["B"][:, 0], C=inputs["C"][:, 0])
     torch.testing.assert_close(selective_scan(**flat), selective_scan(**inputs), rtol=0, atol=0)
@@ -144,7 +188,7 @@ def per_sample_loss(fn, w):
         ("u",),  # the other inputs shared across the vmapped dim
     ],
 )
-def test_vmap_grad_equals_looped_autograd(small_chunks, batched):
+def test_vmap_grad_equals_looped_autograd(path, small_chunks, batched):
     n_samples = 3
     base = make_inputs(b=2, groups=2)
     gen = torch.Generator().manual_seed(5)
@@ -167,7 +211,7 @@ def test_vmap_grad_equals_looped_autograd(small_chunks, batched):
             torch.testing.assert_close(got[i], exp, rtol=1e-10, atol=1e-12, msg=k)
 
 
-def test_vmap_forward_matches_loop():
+def test_vmap_forward_matches_loop(path):
     inputs = make_inputs(groups=4)
     stacked = {k: torch.stack([inputs[k], inputs[k].flip(-1)]) for k in ("u", "delta", "B", "C")}
     shared = {k: inputs[k] for k in ("A", "D", "delta_bias")}
@@ -194,7 +238,7 @@ class TinySSM(nn.Module):
         return selective_scan(u, delta, -torch.exp(self.A_logs), B, C, self.Ds, delta_bias=self.dt_bias, delta_softplus=True)
 
 
-def test_opacus_grad_sample_matches_per_sample_autograd(small_chunks):
+def test_opacus_grad_sample_matches_per_sample_autograd(path, small_chunks):
     from opacus import GradSampleModule
 
     torch.manual_seed(0)
@@ -224,3 +268,46 @@ def test_mamba_import_is_tried_once(monkeypatch):
     assert ss_module._mamba_selective_scan_fn() is None  # the failed attempt is cached
     monkeypatch.setattr(ss_module, "_MAMBA_TRIED", False)
     assert ss_module._mamba_selective_scan_fn() is fake.selective_scan_fn
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """An empty kernel cache and no library loaded yet in this process, as in a new ClientApp process."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native_scan.library.cache_clear()
+    yield tmp_path / "fed_swinumamba"
+    native_scan.library.cache_clear()
+
+
+@pytest.mark.parametrize("compiler, reason", [("no-such-c++", "no C++ compiler"), ("false", "false failed")])
+def test_without_a_working_compiler_the_torch_path_runs(fresh_cache, monkeypatch, caplog, compiler, reason):
+    monkeypatch.setenv("CXX", compiler)
+    inputs = make_inputs()
+    with caplog.at_level(logging.WARNING, logger=ss_module.__name__):
+        y, g = value_and_grads(selective_scan, inputs, set(NAMES), True)
+    assert reason in caplog.text and "PyTorch path" in caplog.text
+    assert not list(fresh_cache.glob("**/*.so*"))  # no library and no temporary build left behind
+    monkeypatch.setenv(ss_module.PATH_ENV, "torch")
+    y_torch, g_torch = value_and_grads(selective_scan, inputs, set(NAMES), True)
+    torch.testing.assert_close(y, y_torch, rtol=0, atol=0)
+    for k in g:
+        torch.testing.assert_close(g[k], g_torch[k], rtol=0, atol=0, msg=k)
+    monkeypatch.setenv(ss_module.PATH_ENV, "native")
+    with pytest.raises(RuntimeError, match=re.escape(reason)):
+        selective_scan(**inputs)
+
+
+def test_concurrent_builds_leave_one_library_that_later_processes_reuse(fresh_cache, monkeypatch):
+    compiler = shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    target = native_scan._library_path(compiler)
+    with ThreadPoolExecutor(2) as pool:  # two processes' first calls at once
+        list(pool.map(lambda _: native_scan._build(compiler, target), range(2)))
+    assert [p.name for p in fresh_cache.iterdir()] == [target.name]
+    monkeypatch.setattr(native_scan, "_build", None)  # a later process must not build again
+    lib, reason = native_scan.library()
+    assert lib is not None and reason == ""
+    monkeypatch.setenv(ss_module.PATH_ENV, "native")
+    inputs = make_inputs(groups=4)
+    torch.testing.assert_close(selective_scan(**inputs), selective_scan_reference(**inputs), rtol=1e-9, atol=1e-10)

@@ -1,21 +1,39 @@
-"""Mamba selective scan: mamba-ssm's CUDA kernel on GPU, a fast chunked PyTorch scan elsewhere.
+"""Mamba selective scan: mamba-ssm's CUDA kernel on GPU; on CPU a compiled kernel, else chunked PyTorch.
 
 Signature and layouts follow mamba-ssm's ``selective_scan_fn``; the meaning is
 ``selective_scan_reference`` below (mamba-ssm's ``selective_scan_ref``).
 
-The CPU path exists because mamba-ssm's own fallback loops over time with autograd on slices,
-whose backward materialises a full-size gradient per step (minutes per layer). Ours runs the
-recurrence as one in-place op per step on small time chunks that stay in cache, saves only the
-inputs plus one state per chunk, and recomputes each chunk in the backward pass. It supports
+The CPU paths exist because mamba-ssm's own fallback loops over time with autograd on slices,
+whose backward materialises a full-size gradient per step (minutes per layer). Both save only the
+inputs plus one state per time chunk and recompute each chunk in the backward pass:
+
+- native (any CPU tensors): a C++/OpenMP kernel (``native_scan``) fusing delta_bias, softplus and
+  the D term, built with the system compiler on first use and cached; one pass over the data
+  forward, two backward, each channel's state kept in L1 cache.
+- torch (where the kernel cannot be built or run): the recurrence as one in-place op per step on
+  small time chunks that stay in cache. Both paths compute in fp32 (fp64 for fp64 inputs).
+
+``FED_SWINUMAMBA_SCAN=torch`` forces the PyTorch path; ``=native`` requires the kernel (an error
+where it cannot run); unset or ``auto`` uses the kernel where it can. Both paths support
 ``torch.func`` (vmap / grad), which Opacus uses for per-sample gradients.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
 
+from . import native_scan
+
 __all__ = ["selective_scan", "selective_scan_reference"]
+
+log = logging.getLogger(__name__)
+
+PATH_ENV = "FED_SWINUMAMBA_SCAN"
 
 _CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk buffer: amortises per-chunk ops, small next to the inputs (measured)
 
@@ -62,17 +80,43 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if u.shape[1] % B.shape[1] or u.shape[1] % C.shape[1]:
         raise ValueError(f"d={u.shape[1]} is not divisible by the groups of B {tuple(B.shape)} / C {tuple(C.shape)}")
     ct = _compute_dtype(u.dtype)
-    x, delta = u.to(ct), delta.to(ct)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    y, _ = _SelectiveScan.apply(x, delta, A.to(ct), B.to(ct), C.to(ct))
-    if D is not None:
-        y = y + x * D.to(ct)[:, None]
+    x = u.to(ct)
+    D = x.new_zeros(x.shape[1]) if D is None else D.to(ct)
+    delta_bias = x.new_zeros(x.shape[1]) if delta_bias is None else delta_bias.to(ct)
+    native = _use_native(x, A.shape[1])
+    y, _ = _SelectiveScan.apply(x, delta.to(ct), A.to(ct), B.to(ct), C.to(ct), D, delta_bias, delta_softplus, native)
     if z is not None:
         y = y * F.silu(z.to(ct))
     return y.to(u.dtype).contiguous()
+
+
+def _use_native(x: torch.Tensor, n: int) -> bool:
+    """Whether the compiled kernel runs this scan (see FED_SWINUMAMBA_SCAN in the module docstring)."""
+    choice = os.environ.get(PATH_ENV, "auto")
+    if choice not in ("auto", "native", "torch"):
+        raise ValueError(f"{PATH_ENV}={choice!r}: use auto, native or torch")
+    if choice == "torch":
+        return False
+    reason = _native_unsupported(x, n)
+    if reason and choice == "native":
+        raise RuntimeError(f"{PATH_ENV}=native, but {reason}")
+    if reason:
+        _log_once(reason)
+    return not reason
+
+
+def _native_unsupported(x: torch.Tensor, n: int) -> str:
+    """Why the kernel cannot run on x, or "" if it can."""
+    if x.device.type != "cpu":
+        return f"the tensors are on {x.device.type}"
+    if n > native_scan.MAX_STATE:
+        return f"the kernel takes n <= {native_scan.MAX_STATE}, not {n}"
+    return native_scan.library()[1]
+
+
+@functools.cache
+def _log_once(reason: str) -> None:
+    log.warning("selective scan on its (slower) PyTorch path: %s", reason)
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -88,10 +132,11 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     C = C.repeat_interleave(x.shape[1] // C.shape[1], dim=1)
     h = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])
     ys = []
-    for t in range(x.shape[2]):
-        dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * B[..., t] * x[:, :, t, None]
-        ys.append((h * C[..., t]).sum(-1))
+    # unbind, not indexing: its backward stacks the steps' gradients once instead of one full-size tensor per step
+    for dt, x_t, B_t, C_t in zip(delta.unbind(-1), x.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        dt = dt[..., None]
+        h = torch.exp(dt * A) * h + dt * B_t * x_t[..., None]
+        ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + x * D.to(ct)[:, None]
@@ -125,7 +170,7 @@ def _chunk_states(dt, du, A, Bt, s, e, h0, a, h):
     return a_t, h_t
 
 
-def _scan_forward(u, delta, A, B, C):
+def _torch_scan_forward(u, delta, A, B, C):
     """y (b, d, l) without D/z, and the state entering each time chunk (n_chunks, b, d, n) for the backward."""
     (b, d, l), (g, n) = u.shape, B.shape[1:3]
     T = _chunk_len(b, d, n, l)
@@ -145,7 +190,7 @@ def _scan_forward(u, delta, A, B, C):
     return y.permute(1, 2, 0), h_in
 
 
-def _scan_backward(u, delta, A, B, C, h_in, dy):
+def _torch_scan_backward(u, delta, A, B, C, h_in, dy):
     """Gradients (u, delta, A per batch element (b, d, n), B, C) of sum(dy * y), chunk by chunk in reverse."""
     (b, d, l), (g, n) = u.shape, B.shape[1:3]
     H = d // g
@@ -189,6 +234,26 @@ def _scan_backward(u, delta, A, B, C, h_in, dy):
     )
 
 
+def _torch_delta(delta, delta_bias, softplus):
+    """The scan's delta (bias added, softplus applied) and its derivative wrt the raw delta (None: 1)."""
+    z = delta + delta_bias[:, None]
+    return (F.softplus(z), torch.sigmoid(z)) if softplus else (z, None)
+
+
+def _torch_forward(u, delta, A, B, C, D, delta_bias, softplus):
+    """The PyTorch path of ``native_scan.scan_forward``: y with the D term, and the chunk states."""
+    y, h_in = _torch_scan_forward(u, _torch_delta(delta, delta_bias, softplus)[0], A, B, C)
+    return y.addcmul(u, D[:, None]), h_in
+
+
+def _torch_backward(u, delta, A, B, C, D, delta_bias, softplus, h_in, dy):
+    """The PyTorch path of ``native_scan.scan_backward``; D's and delta_bias's gradients per batch element."""
+    dt, slope = _torch_delta(delta, delta_bias, softplus)
+    du, ddt, dA, dB, dC = _torch_scan_backward(u, dt, A, B, C, h_in, dy)
+    ddelta = ddt if slope is None else ddt * slope
+    return du.addcmul(dy, D[:, None]), ddelta, dA, dB, dC, (dy * u).sum(-1), ddelta.sum(-1)
+
+
 def _fold(x, bdim, size, dim=0):
     """Move vmap's dim of x to `dim` (expanding if x is unbatched) and merge it into the next dim."""
     x = x.unsqueeze(dim).expand(*x.shape[:dim], size, *x.shape[dim:]) if bdim is None else x.movedim(bdim, dim)
@@ -197,9 +262,9 @@ def _fold(x, bdim, size, dim=0):
 
 def _vmap_rule(fn, info, in_dims, args, fold_dims, out_dims):
     """vmap for a scan Function: fold vmap's dim into the batch dim (the scan is independent per batch
-    element), or, if A itself is batched (rare), apply per vmapped slice and stack."""
+    element), or, if a per-channel input (A, D, delta_bias) is batched (rare), apply per vmapped slice and stack."""
     size = info.batch_size
-    if in_dims[2] is not None:
+    if any(bd is not None and fd is None for bd, fd in zip(in_dims, fold_dims)):
         outs = [fn.apply(*(x if bd is None else x.select(bd, i) for x, bd in zip(args, in_dims))) for i in range(size)]
         return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
     folded = (x if fd is None else _fold(x, bd, size, fd) for x, bd, fd in zip(args, in_dims, fold_dims))
@@ -208,40 +273,50 @@ def _vmap_rule(fn, info, in_dims, args, fold_dims, out_dims):
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """(u, delta, A, B, C) -> (y, states entering each chunk); the states are saved for the backward."""
+    """(u, delta, A, B, C, D, delta_bias, softplus, native) -> (y, states entering each chunk).
+
+    delta is raw (before bias and softplus); the states are saved for the backward. `native` picks
+    the kernel for the forward and, through ctx, the same one for the backward (the paths chunk time
+    differently).
+    """
 
     @staticmethod
-    def forward(u, delta, A, B, C):
-        return _scan_forward(u, delta, A, B, C)
+    def forward(u, delta, A, B, C, D, delta_bias, softplus, native):
+        return (native_scan.scan_forward if native else _torch_forward)(u, delta, A, B, C, D, delta_bias, softplus)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(*inputs, output[1])
+        ctx.save_for_backward(*inputs[:7], output[1])
+        ctx.softplus, ctx.native = inputs[7:]
 
     @staticmethod
     def backward(ctx, dy, _):
-        u, delta, A, B, C, h_in = ctx.saved_tensors
-        du, ddelta, dA, dB, dC = _SelectiveScanBackward.apply(u, delta, A, B, C, h_in, dy)
-        return du, ddelta, dA.sum(0), dB, dC
+        u, delta, A, B, C, D, delta_bias, h_in = ctx.saved_tensors
+        args = (u, delta, A, B, C, D, delta_bias, ctx.softplus, h_in, dy, ctx.native)
+        du, ddelta, dA, dB, dC, dD, dbias = _SelectiveScanBackward.apply(*args)
+        return du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0), None, None
 
     @staticmethod
-    def vmap(info, in_dims, u, delta, A, B, C):
-        return _vmap_rule(_SelectiveScan, info, in_dims, (u, delta, A, B, C), (0, 0, None, 0, 0), (0, 1))
+    def vmap(info, in_dims, *args):
+        return _vmap_rule(_SelectiveScan, info, in_dims, args, (0, 0, None, 0, 0, None, None, None, None), (0, 1))
 
 
 class _SelectiveScanBackward(torch.autograd.Function):
-    """The backward as a Function of its own, so vmap(grad(.)) folds it too and keeps A's gradient per sample."""
+    """The backward as a Function of its own, so vmap(grad(.)) folds it too and keeps the gradients of the
+    per-channel inputs (A, D, delta_bias) per sample."""
 
     @staticmethod
-    def forward(u, delta, A, B, C, h_in, dy):
-        return _scan_backward(u, delta, A, B, C, h_in, dy)
+    def forward(u, delta, A, B, C, D, delta_bias, softplus, h_in, dy, native):
+        return (native_scan.scan_backward if native else _torch_backward)(
+            u, delta, A, B, C, D, delta_bias, softplus, h_in, dy
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         pass
 
     @staticmethod
-    def vmap(info, in_dims, u, delta, A, B, C, h_in, dy):
-        args = (u, delta, A, B, C, h_in, dy)
-        return _vmap_rule(_SelectiveScanBackward, info, in_dims, args, (0, 0, None, 0, 0, 1, 0), (0,) * 5)
+    def vmap(info, in_dims, *args):
+        fold_dims = (0, 0, None, 0, 0, None, None, None, 1, 0, None)
+        return _vmap_rule(_SelectiveScanBackward, info, in_dims, args, fold_dims, (0,) * 7)
