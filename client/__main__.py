@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from fed_swinumamba.deployment import CONNECTION
+
 from .deployment import RUNTIME_PORT, SuperNodeRefused, make_site_key, start_and_join, start_supernode
 
 
@@ -24,8 +26,8 @@ def _make_key(args) -> int:
     private, public = make_site_key(args.out, args.site)
     print(f"private key (stays here): {private.resolve()}")
     print(f"public key:               {public.resolve()}")
-    print("Send the public key to the coordinator, who registers it with:")
-    print(f"    flwr supernode register {public.name} fed-swinumamba")
+    print("Send the public key to the coordinator, who registers it (with the path of its copy):")
+    print(f"    flwr supernode register {public} {CONNECTION}")
     return 0
 
 

@@ -15,6 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# The name of the SuperLink connection in the flwr CLI's config.toml: the coordinator's commands write
+# it, and a hospital's make-key prints the registration command that uses it.
+CONNECTION = "fed-swinumamba"
+
 
 @dataclass(frozen=True)
 class Background:

@@ -12,7 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .deployment import CONNECTION, SUPERLINK_PORT, Certificates, follow_run, loopback_address, make_ca, start_superlink, submit_run, write_connection
+from fed_swinumamba.deployment import CONNECTION
+
+from .deployment import SUPERLINK_PORT, Certificates, follow_run, loopback_address, make_ca, start_superlink, submit_run, write_connection
 from .report import write_report
 
 

@@ -21,10 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fed_swinumamba.deployment import Background, last_lines, start_background, wait_for_output
+from fed_swinumamba.deployment import CONNECTION, Background, last_lines, start_background, wait_for_output
 
 ACTIVE_RUN_STATUSES = ("pending", "starting", "running")
-CONNECTION = "fed-swinumamba"  # the name of the SuperLink connection in the flwr CLI's config.toml
 SUPERLINK_PORT = 8000  # Flower's default
 # The SuperLink's own ServerApp process reaches it on the loopback address, so the server certificate
 # always names it, besides the names the hospitals use.

@@ -1,4 +1,6 @@
-"""Fixtures shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
+"""Fixtures and checks shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
+
+import socket
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
@@ -27,3 +29,24 @@ def task_identity(monkeypatch):
     """Messages are created inside a running Flower app, which knows its run and node; tests have none."""
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_only_weights_and_scalars(reply: dict, parameter_names: set[str], identity: dict) -> None:
+    """Privacy: a site's reply, as ``client.audit.describe`` puts it, holds float32 weights named after
+    the network's parameters, numbers, and the site's name and modality: nothing else."""
+    assert set(reply) in ({"arrays", "metrics", "site"}, {"metrics", "site"}), set(reply)
+    if "arrays" in reply:
+        assert reply["arrays"]["type"] == "ArrayRecord"
+        arrays = reply["arrays"]["arrays"]
+        assert arrays and set(arrays) <= parameter_names
+        assert all(a["dtype"] == "float32" for a in arrays.values())
+    assert reply["metrics"]["type"] == "MetricRecord"
+    assert all(isinstance(v, (int, float)) for v in reply["metrics"]["values"].values())
+    assert reply["site"] == {"type": "ConfigRecord", "values": identity}
