@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -74,6 +75,13 @@ def wait_for_output(process: Background, marker: str, timeout: float) -> bool:
 
 def last_lines(text: str, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for SuperNodes sharing a machine, and tests)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:

@@ -1,7 +1,5 @@
 """Fixtures and checks shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
 
-import socket
-
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -29,13 +27,6 @@ def task_identity(monkeypatch):
     """Messages are created inside a running Flower app, which knows its run and node; tests have none."""
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_only_weights_and_scalars(reply: dict, parameter_names: set[str], identity: dict) -> None:

@@ -19,20 +19,21 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from flwr.app import Context, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from client import client_app
+from client.audit import audit_replies
 from client.deployment import JOINED, REFUSED, start_supernode
 from fed_swinumamba.data import make_demo_sites
-from fed_swinumamba.deployment import CONNECTION, Background, is_running, stop, wait_for_output
+from fed_swinumamba.deployment import CONNECTION, Background, free_port, is_running, stop, wait_for_output
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
 from fed_swinumamba.protocol import CONFIG, FULL_SYNC, Instructions
 from server.federation import Federation
 from server.settings import FederationSettings
 
-from conftest import TINY, assert_only_weights_and_scalars, free_port
+from conftest import TINY, assert_only_weights_and_scalars
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="processes are followed through /proc")
 
@@ -245,50 +246,64 @@ def test_the_coordinators_outputs_never_name_a_sites_files(deployment, first_run
         assert not [f for f in site_files if f in text], name
 
 
-# ------------------------------------------------------------------------------------------ a site crashes
-def test_a_hospital_killed_mid_round_rejoins_and_trains_on_the_whole_model(deployment, tmp_path):
-    """The round ends with the two others; the restarted site gets every weight and the stage next round."""
-    d, out = deployment, tmp_path / "out"
-    received = d.hospital_log("hospital_a").read_text().count("Receiving: train message")
-    run = d.start_run(out, **{"min-train-sites": 2, "eval-interval": 2})
-    _wait_until(lambda: d.hospital_log("hospital_a").read_text().count("Receiving: train message") > received, 300, "hospital_a's train message")
-    stop(d.hospital_pid("hospital_a"), signals=(signal.SIGKILL,))  # a crash: it does not say goodbye
-    _wait_until(lambda: _rounds(out), 300, "round 1 without hospital_a")
-    d.start_hospital("hospital_a")
-    output, _ = run.communicate(timeout=900)
-    assert "finished:completed" in output, output[-3000:]
+# ------------------------------------------------------------------------------------------------ crashes
+CRASH_RUN = {"num-server-rounds": 3, "min-train-sites": 2, "eval-interval": 3}
 
-    first, second = _rounds(out)
-    crashed = f"node-{d.node_ids['hospital_a']}"  # it never answered in this run, so the coordinator knows only its node
+
+@pytest.fixture(scope="module")
+def crashes(deployment, tmp_path_factory):
+    """Three rounds: hospital_a's SuperNode is killed mid-way through round 1 and restarted once round 1
+    is over; the coordinator's SuperLink is killed once round 2 is recorded, restarted, and the run resumed."""
+    d, out = deployment, tmp_path_factory.mktemp("crashes")
+    received = d.hospital_log("hospital_a").read_text().count("Receiving: train message")
+    run = d.start_run(out, **CRASH_RUN)
+    _wait_until(lambda: d.hospital_log("hospital_a").read_text().count("Receiving: train message") > received, 600, "hospital_a's train message")
+    stop(d.hospital_pid("hospital_a"), signals=(signal.SIGKILL,))  # a crash: no goodbye to the SuperLink
+    _wait_until(lambda: len(_rounds(out)) == 1, 600, "round 1 without hospital_a")
+    d.start_hospital("hospital_a")
+    _wait_until(lambda: len(_rounds(out)) == 2, 600, "round 2")
+    before = _rounds(out)
+    stop(d.superlink_pid(), signals=(signal.SIGKILL,))  # the coordinator's machine fails
+    interrupted, _ = run.communicate(timeout=300)
+    d.start_superlink()  # same certificates and database
+    resumed = d.run(out, resume=True, **CRASH_RUN)
+    return {"before": before, "after": _rounds(out), "interrupted": interrupted, "resumed": resumed}
+
+
+def test_a_hospital_killed_mid_round_rejoins_and_trains_on_the_whole_model(deployment, crashes):
+    """Round 1 ends with the two others; in round 2 the restarted site gets every weight and trains."""
+    first, second = crashes["before"]
+    crashed = f"node-{deployment.node_ids['hospital_a']}"  # it never answered in this run: known by its node only
     assert set(first["sites"]) == {crashed, "demo_mri", "demo_us"}
     assert [e.split(":")[0] for e in first["sites"][crashed]["errors"]] == ["train"]
     assert all(first["sites"][s]["num_examples"] > 0 for s in ("demo_mri", "demo_us"))
-    assert "fewer than min-train-sites" not in output  # two of two required replies: aggregated
-    assert second["stage"] == 1 and set(second["sites"]) == {"demo_ct", "demo_mri", "demo_us"}
-    assert all("errors" not in s and s["num_examples"] > 0 and "dice" in s for s in second["sites"].values())
+    assert "fewer than min-train-sites" not in crashes["interrupted"]  # two of the two required: aggregated
+    assert second["stage"] == 1 and set(second["sites"]) == set(HOSPITALS.values())
+    assert all("errors" not in s and s["num_examples"] > 0 for s in second["sites"].values())
     assert second["sites"]["demo_ct"]["bytes_down"] >= _payload_bytes("ct")  # everything again
     assert second["sites"]["demo_mri"]["bytes_down"] < _payload_bytes("mri")  # only what changed
 
 
-# --------------------------------------------------------------------------------- the coordinator crashes
-def test_the_coordinator_killed_after_a_round_resumes_at_the_next(deployment, tmp_path):
-    d, out = deployment, tmp_path / "out"
-    run = d.start_run(out, **{"eval-interval": 2})
-    _wait_until(lambda: _rounds(out), 600, "round 1")
-    before = _rounds(out)
-    stop(d.superlink_pid(), signals=(signal.SIGKILL,))  # the coordinator's machine fails
-    output, _ = run.communicate(timeout=300)
-    assert "finished:completed" not in output
-    d.start_superlink()  # same certificates and database: it still knows the three hospitals
-    resumed = d.run(out, resume=True)
-    assert "finished:completed" in resumed, resumed[-3000:]
-    assert "round 1 done, stage 0" in resumed
+def test_the_coordinator_killed_after_a_round_resumes_at_the_next(crashes):
+    assert "finished:completed" not in crashes["interrupted"]
+    assert "finished:completed" in crashes["resumed"], crashes["resumed"][-3000:]
+    assert "round 2 done, stage 1" in crashes["resumed"]
+    after = crashes["after"]
+    assert [(r["round"], r["stage"]) for r in after] == [(1, 0), (2, 1), (3, 2)]
+    assert after[:2] == crashes["before"]  # the history survived
+    assert set(after[2]["sites"]) == set(HOSPITALS.values())  # the SuperNodes came back by themselves
+    assert all("errors" not in s and s["num_examples"] > 0 and "dice" in s for s in after[2]["sites"].values())
 
-    after = _rounds(out)
-    assert [(r["round"], r["stage"]) for r in after] == [(1, 0), (2, 1)]
-    assert after[0] == before[0]
-    assert all("errors" not in s and s["num_examples"] > 0 and "dice" in s for s in after[1]["sites"].values())
-    assert set(after[1]["sites"]) == set(HOSPITALS.values())
+
+# ------------------------------------------------------------------------------------------------ audit
+def test_a_site_that_cannot_write_its_audit_log_withholds_its_reply(tmp_path, task_identity):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    msg = Message(RecordDict(), dst_node_id=11, message_type=MessageType.EVALUATE)
+    context = Context(run_id=1, node_id=11, node_config={"audit-log": str(blocked / "audit.jsonl")}, state=RecordDict(), run_config={})
+    reply = audit_replies(msg, context, lambda m, c: Message(RecordDict({"metrics": MetricRecord({"dice-mean": 0.5})}), reply_to=m))
+    assert reply.has_error() and not reply.has_content()
+    assert str(tmp_path) not in reply.error.reason
 
 
 # ------------------------------------------------------------------------------- k of n, in one process

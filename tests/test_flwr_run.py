@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from fed_swinumamba.deployment import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
