@@ -20,6 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from flwr.cli.flower_config import write_superlink_connection
+from flwr.cli.typing import SuperLinkConnection
+from flwr.supercore.utils import get_flwr_home
 
 from fed_swinumamba.deployment import CONNECTION, Background, last_lines, start_background, wait_for_output
 
@@ -139,10 +142,6 @@ def start_superlink(certs: Certificates, state_dir: Path, host: str = "127.0.0.1
 
 def write_connection(address: str, ca_certificate: Path, name: str = CONNECTION) -> Path:
     """Add (or replace) SuperLink connection ``name`` in the flwr CLI's config.toml (under $FLWR_HOME)."""
-    from flwr.cli.flower_config import write_superlink_connection
-    from flwr.cli.typing import SuperLinkConnection
-    from flwr.supercore.utils import get_flwr_home
-
     write_superlink_connection(SuperLinkConnection(name=name, address=address, root_certificates=str(ca_certificate.resolve())))
     return get_flwr_home() / "config.toml"
 
@@ -167,13 +166,15 @@ def run_status(run_id: int, connection: str = CONNECTION) -> str:
     return json.loads(done.stdout[done.stdout.index("{"):])["runs"][0]["status"] if done.returncode == 0 else "unknown"
 
 
-def follow_run(run_id: int, connection: str = CONNECTION, poll: float = 5.0) -> str:
+def follow_run(run_id: int, connection: str = CONNECTION, poll: float = 5.0, patience: int = 3) -> str:
     """Print the run's log as it comes; return its final status (``unknown``: the SuperLink is gone).
 
     The log stream can end before the run does (the SuperLink's database busy under load), so the
-    run's status decides when it is over.
+    run's status decides when it is over; ``patience`` failed status queries in a row mean it is gone.
     """
     subprocess.run(["flwr", "log", str(run_id), connection, "--stream"])
-    while (status := run_status(run_id, connection)) in ACTIVE_RUN_STATUSES:
+    failures = 0
+    while (status := run_status(run_id, connection)) in ACTIVE_RUN_STATUSES or (status == "unknown" and failures < patience):
+        failures = failures + 1 if status == "unknown" else 0
         time.sleep(poll)
     return status
