@@ -38,7 +38,7 @@ def _start(args) -> int:
     try:
         process, joined = start_and_join(start, timeout=args.join_timeout)
     except SuperNodeRefused as err:
-        print(f"error: {err}\nA refused activation means the coordinator has not registered {args.key.name}.pub.", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 1
     if joined:
         print(f"SuperNode joined the SuperLink at {args.superlink}.")

@@ -81,6 +81,8 @@ def start_and_join(start: Callable[[], Background], timeout: float = 120.0, paus
                 return process, True
         except TimeoutError:
             return process, False
-        if REFUSED not in process.output() or time.monotonic() + pause > deadline:
-            raise SuperNodeRefused(f"the SuperNode exited without joining; {process.log_file} ends with:\n{last_lines(process.output())}")
+        output = process.output()
+        if REFUSED not in output or time.monotonic() + pause > deadline:
+            hint = "\nThe SuperLink refused the node: is its public key registered (flwr supernode register)?" if REFUSED in output else ""
+            raise SuperNodeRefused(f"the SuperNode exited without joining; {process.log_file} ends with:\n{last_lines(output)}{hint}")
         time.sleep(pause)
