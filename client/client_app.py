@@ -10,9 +10,10 @@ from flwr.common.constant import ErrorCode
 from fed_swinumamba.logs import enable_console_logging
 from fed_swinumamba.protocol import redact_paths
 
+from .audit import audit_replies
 from .site import SiteRound
 
-app = ClientApp()
+app = ClientApp(mods=[audit_replies])
 log = logging.getLogger("fed_swinumamba.client")
 enable_console_logging()
 

@@ -138,7 +138,7 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=self.s.round_timeout))
         answered, ok = set(), []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = _addressee(reply, messages)
             answered.add(node)
             link = self.links.setdefault(node, SiteLink())
             if reply.has_error():
@@ -230,7 +230,7 @@ class Federation:
             messages = [self._message(n, _arrays(select(local, modalities=[self.links[n].modality])), server_round, version, FULL_SYNC, MessageType.EVALUATE, name) for n in nodes]
             for reply in self.grid.send_and_receive(messages, timeout=self.s.round_timeout):
                 if reply.has_error():
-                    log.warning("cross-site evaluation of %s's model at %s failed: %s", name, self._site_key(reply.metadata.src_node_id), reply.error.reason)
+                    log.warning("cross-site evaluation of %s's model at %s failed: %s", name, self._site_key(_addressee(reply, messages)), reply.error.reason)
                     continue
                 m, site = reply.content[METRICS], str(reply.content[SITE]["site"])
                 dice.setdefault(name, {})[site] = {c: float(m[f"dice-{c}"]) for c in self.s.class_names}
@@ -308,6 +308,15 @@ def cross_site_table(result: dict) -> str:
         row = result["dice_mean"].get(model, {})
         lines.append(f"{model:<20}" + "".join(f"{row[s]:>14.3f}" if s in row else f"{'-':>14}" for s in sites))
     return "\n".join(lines)
+
+
+def _addressee(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for: the SuperLink itself sends the error reply of a node that went
+    offline (its source is the SuperLink, not the node), so match the message it replies to."""
+    for message in sent:
+        if message.metadata.message_id == reply.metadata.reply_to_message_id:
+            return message.metadata.dst_node_id
+    return reply.metadata.src_node_id
 
 
 def _arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:

@@ -2,6 +2,7 @@
 
     python -m simulation demo                      # phantoms for 3 sites + the federated demo run
     python -m simulation demo-data --out DIR [--ct-dicom]   # write CT, MRI and ultrasound phantom datasets
+    python -m simulation demo-sites --out DIR      # the same as three sites with their YAMLs (for SuperNodes)
     python -m simulation split --data DIR --modality M --sites N --out DIR [--scheme iid|dirichlet|quantity]
     python -m simulation run --sites DIR_OR_YAMLS --rounds R --out OUT [--centralized] [--dp-epsilon E] [--set key=value ...]
 """
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ct-dicom", action="store_true", help="write the CT images as DICOM series folders (labels stay NIfTI)")
 
+    p = sub.add_parser("demo-sites", help="write the demo's three phantom sites (CT, MRI, ultrasound) with their site YAMLs, for SuperNodes")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cases", type=int, default=16)
+
     p = sub.add_parser("split", help="partition a dataset by case into N site folders with their site YAMLs")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--modality", choices=DEMO_MODALITIES, required=True)
@@ -93,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-data":
         for i, modality in enumerate(DEMO_MODALITIES):
             print(generate_phantoms(args.out / modality, modality, num_cases=args.cases, seed=args.seed + i, dicom=args.ct_dicom and modality == "ct"))
+        return 0
+    if args.command == "demo-sites":
+        for path in make_demo_sites(args.out, num_cases=args.cases):
+            print(path)
         return 0
     if args.command == "split":
         for path in split_dataset(args.data, args.modality, args.sites, args.scheme, args.seed, args.out):

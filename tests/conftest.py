@@ -1,4 +1,4 @@
-"""Fixtures shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
+"""Fixtures and checks shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
 
 import numpy as np
 import pytest
@@ -60,3 +60,17 @@ class ScriptedGrid:
             metadata = Metadata(run_id=1, message_id=f"r{i}", src_node_id=msg.metadata.dst_node_id, dst_node_id=0, reply_to_message_id=f"m{i}", group_id="1", created_at=0.0, ttl=60.0, message_type=msg.metadata.message_type)
             replies.append(Message(content=content, metadata=metadata))
         return replies
+
+
+def assert_only_weights_and_scalars(reply: dict, parameter_names: set[str], identity: dict) -> None:
+    """Privacy: a site's reply, as ``client.audit.describe`` puts it, holds float32 weights named after
+    the network's parameters, numbers, and the site's name and modality: nothing else."""
+    assert set(reply) in ({"arrays", "metrics", "site"}, {"metrics", "site"}), set(reply)
+    if "arrays" in reply:
+        assert reply["arrays"]["type"] == "ArrayRecord"
+        arrays = reply["arrays"]["arrays"]
+        assert arrays and set(arrays) <= parameter_names
+        assert all(a["dtype"] == "float32" for a in arrays.values())
+    assert reply["metrics"]["type"] == "MetricRecord"
+    assert all(isinstance(v, (int, float)) for v in reply["metrics"]["values"].values())
+    assert reply["site"] == {"type": "ConfigRecord", "values": identity}

@@ -7,20 +7,15 @@ FLWR_HOME and ports, and stops it (and its executor) by PID afterwards.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fed_swinumamba.deployment import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pids_started_with(marker: str) -> list[int]:
@@ -40,7 +35,7 @@ def _pids_started_with(marker: str) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the background SuperLink through /proc")
 def test_flwr_run_dot_runs_the_three_site_demo(tmp_path):
     home = tmp_path / "flwr-home"
-    link_port, control_port = _free_port(), _free_port()
+    link_port, control_port = free_port(), free_port()
     env = {
         **os.environ,
         "FLWR_HOME": str(home),

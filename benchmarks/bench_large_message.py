@@ -1,0 +1,209 @@
+"""A full-size Swin-UMamba update between a SuperNode and the SuperLink over TLS on loopback.
+
+Starts a SuperLink as ``python -m server start`` does (TLS, SuperNode authentication, database) and one
+authenticated SuperNode, then runs a small Flower app (this file, copied into a temporary app folder)
+whose ServerApp sends a CT site's share of the full-size network (ModelConfig defaults: the shared
+weights plus the CT encoder, float32) to the node and whose ClientApp sends it straight back: one round
+trip = the global model down plus an update of the same size up. An empty message's round trip (the
+fixed cost: polling, a fresh ClientApp process) is measured beside it.
+
+Reported per round trip: wall seconds seen by the ServerApp, and peak RSS of the SuperLink, the
+SuperNode, the ClientApp process and the ServerApp (peaks reset before each round trip through
+/proc/PID/clear_refs), plus the machine's load average.
+
+    python benchmarks/bench_large_message.py --repeats 3              # as deployed: SuperLink state in SQLite
+    python benchmarks/bench_large_message.py --repeats 3 --in-memory  # for comparison: no database
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = """[project]
+name = "bench-large-message"
+version = "0.1.0"
+description = "echo a full-size update"
+license = "Apache-2.0"
+
+[tool.flwr.app]
+publisher = "fed-swinumamba"
+
+[tool.flwr.app.components]
+serverapp = "bench_large_message:server_app"
+clientapp = "bench_large_message:client_app"
+
+[tool.flwr.app.config]
+shapes = ""
+result = ""
+pids = ""
+repeats = 3
+"""
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+@client_app.train()
+def echo(msg: Message, context: Context) -> Message:
+    """Send the arrays back, with this ClientApp process's peak RSS."""
+    content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"peak-rss-mib": _peak_mib()})})
+    return Message(content=content, reply_to=msg)
+
+
+def _round_trip(grid: Grid, node: int, arrays: dict, pids: dict[str, int]) -> dict:
+    record = ArrayRecord()
+    for name, array in arrays.items():
+        record[name] = Array(array)
+    for pid in pids.values():
+        _reset_peak(pid)
+    start = time.perf_counter()
+    (message_id,) = grid.push_messages([Message(RecordDict({"arrays": record}), dst_node_id=node, message_type=MessageType.TRAIN)])
+    while not (replies := list(grid.pull_messages([message_id]))):
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    (reply,) = replies
+    assert not reply.has_error(), reply.error.reason
+    back = reply.content["arrays"]
+    assert set(back.keys()) == set(arrays) and all(back[k].numpy().shape == v.shape for k, v in arrays.items())
+    peaks = {name: _peak_rss_mib(pid) for name, pid in pids.items()}
+    return {"seconds": seconds, "peak_rss_mib": {**peaks, "clientapp": float(reply.content["metrics"]["peak-rss-mib"]), "serverapp": _peak_mib()}}
+
+
+@server_app.main()
+def measure(grid: Grid, context: Context) -> None:
+    config = context.run_config
+    shapes = json.loads(Path(str(config["shapes"])).read_text())
+    rng = np.random.default_rng(0)
+    full = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+    pids = json.loads(str(config["pids"]))
+    while not (nodes := list(grid.get_node_ids())):
+        time.sleep(0.5)
+    results = {"load_before": os.getloadavg(), "empty": [], "full": []}
+    for _ in range(int(config["repeats"])):
+        for name, arrays in (("empty", {}), ("full", full)):
+            try:
+                results[name].append(_round_trip(grid, nodes[0], arrays, pids))
+            except Exception as err:  # a failed round trip is a result too (the SuperLink's database busy, say)
+                results[name].append({"error": f"{type(err).__name__}: {err}"})
+            results["load_after"] = os.getloadavg()
+            Path(str(config["result"])).write_text(json.dumps(results, indent=1))  # after each: a crash keeps the rest
+
+
+# ------------------------------------------------------------------------------------------- driver
+# The project is imported by the driver only: the ServerApp and ClientApp above need Flower and NumPy.
+def _full_size_shapes() -> dict[str, list[int]]:
+    from fed_swinumamba.model import ModelConfig, build_model
+    from fed_swinumamba.params import select
+
+    state = select(build_model(ModelConfig()).state_dict(), modalities=["ct"])
+    return {name: list(t.shape) for name, t in state.items()}
+
+
+def _deploy(work: Path, in_memory: bool):
+    """SuperLink and one registered SuperNode, started as the project's deployment commands start them
+    (``in_memory``: the SuperLink without its database, for comparison)."""
+    from client.deployment import make_site_key, start_and_join, start_supernode
+    from fed_swinumamba.deployment import CONNECTION, free_port, start_background, wait_for_output
+    from server.deployment import loopback_address, make_ca, superlink_command, write_connection
+
+    port = free_port()
+    certs = make_ca(work / "certs")
+    command = superlink_command(certs, work / "superlink.db", "127.0.0.1", port)
+    if in_memory:
+        at = command.index("--database")
+        del command[at : at + 2]
+    superlink = start_background(command, work / "coordinator", "superlink")
+    wait_for_output(superlink, "Uvicorn running on", timeout=120)
+    write_connection(loopback_address("127.0.0.1", port), certs.ca_certificate)
+    _, public = make_site_key(work / "keys", "bench_site")
+    subprocess.run(["flwr", "supernode", "register", str(public), CONNECTION], check=True, capture_output=True)
+    site = work / "site.yaml"  # the SuperNode needs one; the echo ClientApp reads no data
+    site.write_text("site: bench_site\nmodality: ct\n")
+    node, _ = start_and_join(lambda: start_supernode(site, work / "keys" / "bench_site", certs.ca_certificate, f"127.0.0.1:{port}", work / "supernodes", free_port()))
+    return superlink, node
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--in-memory", action="store_true", help="run the SuperLink without its database (the deployment uses one)")
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temporary one)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from fed_swinumamba.deployment import CONNECTION, stop
+    from server.deployment import follow_run, submit_run
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-large-message-"))
+    os.environ["FLWR_HOME"] = str(work / "flwr-home")  # the flwr CLI's connection for this benchmark only
+    os.environ["PYTHONPATH"] = str(ROOT)
+    app = work / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    shutil.copy(__file__, app / "bench_large_message.py")
+    (app / "pyproject.toml").write_text(PYPROJECT)
+    shapes = _full_size_shapes()
+    (work / "shapes.json").write_text(json.dumps(shapes))
+    superlink, node = _deploy(work, args.in_memory)
+    try:
+        pids = json.dumps({"superlink": superlink.pid, "supernode": node.pid})
+        config = f"shapes='{work / 'shapes.json'}' result='{work / 'result.json'}' pids='{pids}' repeats={args.repeats}"
+        status = follow_run(submit_run(app, CONNECTION, [config]))
+        print(f"benchmark run: {status}; SuperLink log {superlink.log_file}")
+        _report(json.loads((work / "result.json").read_text()), shapes, not args.in_memory)
+    finally:
+        stop(node.pid)
+        stop(superlink.pid)
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(results: dict, shapes: dict, database: bool) -> None:
+    parameters = sum(int(np.prod(s)) for s in shapes.values())
+    print(f"\n{parameters / 1e6:.2f} M parameters ({len(shapes)} tensors, {parameters * 4 / 2**20:.0f} MiB float32) each way; "
+          f"SuperLink state {'in its SQLite database' if database else 'in memory'}; "
+          f"load average (1 min) {results['load_before'][0]:.1f} before, {results['load_after'][0]:.1f} after\n")
+    print("| message | round trips ok | round trip (s), median [min-max] | SuperLink peak RSS | SuperNode peak RSS | ClientApp peak RSS | ServerApp peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("empty", "full"):
+        runs = [r for r in results[name] if "error" not in r]
+        print(f"| {name} | {len(runs)} of {len(results[name])} | " + (_timing_and_memory(runs) if runs else "- | - | - | - | - |"))
+        for failure in (r["error"] for r in results[name] if "error" in r):
+            print(f"|   failed: {failure[:200]} |")
+
+
+def _timing_and_memory(runs: list[dict]) -> str:
+    seconds = sorted(r["seconds"] for r in runs)
+    peak = {k: max(r["peak_rss_mib"][k] for r in runs) for k in runs[0]["peak_rss_mib"]}
+    return (f"{np.median(seconds):.2f} [{seconds[0]:.2f}-{seconds[-1]:.2f}] | {peak['superlink']:.0f} MiB | {peak['supernode']:.0f} MiB | "
+            f"{peak['clientapp']:.0f} MiB | {peak['serverapp']:.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Deployment over loopback, driven by the project's own commands as a person would run them:
+``python -m server make-ca / start / run`` on the coordinator, ``python -m client make-key / start`` at
+the hospitals. A SuperLink with TLS, SuperNode authentication and a database; three SuperNodes playing
+the demo's CT, MRI and ultrasound sites with a tiny network.
+
+One set-up serves the module; every process started here is stopped by its PID at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+from client import client_app
+from client.audit import audit_replies
+from client.deployment import JOINED, REFUSED, start_supernode
+from fed_swinumamba.data import make_demo_sites
+from fed_swinumamba.deployment import CONNECTION, Background, free_port, is_running, stop, wait_for_output
+from fed_swinumamba.model import build_model
+from fed_swinumamba.params import select
+from fed_swinumamba.protocol import CONFIG, FULL_SYNC, Instructions
+from server.federation import Federation
+from server.settings import FederationSettings
+
+from conftest import TINY, assert_only_weights_and_scalars
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="processes are followed through /proc")
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSPITALS = {"hospital_a": "demo_ct", "hospital_b": "demo_mri", "hospital_c": "demo_us"}  # key name -> site
+RUN_CONFIG = {
+    **TINY, "num-server-rounds": 2, "rounds-per-stage": 1, "local-steps": 1, "lr": 0.002,
+    "min-available-sites": 3, "cross-site-eval": False, "round-timeout": 300.0,
+}  # fmt: skip
+SETTINGS = FederationSettings.from_run_config(RUN_CONFIG)
+
+
+def _toml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"'{value}'" if isinstance(value, str) else str(value)
+
+
+class Deployment:
+    """The module's coordinator and hospitals on this machine; remembers every PID it started."""
+
+    def __init__(self, root: Path, data: Path):
+        self.root, self.data = root, data
+        self.port = free_port()
+        self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        self.sites = dict(zip(HOSPITALS, make_demo_sites(data, num_cases=4)))
+        self.runtime_ports = {name: free_port() for name in HOSPITALS}
+        self.node_ids: dict[str, int] = {}
+        self.pids: list[int] = []
+
+    @property
+    def superlink(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "certs" / "ca.crt"
+
+    def command(self, *args: str | Path, timeout: float = 300) -> str:
+        """``python -m ARGS`` from the project root; its output, or a failed test showing it."""
+        done = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def flwr(self, *args: str | Path) -> dict:
+        done = subprocess.run(["flwr", *map(str, args), "--format", "json"], env=self.env, capture_output=True, text=True, timeout=120)
+        return json.loads(done.stdout[done.stdout.index("{"):])
+
+    def _started(self, pid_file: Path) -> int:
+        pid = int(pid_file.read_text())
+        self.pids.append(pid)
+        return pid
+
+    def start_superlink(self) -> None:
+        self.command("server", "start", "--certs", self.root / "certs", "--state", self.root / "coordinator", "--port", self.port)
+        self._started(self.root / "coordinator" / "superlink.pid")
+
+    def superlink_pid(self) -> int:
+        return int((self.root / "coordinator" / "superlink.pid").read_text())
+
+    def superlink_log(self) -> str:
+        return (self.root / "coordinator" / "superlink.log").read_text()
+
+    def register(self, key: str) -> int:
+        return int(self.flwr("supernode", "register", self.root / "keys" / f"{key}.pub", CONNECTION)["node-id"])
+
+    def start_hospital(self, name: str) -> None:
+        self.command(
+            "client", "start", "--site-config", self.sites[name], "--key", self.root / "keys" / name, "--ca", self.ca,
+            "--superlink", self.superlink, "--port", self.runtime_ports[name], "--state", self.root / "supernodes",
+            "--audit-log", self.audit_log(name),
+        )  # fmt: skip
+        self._started(self.root / "supernodes" / f"supernode-{name}.pid")
+
+    def hospital_pid(self, name: str) -> int:
+        return int((self.root / "supernodes" / f"supernode-{name}.pid").read_text())
+
+    def hospital_log(self, name: str) -> Path:
+        return self.root / "supernodes" / f"supernode-{name}.log"
+
+    def audit_log(self, name: str) -> Path:
+        return self.root / "audit" / f"{name}.jsonl"
+
+    def start_stranger(self, key: str, site_config: Path, ca: Path) -> Background:
+        """A SuperNode outside the federation's rules, started without waiting for it to join."""
+        process = start_supernode(site_config, self.root / "keys" / key, ca, self.superlink, self.root / "strangers", free_port(), env=self.env)
+        self.pids.append(process.pid)
+        return process
+
+    def start_run(self, out: Path, **overrides) -> subprocess.Popen:
+        """``python -m server run`` in the background: it returns when the run is over."""
+        config = " ".join(f"{k}={_toml(v)}" for k, v in {**RUN_CONFIG, "output-dir": str(out), **overrides}.items())
+        command = [sys.executable, "-m", "server", "run", str(ROOT), "--superlink", self.superlink, "--ca", str(self.ca), "--run-config", config]
+        run = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.pids.append(run.pid)
+        return run
+
+    def run(self, out: Path, **overrides) -> str:
+        output, _ = self.start_run(out, **overrides).communicate(timeout=900)
+        return output
+
+    def stop_all(self) -> None:
+        for pid in reversed(self.pids):
+            if is_running(pid):
+                stop(pid)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """CA, SuperLink, three registered hospitals with their SuperNodes running: the set-up of the README."""
+    d = Deployment(tmp_path_factory.mktemp("deployment"), tmp_path_factory.mktemp("hospital-data"))
+    try:
+        d.command("server", "make-ca", "--out", d.root / "certs")
+        d.start_superlink()
+        for name in HOSPITALS:
+            d.command("client", "make-key", "--site", name, "--out", d.root / "keys")
+            d.node_ids[name] = d.register(name)
+        for name in HOSPITALS:
+            d.start_hospital(name)
+        yield d
+    finally:
+        d.stop_all()
+
+
+def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _rounds(out: Path) -> list[dict]:
+    path = out / "metrics.json"
+    return json.loads(path.read_text())["rounds"] if path.is_file() else []
+
+
+def _payload_bytes(modality: str) -> int:
+    """What a site of ``modality`` receives when it gets the whole model: shared weights and its encoder."""
+    return sum(t.nbytes for t in select(build_model(SETTINGS.model_config).state_dict(), modalities=[modality]).values())
+
+
+# ---------------------------------------------------------------------------------------------- first run
+@pytest.fixture(scope="module")
+def first_run(deployment, tmp_path_factory):
+    """Two rounds with the three hospitals, while a node with an unregistered key and a registered node
+    holding another CA's certificate try to join."""
+    d = deployment
+    out = tmp_path_factory.mktemp("first-run")
+    d.command("client", "make-key", "--site", "intruder", "--out", d.root / "keys")  # never registered
+    d.command("client", "make-key", "--site", "lost_ca", "--out", d.root / "keys")
+    lost_ca_node = d.register("lost_ca")
+    d.command("server", "make-ca", "--out", d.root / "other-certs")
+    intruder_site = d.sites["hospital_a"].with_name("intruder_site.yaml")
+    intruder_site.write_text(d.sites["hospital_a"].read_text().replace("site: demo_ct", "site: intruder_site"))
+    intruder = d.start_stranger("intruder", intruder_site, d.ca)
+    lost_ca = d.start_stranger("lost_ca", d.sites["hospital_b"], d.root / "other-certs" / "ca.crt")
+    output = d.run(out)
+    run_id = int(re.search(r"Run (\d+) started", output).group(1))
+    return {"out": out, "output": output, "run_id": run_id, "intruder": intruder, "lost_ca": lost_ca, "lost_ca_node": lost_ca_node}
+
+
+def test_three_hospitals_train_and_evaluate_two_rounds_over_tls(first_run):
+    assert f"Run {first_run['run_id']}: finished:completed" in first_run["output"], first_run["output"][-3000:]
+    rounds = _rounds(first_run["out"])
+    assert [(r["round"], r["stage"]) for r in rounds] == [(1, 0), (2, 1)]
+    for rnd in rounds:
+        assert {site: s["modality"] for site, s in rnd["sites"].items()} == {"demo_ct": "ct", "demo_mri": "mri", "demo_us": "us"}
+        for site in rnd["sites"].values():
+            assert "errors" not in site and site["num_examples"] > 0
+            assert set(site["dice"]) == {"organ", "lesion"} and 0.0 <= site["dice_mean"] <= 1.0
+
+
+def test_a_node_whose_key_is_not_registered_is_refused(deployment, first_run):
+    intruder = first_run["intruder"]
+    assert not wait_for_output(intruder, JOINED, timeout=60)  # it exited without joining
+    assert REFUSED in intruder.output()
+    public = serialization.load_ssh_public_key((deployment.root / "keys" / "intruder.pub").read_bytes())
+    pem_line = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode().splitlines()[1]
+    refusals = [line for line in deployment.superlink_log().splitlines() if "No SuperNode found with the given public key" in line]
+    assert any(pem_line in line for line in refusals)
+    assert all("intruder_site" not in rnd["sites"] for rnd in _rounds(first_run["out"]))
+
+
+def test_a_node_without_the_coordinators_ca_cannot_connect(deployment, first_run):
+    lost_ca = first_run["lost_ca"]
+    assert not wait_for_output(lost_ca, JOINED, timeout=60)
+    assert "CERTIFICATE_VERIFY_FAILED" in lost_ca.output()
+    status = {int(n["node-id"]): n for n in deployment.flwr("supernode", "list", CONNECTION)["nodes"]}
+    assert status[first_run["lost_ca_node"]]["status"] == "registered"  # registered, yet never online
+    assert status[first_run["lost_ca_node"]]["online-at"] == "N/A"
+    assert all(status[deployment.node_ids[name]]["status"] == "online" for name in HOSPITALS)
+
+
+def test_only_weights_and_scalars_leave_a_site(deployment, first_run):
+    parameter_names = set(build_model(SETTINGS.model_config).state_dict())
+    for name, site in HOSPITALS.items():
+        lines = [json.loads(line) for line in deployment.audit_log(name).read_text().splitlines()]
+        replies = [line for line in lines if line["run_id"] == first_run["run_id"]]
+        assert sorted(r["message_type"] for r in replies) == [MessageType.EVALUATE] * 2 + [MessageType.TRAIN] * 2
+        for reply in replies:
+            assert_only_weights_and_scalars(reply["content"], parameter_names, {"site": site, "modality": site.removeprefix("demo_")})
+
+
+def test_the_coordinators_outputs_never_name_a_sites_files(deployment, first_run):
+    out = first_run["out"]
+    outputs = {
+        "superlink log": deployment.superlink_log(), "run output": first_run["output"],
+        "metrics.json": (out / "metrics.json").read_text(), "report.html": (out / "report.html").read_text(),
+    }  # fmt: skip
+    site_files = [str(deployment.data), *map(str, deployment.sites.values()), "case_0", ".nii"]
+    for name, text in outputs.items():
+        assert not [f for f in site_files if f in text], name
+
+
+# ------------------------------------------------------------------------------------------------ crashes
+CRASH_RUN = {"num-server-rounds": 3, "min-train-sites": 2, "eval-interval": 3}
+
+
+@pytest.fixture(scope="module")
+def crashes(deployment, tmp_path_factory):
+    """Three rounds: hospital_a's SuperNode is killed mid-way through round 1 and restarted once round 1
+    is over; the coordinator's SuperLink is killed once round 2 is recorded, restarted, and the run resumed."""
+    d, out = deployment, tmp_path_factory.mktemp("crashes")
+    received = d.hospital_log("hospital_a").read_text().count("Receiving: train message")
+    run = d.start_run(out, **CRASH_RUN)
+    _wait_until(lambda: d.hospital_log("hospital_a").read_text().count("Receiving: train message") > received, 600, "hospital_a's train message")
+    stop(d.hospital_pid("hospital_a"), signals=(signal.SIGKILL,))  # a crash: no goodbye to the SuperLink
+    _wait_until(lambda: len(_rounds(out)) == 1, 600, "round 1 without hospital_a")
+    d.start_hospital("hospital_a")
+    _wait_until(lambda: len(_rounds(out)) == 2, 600, "round 2")
+    before = _rounds(out)
+    stop(d.superlink_pid(), signals=(signal.SIGKILL,))  # the coordinator's machine fails
+    interrupted, _ = run.communicate(timeout=300)
+    d.start_superlink()  # same certificates and database
+    resumed = d.run(out, resume=True, **CRASH_RUN)
+    return {"before": before, "after": _rounds(out), "interrupted": interrupted, "resumed": resumed}
+
+
+def test_a_hospital_killed_mid_round_rejoins_and_trains_on_the_whole_model(deployment, crashes):
+    """Round 1 ends with the two others; in round 2 the restarted site gets every weight and trains."""
+    first, second = crashes["before"]
+    crashed = f"node-{deployment.node_ids['hospital_a']}"  # it never answered in this run: known by its node only
+    assert set(first["sites"]) == {crashed, "demo_mri", "demo_us"}
+    assert [e.split(":")[0] for e in first["sites"][crashed]["errors"]] == ["train"]
+    assert all(first["sites"][s]["num_examples"] > 0 for s in ("demo_mri", "demo_us"))
+    assert "fewer than min-train-sites" not in crashes["interrupted"]  # two of the two required: aggregated
+    assert second["stage"] == 1 and set(second["sites"]) == set(HOSPITALS.values())
+    assert all("errors" not in s and s["num_examples"] > 0 for s in second["sites"].values())
+    assert second["sites"]["demo_ct"]["bytes_down"] >= _payload_bytes("ct")  # everything again
+    assert second["sites"]["demo_mri"]["bytes_down"] < _payload_bytes("mri")  # only what changed
+
+
+def test_the_coordinator_killed_after_a_round_resumes_at_the_next(crashes):
+    assert "finished:completed" not in crashes["interrupted"]
+    assert "finished:completed" in crashes["resumed"], crashes["resumed"][-3000:]
+    assert "round 2 done, stage 1" in crashes["resumed"]
+    after = crashes["after"]
+    assert [(r["round"], r["stage"]) for r in after] == [(1, 0), (2, 1), (3, 2)]
+    assert after[:2] == crashes["before"]  # the history survived
+    assert set(after[2]["sites"]) == set(HOSPITALS.values())  # the SuperNodes came back by themselves
+    assert all("errors" not in s and s["num_examples"] > 0 and "dice" in s for s in after[2]["sites"].values())
+
+
+# ------------------------------------------------------------------------------------------------ audit
+def test_a_site_that_cannot_write_its_audit_log_withholds_its_reply(tmp_path, task_identity):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    msg = Message(RecordDict(), dst_node_id=11, message_type=MessageType.EVALUATE)
+    context = Context(run_id=1, node_id=11, node_config={"audit-log": str(blocked / "audit.jsonl")}, state=RecordDict(), run_config={})
+    reply = audit_replies(msg, context, lambda m, c: Message(RecordDict({"metrics": MetricRecord({"dice-mean": 0.5})}), reply_to=m))
+    assert reply.has_error() and not reply.has_content()
+    assert str(tmp_path) not in reply.error.reason
+
+
+# ------------------------------------------------------------------------------- k of n, in one process
+class OneSiteGoesSilent:
+    """A Grid: nodes answer through the real ClientApp in this process, except that ``silent``'s train
+    message in ``round`` gets the error reply the SuperLink makes for a node that went offline."""
+
+    def __init__(self, sites: dict[int, Path], silent: int, round: int):
+        self.sites, self.silent, self.round = sites, silent, round
+        self.states = {node: RecordDict() for node in sites}
+        self.sent: list = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def send_and_receive(self, messages, *, timeout):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"message-{len(self.sent)}"
+            self.sent.append(msg)
+            node, ins = msg.metadata.dst_node_id, Instructions.from_config(msg.content[CONFIG])
+            if (node, ins.server_round, msg.metadata.message_type) == (self.silent, self.round, MessageType.TRAIN):
+                replies.append(create_message_error_unavailable_res_message(msg.metadata, "node_unavail"))
+                continue
+            context = Context(run_id=1, node_id=node, node_config={"site-config": str(self.sites[node])}, state=self.states[node], run_config={})
+            work = client_app.train if msg.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+            replies.append(work(msg, context))
+        return replies
+
+
+def test_a_round_with_fewer_replies_than_min_train_sites_keeps_the_global_model(three_sites, tmp_path, task_identity, caplog):
+    """3 of 3 must train; the ultrasound site's node goes offline: the model stays as it was, the round is
+    still evaluated everywhere, and the error is recorded for that node (not for the SuperLink that sent it)."""
+    config = {**RUN_CONFIG, "num-server-rounds": 1, "min-train-sites": 3, "min-available-sites": 1, "output-dir": str(tmp_path)}
+    grid = OneSiteGoesSilent({11: three_sites[0], 12: three_sites[1], 13: three_sites[2]}, silent=13, round=1)
+    (only,) = Federation(grid, FederationSettings.from_run_config(config)).run()
+
+    assert only["sites"]["node-13"]["errors"][0].startswith("train: Error: Node Unavailable")
+    assert all(only["sites"][s]["num_examples"] > 0 for s in ("ct_site", "mri_site"))
+    assert "round 1: 2 sites trained, fewer than min-train-sites=3; global model unchanged" in caplog.text
+    evaluations = {m.metadata.dst_node_id: Instructions.from_config(m.content[CONFIG]) for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE}
+    assert {node: e.version for node, e in evaluations.items()} == {11: 0, 12: 0, 13: 0}  # the initial model: not aggregated
+    assert {node: e.base_version for node, e in evaluations.items()} == {11: 0, 12: 0, 13: FULL_SYNC}  # the silent node's copy is unknown
+    assert all("dice" in only["sites"][s] for s in ("ct_site", "mri_site", "us_site"))
