@@ -238,11 +238,11 @@ def main() -> int:
     print(table)
 
     torch_version, threads = rows[0][2]["torch_version"], rows[0][2]["threads"]
-    versus = f"vs {ref_name} (source executed from the installed package, not imported)" if ref_name else (
-        "(mamba-ssm's reference not run this time)")
+    versus = f", vs {ref_name} (source executed from the installed package, not imported)" if ref_name else (
+        " (mamba-ssm's reference not run this time)")
     section = f"""{SECTION}
 
-`fed_swinumamba.ops.selective_scan` on CPU, native kernel and PyTorch path, {versus}, forward + backward,
+`fed_swinumamba.ops.selective_scan` on CPU, native kernel and PyTorch path{versus}, forward + backward,
 fp32, delta_softplus=True, D and delta_bias given, z=None, B/C grouped (b, 4, n, l), VMamba-like random
 inputs. Produced by `python benchmarks/bench_selective_scan.py --repeats {args.repeats}`.
 

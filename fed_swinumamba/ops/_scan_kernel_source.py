@@ -50,7 +50,8 @@ template <class T> inline T exp2_vec(T x) {
 }
 
 // log(1 + e) for 0 <= e <= 1, vectorisable: w = 1 + e = 2^j m with m in [sqrt(1/2), sqrt(2)],
-// log(m) = 2 atanh((m - 1) / (m + 1)) by its series; the last term restores what rounding 1 + e lost.
+// log(m) = 2 atanh((m - 1) / (m + 1)) by its series; the last term restores what rounding 1 + e lost
+// (to within half an ulp: it should be divided by w, in [1, 2]).
 template <class T> inline T log1p_unit(T e) {
   constexpr int terms = Float<T>::atanh_terms;
   const T w = 1 + e;
@@ -58,7 +59,7 @@ template <class T> inline T log1p_unit(T e) {
   const T s = (m - 1) / (m + 1), s2 = s * s;
   T p = T(1) / (2 * terms - 1);
   for (int k = terms - 2; k >= 0; --k) p = p * s2 + T(1) / (2 * k + 1);
-  return (w > T(kSqrt2) ? T(kLn2) : T(0)) + 2 * s * p + (e - (w - 1)) / w;
+  return (w > T(kSqrt2) ? T(kLn2) : T(0)) + 2 * s * p + (e - (w - 1));
 }
 
 struct Shape {
@@ -81,13 +82,16 @@ struct Task {
   }
 };
 
-// delta = softplus(raw + bias) (or raw + bias) for m steps of one channel, and slope = d delta / d raw.
-// With e = exp(-|z|): softplus(z) = max(z, 0) + log(1 + e), sigmoid(z) = (1 or e) / (1 + e).
-template <class T>
+// delta = softplus(raw + bias) (or raw + bias) for m steps of one channel, and with kSlope
+// slope = d delta / d raw. With e = exp(-|z|): softplus(z) = max(z, 0) + log(1 + e), sigmoid(z) = (1 or e) / (1 + e).
+template <class T, bool kSlope>
 inline void chunk_deltas(const T* __restrict raw, T bias, bool softplus, int64_t m, T* __restrict delta,
                          T* __restrict slope) {
   if (!softplus) {
-    for (int64_t t = 0; t < m; ++t) delta[t] = raw[t] + bias, slope[t] = 1;
+    for (int64_t t = 0; t < m; ++t) {
+      delta[t] = raw[t] + bias;
+      if constexpr (kSlope) slope[t] = 1;
+    }
     return;
   }
 #pragma omp simd
@@ -95,7 +99,7 @@ inline void chunk_deltas(const T* __restrict raw, T bias, bool softplus, int64_t
     const T z = raw[t] + bias;
     const T e = exp2_vec((z < 0 ? z : -z) * T(kLog2e));
     delta[t] = (z > 0 ? z : T(0)) + log1p_unit(e);
-    slope[t] = (z < 0 ? e : T(1)) / (1 + e);
+    if constexpr (kSlope) slope[t] = (z < 0 ? e : T(1)) * (T(1) / (1 + e));
   }
 }
 
@@ -142,7 +146,7 @@ void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, con
         const int64_t r0 = (w.batch * s.channels + c) * s.length + t0;
         T* entering = states + (k * s.batch * s.channels + w.batch * s.channels + c) * n;
         if (k == 0) std::fill_n(entering, n, T(0));
-        chunk_deltas(delta + r0, bias[c], s.softplus, m, buf.delta.data(), buf.slope.data());
+        chunk_deltas<T, false>(delta + r0, bias[c], s.softplus, m, buf.delta.data(), nullptr);
         chunk_states<T, kN>(u + r0, buf.delta.data(), A + c * n, Bk, entering, n, m, buf.a.data(), buf.h.data());
         for (int64_t t = 0; t < m; ++t) {
           const T *ht = buf.h.data() + t * n, *Ct = Ck + t * n;
@@ -181,7 +185,7 @@ void backward(const T* u, const T* delta, const T* A, const T* B, const T* C, co
         const int64_t row = w.batch * s.channels + c, r0 = row * s.length + t0;
         const T* h0 = states + (k * s.batch * s.channels + row) * n;
         const T* Ac = A + c * n;
-        chunk_deltas(delta + r0, bias[c], s.softplus, m, buf.delta.data(), buf.slope.data());
+        chunk_deltas<T, true>(delta + r0, bias[c], s.softplus, m, buf.delta.data(), buf.slope.data());
         chunk_states<T, kN>(u + r0, buf.delta.data(), Ac, Bk, h0, n, m, buf.a.data(), buf.h.data());
         T g[kN ? kN : kMaxState], dA_acc[kN ? kN : kMaxState];  // g: exp(delta_{t+1} A) G_{t+1}
         T* carried = carry.data() + (c - w.c0) * n;
