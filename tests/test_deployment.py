@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
 from client.audit import audit_replies
-from client.deployment import JOINED, REFUSED, start_supernode
+from client.deployment import JOINED, REFUSED, SuperNodeRefused, start_and_join, start_supernode
 from fed_swinumamba.data import make_demo_sites
-from fed_swinumamba.deployment import CONNECTION, Background, free_port, is_running, stop, wait_for_output
+from fed_swinumamba.deployment import CONNECTION, Background, free_port, is_running, start_background, stop, wait_for_output
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
 from fed_swinumamba.protocol import CONFIG, FULL_SYNC, Instructions
@@ -292,6 +292,39 @@ def test_the_coordinator_killed_after_a_round_resumes_at_the_next(crashes):
     assert after[:2] == crashes["before"]  # the history survived
     assert set(after[2]["sites"]) == set(HOSPITALS.values())  # the SuperNodes came back by themselves
     assert all("errors" not in s and s["num_examples"] > 0 and "dice" in s for s in after[2]["sites"].values())
+
+
+# ------------------------------------------------------------------------------------------ joining
+def _scripted_starts(tmp_path: Path, scripts: list[str], started: list[int]):
+    """A ``start`` for start_and_join whose successive processes run ``scripts`` (sh) instead of a SuperNode."""
+    remaining = iter(scripts)
+
+    def start() -> Background:
+        process = start_background(["sh", "-c", next(remaining)], tmp_path, "supernode")
+        started.append(process.pid)
+        return process
+
+    return start
+
+
+def test_a_refused_supernode_is_started_again_until_it_joins(tmp_path):
+    """Right after a crash the SuperLink refuses the restarted node for a while: start_and_join retries."""
+    started: list[int] = []
+    start = _scripted_starts(tmp_path, [f"echo '{REFUSED}'; exit 1", f"echo '{REFUSED}'; exit 1", f"echo '{JOINED} 7'; sleep 60"], started)
+    try:
+        process, joined = start_and_join(start, timeout=60, pause=0.1)
+        assert joined and len(started) == 3 and REFUSED not in process.output()
+    finally:
+        for pid in started:
+            stop(pid)
+
+
+def test_a_supernode_that_exits_for_another_reason_is_not_started_again(tmp_path):
+    started: list[int] = []
+    start = _scripted_starts(tmp_path, ["echo 'CERTIFICATE_VERIFY_FAILED'; exit 1", f"echo '{JOINED} 7'"], started)
+    with pytest.raises(SuperNodeRefused, match="CERTIFICATE_VERIFY_FAILED"):
+        start_and_join(start, timeout=60, pause=0.1)
+    assert len(started) == 1
 
 
 # ------------------------------------------------------------------------------------------------ audit
