@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fed_swinumamba.data import generate_phantoms, split_dataset
@@ -34,13 +35,19 @@ def task_identity(monkeypatch):
 
 
 class ScriptedGrid:
-    """A grid whose three sites answer at once: train replies move each sent weight by the site's step."""
+    """A grid whose three sites answer at once: train replies move each sent weight by the site's step.
 
-    def __init__(self, steps: dict[str, float], num_examples: dict[str, int] | None = None):
+    A site in ``offline`` answers no train message: the SuperLink's own error reply for a node that
+    stopped sending heartbeats comes instead.
+    """
+
+    def __init__(self, steps: dict[str, float], num_examples: dict[str, int] | None = None, offline: tuple[str, ...] = ()):
         self.steps = steps  # site -> value added to every weight it trains (NaN: a diverged site)
         self.num_examples = num_examples or dict.fromkeys(steps, 10)
+        self.offline = offline
         self.nodes = {i + 1: site for i, site in enumerate(steps)}
         self.train_instructions: list[Instructions] = []
+        self.sent: list[Message] = []
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -48,8 +55,13 @@ class ScriptedGrid:
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"  # as a grid numbers what it pushes
+            self.sent.append(msg)
             site = self.nodes[msg.metadata.dst_node_id]
             identity = ConfigRecord({"site": site, "modality": "ct"})
+            if msg.metadata.message_type == MessageType.TRAIN and site in self.offline:
+                replies.append(create_message_error_unavailable_res_message(msg.metadata, "node_unavail"))
+                continue
             if msg.metadata.message_type == MessageType.TRAIN:
                 ins = Instructions.from_config(msg.content[CONFIG])
                 self.train_instructions.append(ins)

@@ -17,23 +17,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from client import client_app
 from client.audit import audit_replies
-from client.deployment import JOINED, REFUSED, start_supernode
+from client.deployment import JOINED, REFUSED, SuperNodeRefused, start_and_join, start_supernode
 from fed_swinumamba.data import make_demo_sites
-from fed_swinumamba.deployment import CONNECTION, Background, free_port, is_running, stop, wait_for_output
+from fed_swinumamba.deployment import CONNECTION, Background, free_port, is_running, start_background, stop, wait_for_output
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
 from fed_swinumamba.protocol import CONFIG, FULL_SYNC, Instructions
 from server.federation import Federation
 from server.settings import FederationSettings
 
-from conftest import TINY, assert_only_weights_and_scalars
+from conftest import TINY, ScriptedGrid, assert_only_weights_and_scalars
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="processes are followed through /proc")
 
@@ -295,6 +294,39 @@ def test_the_coordinator_killed_after_a_round_resumes_at_the_next(crashes):
     assert all("errors" not in s and s["num_examples"] > 0 and "dice" in s for s in after[2]["sites"].values())
 
 
+# ------------------------------------------------------------------------------------------ joining
+def _scripted_starts(tmp_path: Path, scripts: list[str], started: list[int]):
+    """A ``start`` for start_and_join whose successive processes run ``scripts`` (sh) instead of a SuperNode."""
+    remaining = iter(scripts)
+
+    def start() -> Background:
+        process = start_background(["sh", "-c", next(remaining)], tmp_path, "supernode")
+        started.append(process.pid)
+        return process
+
+    return start
+
+
+def test_a_refused_supernode_is_started_again_until_it_joins(tmp_path):
+    """Right after a crash the SuperLink refuses the restarted node for a while: start_and_join retries."""
+    started: list[int] = []
+    start = _scripted_starts(tmp_path, [f"echo '{REFUSED}'; exit 1", f"echo '{REFUSED}'; exit 1", f"echo '{JOINED} 7'; sleep 60"], started)
+    try:
+        process, joined = start_and_join(start, timeout=60, pause=0.1)
+        assert joined and len(started) == 3 and REFUSED not in process.output()
+    finally:
+        for pid in started:
+            stop(pid)
+
+
+def test_a_supernode_that_exits_for_another_reason_is_not_started_again(tmp_path):
+    started: list[int] = []
+    start = _scripted_starts(tmp_path, ["echo 'CERTIFICATE_VERIFY_FAILED'; exit 1", f"echo '{JOINED} 7'"], started)
+    with pytest.raises(SuperNodeRefused, match="CERTIFICATE_VERIFY_FAILED"):
+        start_and_join(start, timeout=60, pause=0.1)
+    assert len(started) == 1
+
+
 # ------------------------------------------------------------------------------------------------ audit
 def test_a_site_that_cannot_write_its_audit_log_withholds_its_reply(tmp_path, task_identity):
     blocked = tmp_path / "not-a-folder"
@@ -307,44 +339,19 @@ def test_a_site_that_cannot_write_its_audit_log_withholds_its_reply(tmp_path, ta
 
 
 # ------------------------------------------------------------------------------- k of n, in one process
-class OneSiteGoesSilent:
-    """A Grid: nodes answer through the real ClientApp in this process, except that ``silent``'s train
-    message in ``round`` gets the error reply the SuperLink makes for a node that went offline."""
-
-    def __init__(self, sites: dict[int, Path], silent: int, round: int):
-        self.sites, self.silent, self.round = sites, silent, round
-        self.states = {node: RecordDict() for node in sites}
-        self.sent: list = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.sites)
-
-    def send_and_receive(self, messages, *, timeout):
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = f"message-{len(self.sent)}"
-            self.sent.append(msg)
-            node, ins = msg.metadata.dst_node_id, Instructions.from_config(msg.content[CONFIG])
-            if (node, ins.server_round, msg.metadata.message_type) == (self.silent, self.round, MessageType.TRAIN):
-                replies.append(create_message_error_unavailable_res_message(msg.metadata, "node_unavail"))
-                continue
-            context = Context(run_id=1, node_id=node, node_config={"site-config": str(self.sites[node])}, state=self.states[node], run_config={})
-            work = client_app.train if msg.metadata.message_type == MessageType.TRAIN else client_app.evaluate
-            replies.append(work(msg, context))
-        return replies
-
-
-def test_a_round_with_fewer_replies_than_min_train_sites_keeps_the_global_model(three_sites, tmp_path, task_identity, caplog):
-    """3 of 3 must train; the ultrasound site's node goes offline: the model stays as it was, the round is
-    still evaluated everywhere, and the error is recorded for that node (not for the SuperLink that sent it)."""
+def test_a_round_with_fewer_replies_than_min_train_sites_keeps_the_global_model(tmp_path, task_identity, caplog):
+    """3 of 3 must train; site_c's node goes offline: the model stays as it was, the round is still
+    evaluated everywhere, and the error is recorded for that node (not for the SuperLink that sent it)."""
     config = {**RUN_CONFIG, "num-server-rounds": 1, "min-train-sites": 3, "min-available-sites": 1, "output-dir": str(tmp_path)}
-    grid = OneSiteGoesSilent({11: three_sites[0], 12: three_sites[1], 13: three_sites[2]}, silent=13, round=1)
-    (only,) = Federation(grid, FederationSettings.from_run_config(config)).run()
+    grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02, "site_c": 0.03}, offline=("site_c",))
+    federation = Federation(grid, FederationSettings.from_run_config(config))
+    initial = {k: v.copy() for k, v in federation.state.items()}
+    (only,) = federation.run()
 
-    assert only["sites"]["node-13"]["errors"][0].startswith("train: Error: Node Unavailable")
-    assert all(only["sites"][s]["num_examples"] > 0 for s in ("ct_site", "mri_site"))
+    assert only["sites"]["node-3"]["errors"][0].startswith("train: Error: Node Unavailable")
     assert "round 1: 2 sites trained, fewer than min-train-sites=3; global model unchanged" in caplog.text
+    assert all(np.array_equal(federation.state[k], v) for k, v in initial.items())
     evaluations = {m.metadata.dst_node_id: Instructions.from_config(m.content[CONFIG]) for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE}
-    assert {node: e.version for node, e in evaluations.items()} == {11: 0, 12: 0, 13: 0}  # the initial model: not aggregated
-    assert {node: e.base_version for node, e in evaluations.items()} == {11: 0, 12: 0, 13: FULL_SYNC}  # the silent node's copy is unknown
-    assert all("dice" in only["sites"][s] for s in ("ct_site", "mri_site", "us_site"))
+    assert {node: e.version for node, e in evaluations.items()} == {1: 0, 2: 0, 3: 0}  # the initial model
+    assert {node: e.base_version for node, e in evaluations.items()} == {1: 0, 2: 0, 3: FULL_SYNC}  # the offline node's copy is unknown
+    assert all("dice" in only["sites"][s] for s in ("site_a", "site_b", "site_c"))
