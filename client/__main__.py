@@ -37,7 +37,7 @@ def _start(args) -> int:
 
     try:
         process, joined = start_and_join(start, timeout=args.join_timeout)
-    except SuperNodeRefused as err:
+    except (SuperNodeRefused, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if joined:

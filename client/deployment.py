@@ -62,6 +62,8 @@ def supernode_command(site_config: Path, private_key: Path, ca_certificate: Path
 
 def start_supernode(site_config: Path, private_key: Path, ca_certificate: Path, superlink: str, state_dir: Path, runtime_port: int = RUNTIME_PORT, audit_log: Path | None = None, env: dict | None = None) -> Background:
     """Start the SuperNode in the background; log and PID in ``state_dir/supernode-KEYNAME.*``."""
+    if not site_config.is_file():  # the SuperNode itself would only find out at the first round
+        raise FileNotFoundError(f"no site config at {site_config}")
     command = supernode_command(site_config, private_key, ca_certificate, superlink, runtime_port, audit_log)
     return start_background(command, state_dir, f"supernode-{private_key.name}", env)
 
