@@ -73,6 +73,8 @@ class SiteLevelDP:
         return cls(settings, int(state["config"]["population_size"]), state)
 
     def _event(self, num_replies: int) -> GaussianPrivacyEvent:
+        # Without amplification the sample size does not change epsilon; Flower only requires it to fit
+        # the population fixed when the accountant was made (sites that joined later would exceed it).
         population = self.accountant.config.population_size
         return GaussianPrivacyEvent(self.s.noise_multiplier, min(num_replies, population), population)
 
