@@ -109,6 +109,12 @@ def test_state_size_16_matches_reference(path, small_chunks):
     assert_matches(make_inputs(n=16, groups=4), set(NAMES), True, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_state_sizes_the_kernel_pads_match_reference(path, small_chunks, n):
+    # The kernel takes the state in whole vectors of 4; other n are padded with zero states and cut back.
+    assert_matches(make_inputs(n=n, groups=2), set(NAMES), True, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_channels_of_a_group_split_over_threads(small_chunks, monkeypatch, threads):
     # One batch element, one group: 3 threads give each a slice of 8 channels (2, 3, 3) with its own dB / dC.

@@ -1,14 +1,21 @@
 """C++ source of the native CPU selective scan (built by ``native_scan``).
 
 It lives in a .py string because Flower's app packages (FABs) keep only Python and config files.
-Plain C++20 + OpenMP, no torch headers. The arithmetic matches the PyTorch path
-(``selective_scan._torch_forward`` / ``_torch_backward``); ``native_scan`` calls it.
+C++20 + OpenMP with GCC/Clang vector extensions (16-byte vectors, so any x86-64 or ARM compiler of either
+family builds it), no torch headers. The arithmetic matches the PyTorch path (``selective_scan._torch_forward`` /
+``_torch_backward``); ``native_scan`` calls it.
+
+Where the time goes (swin_umamba_d's scans, n = 16, one core of an AMD EPYC Zen 1): about 2/3 of it is the
+16 exp(delta A) of every step, computed in the forward and again when the backward recomputes its chunk;
+keeping a channel's state in registers and summing the dot products' lanes once per chunk took the rest
+down by about a third (benchmarks/RESULTS.md).
 """
 
 SOURCE = r"""
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -16,44 +23,71 @@ namespace {
 
 constexpr int64_t kMaxState = 256;  // mamba-ssm's largest d_state
 
-template <class T> struct Float;
-template <> struct Float<float> {
+// 16-byte vectors (GCC/Clang vector extensions): 4 floats or 2 doubles. The state dimension n is a multiple of 4
+// (the caller pads it), so a time step's n values are n / kLanes whole vectors.
+template <class T> struct Simd;
+template <> struct Simd<float> {
+  typedef float V __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
   using Bits = uint32_t;
-  static constexpr int mantissa = 23, exponent_bias = 127, min_exponent = -125, exp2_degree = 6, atanh_terms = 5;
+  using Signed = int32_t;
+  static constexpr int mantissa = 23, exponent_bias = 127, min_exponent = -125, exp2_degree = 5, atanh_terms = 5;
 };
-template <> struct Float<double> {
+template <> struct Simd<double> {
+  typedef double V __attribute__((vector_size(16)));
+  typedef int64_t I __attribute__((vector_size(16)));
   using Bits = uint64_t;
+  using Signed = int64_t;
   static constexpr int mantissa = 52, exponent_bias = 1023, min_exponent = -1021, exp2_degree = 12, atanh_terms = 11;
 };
+template <class T> using Vec = typename Simd<T>::V;
+template <class T> constexpr int64_t kLanes = 16 / sizeof(T);
+
+template <class T> inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
+template <class T> inline T lane_sum(Vec<T> v) {
+  T s = 0;
+  for (int64_t i = 0; i < kLanes<T>; ++i) s += v[i];
+  return s;
+}
 
 constexpr double kLn2 = 0.6931471805599453, kLog2e = 1.4426950408889634, kSqrt2 = 1.4142135623730951;
 
-// ln(2)^k / k!: the Taylor coefficients of 2^f.
-template <class T> constexpr T exp2_coefficient(int k) { return k == 0 ? T(1) : exp2_coefficient<T>(k - 1) * T(kLn2 / k); }
+// The polynomial for 2^f on |f| <= 1/2: for float a degree-5 fit at Chebyshev nodes (2.6e-7 relative, one
+// multiply-add fewer than Taylor at that accuracy), for double ln(2)^k / k! (Taylor) to degree 12.
+constexpr float kExp2Float[] = {1.0000001192092896f, 0.6931471824645996f, 0.2402210682630539f,
+                                0.05550327152013779f, 0.009676037356257439f, 0.0013400432653725147f};
+template <class T> constexpr T exp2_coefficient(int k) {
+  if constexpr (std::is_same_v<T, float>) return kExp2Float[k];
+  else return k == 0 ? T(1) : exp2_coefficient<T>(k - 1) * T(kLn2 / k);
+}
 
-// 2^x within 3 ulp (measured), written so that loops over it vectorise (std::exp2 does not): 2^k * 2^f
-// with k = round(x) (adding 1.5 * 2^mantissa leaves k in the low bits) and a Taylor polynomial for
-// |f| <= 1/2. x is clamped to [min_exponent, exponent_bias]: exp(delta * A) of a very large step
-// is about 1e-38 (fp32), never a subnormal or inf.
-template <class T> inline T exp2_vec(T x) {
-  using F = Float<T>;
-  using Bits = typename F::Bits;
-  constexpr T shift = T(3 * (Bits(1) << (F::mantissa - 1)));
-  constexpr Bits bias = Bits(F::exponent_bias) - std::bit_cast<Bits>(shift);
-  x = x < T(F::min_exponent) ? T(F::min_exponent) : x;  // maxps / minps with -ffinite-math-only
-  x = x > T(F::exponent_bias) ? T(F::exponent_bias) : x;
-  const T s = x + shift;
-  const T f = x - (s - shift);
-  T p = exp2_coefficient<T>(F::exp2_degree);
-  for (int k = F::exp2_degree - 1; k >= 0; --k) p = p * f + exp2_coefficient<T>(k);
-  return p * std::bit_cast<T>((std::bit_cast<Bits>(s) + bias) << F::mantissa);
+// 2^x within 3 ulp (measured) for a scalar or a Vec: 2^k * 2^f with k = round(x) (adding 1.5 * 2^mantissa
+// leaves k in the low bits) and the polynomial for |f| <= 1/2. x is clamped to [min_exponent, exponent_bias]:
+// exp(delta * A) of a very large step is about 1e-38 (fp32), never a subnormal or inf.
+template <class T, class X> inline X exp2_poly(X x) {
+  using S = Simd<T>;
+  using Int = std::conditional_t<std::is_same_v<X, T>, typename S::Bits, typename S::I>;  // lanes: signed
+  constexpr T shift = T(3 * (typename S::Bits(1) << (S::mantissa - 1)));
+  constexpr auto bias = typename S::Bits(S::exponent_bias) - std::bit_cast<typename S::Bits>(shift);
+  x = x < T(S::min_exponent) ? T(S::min_exponent) : x;
+  x = x > T(S::exponent_bias) ? T(S::exponent_bias) : x;
+  const X s = x + shift;
+  const X f = x - (s - shift);
+  X p = f * exp2_coefficient<T>(S::exp2_degree) + exp2_coefficient<T>(S::exp2_degree - 1);
+  for (int k = S::exp2_degree - 2; k >= 0; --k) p = p * f + exp2_coefficient<T>(k);
+  return p * std::bit_cast<X>((std::bit_cast<Int>(s) + std::bit_cast<typename S::Signed>(bias)) << S::mantissa);
 }
 
 // log(1 + e) for 0 <= e <= 1 within 4 ulp (measured), vectorisable: w = 1 + e = 2^j m with m in [sqrt(1/2), sqrt(2)],
 // log(m) = 2 atanh((m - 1) / (m + 1)) by its series; the last term restores what rounding 1 + e lost
 // (to within half an ulp: it should be divided by w, in [1, 2]).
 template <class T> inline T log1p_unit(T e) {
-  constexpr int terms = Float<T>::atanh_terms;
+  constexpr int terms = Simd<T>::atanh_terms;
   const T w = 1 + e;
   const T m = w > T(kSqrt2) ? w * T(0.5) : w;
   const T s = (m - 1) / (m + 1), s2 = s * s;
@@ -97,47 +131,35 @@ inline void chunk_deltas(const T* __restrict raw, T bias, bool softplus, int64_t
 #pragma omp simd
   for (int64_t t = 0; t < m; ++t) {
     const T z = raw[t] + bias;
-    const T e = exp2_vec((z < 0 ? z : -z) * T(kLog2e));
+    const T e = exp2_poly<T>((z < 0 ? z : -z) * T(kLog2e));
     delta[t] = (z > 0 ? z : T(0)) + log1p_unit(e);
     if constexpr (kSlope) slope[t] = (z < 0 ? e : T(1)) * (T(1) / (1 + e));
   }
 }
 
-// The recurrence over m steps of one channel from the state h0: a_t = exp(delta_t A) and
-// h_t = a_t h_{t-1} + delta_t u_t B_t, stored at a[t * n], h[t * n].
-template <class T, int kN>
-inline void chunk_states(const T* __restrict u, const T* __restrict delta, const T* __restrict A,
-                         const T* __restrict B, const T* __restrict h0, int64_t n_, int64_t m,
-                         T* __restrict a, T* __restrict h) {
-  const int64_t n = kN ? kN : n_;
-  T A2[kN ? kN : kMaxState];  // exp(delta A) = 2^(delta A log2(e))
-  for (int64_t i = 0; i < n; ++i) A2[i] = A[i] * T(kLog2e);
-  for (int64_t t = 0; t < m; ++t, a += n, h += n) {
-    const T dt = delta[t], x = dt * u[t];
-    const T *Bt = B + t * n, *h_prev = t > 0 ? h - n : h0;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      a[i] = exp2_vec(dt * A2[i]);
-      h[i] = a[i] * h_prev[i] + x * Bt[i];
-    }
-  }
-}
-
-// Per-task scratch: one chunk of one channel.
-template <class T> struct Scratch {
-  std::vector<T> delta, slope, a, h;
-  Scratch(const Shape& s) : delta(s.chunk), slope(s.chunk), a(s.chunk * s.state), h(s.chunk * s.state) {}
+// The state dimension as whole vectors: fixed at compile time for n = 16 (VMamba's d_state), so that a
+// channel's state lives in registers; any other n at run time.
+template <class T, int kN> struct StateVectors {
+  static constexpr int64_t size = kN / kLanes<T>;
+  StateVectors(int64_t) {}
 };
+template <class T> struct StateVectors<T, 0> {
+  int64_t size;
+  StateVectors(int64_t n) : size(n / kLanes<T>) {}
+};
+template <class T, int kN> using StateArray = Vec<T>[kN ? kN / kLanes<T> : kMaxState / kLanes<T>];
 
 template <class T, int kN>
 void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, const T* D, const T* bias, T* y,
              T* states, Shape s, int64_t slices, int threads) {
-  const int64_t n = kN ? kN : s.state, chunks = s.chunks(), tasks = s.batch * s.groups * slices;
+  constexpr int64_t W = kLanes<T>;
+  const int64_t n = s.state, chunks = s.chunks(), tasks = s.batch * s.groups * slices;
+  const StateVectors<T, kN> nv(n);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t i = 0; i < tasks; ++i) {
     const Task w(s, slices, i);
     const int64_t plane = (w.batch * s.groups + w.group) * s.length * n;
-    Scratch<T> buf(s);
+    std::vector<T> dt(s.chunk), partial(s.chunk * W);
     // Chunk by chunk over all the slice's channels: the chunk's B and C rows stay in L1.
     for (int64_t k = 0; k < chunks; ++k) {
       const int64_t t0 = k * s.chunk, m = std::min(s.chunk, s.length - t0);
@@ -146,16 +168,28 @@ void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, con
         const int64_t r0 = (w.batch * s.channels + c) * s.length + t0;
         T* entering = states + (k * s.batch * s.channels + w.batch * s.channels + c) * n;
         if (k == 0) std::fill_n(entering, n, T(0));
-        chunk_deltas<T, false>(delta + r0, bias[c], s.softplus, m, buf.delta.data(), nullptr);
-        chunk_states<T, kN>(u + r0, buf.delta.data(), A + c * n, Bk, entering, n, m, buf.a.data(), buf.h.data());
+        chunk_deltas<T, false>(delta + r0, bias[c], s.softplus, m, dt.data(), nullptr);
+        StateArray<T, kN> h, A2;  // exp(delta A) = 2^(delta A log2(e))
+        for (int64_t v = 0; v < nv.size; ++v) h[v] = load(entering + v * W), A2[v] = load(A + c * n + v * W) * T(kLog2e);
+        // h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t; y_t = <C_t, h_t> + D u_t, its lanes summed after the loop.
         for (int64_t t = 0; t < m; ++t) {
-          const T *ht = buf.h.data() + t * n, *Ct = Ck + t * n;
-          T acc = D[c] * u[r0 + t];
-#pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < n; ++j) acc += ht[j] * Ct[j];
-          y[r0 + t] = acc;
+          const T dtt = dt[t], x = dtt * u[r0 + t];
+          const T *Bt = Bk + t * n, *Ct = Ck + t * n;
+          Vec<T> acc = {};
+          for (int64_t v = 0; v < nv.size; ++v) {
+            h[v] = exp2_poly<T>(dtt * A2[v]) * h[v] + x * load(Bt + v * W);
+            acc += load(Ct + v * W) * h[v];
+          }
+          store(partial.data() + t * W, acc);
         }
-        if (k + 1 < chunks) std::copy_n(buf.h.data() + (m - 1) * n, n, entering + s.batch * s.channels * n);
+#pragma omp simd
+        for (int64_t t = 0; t < m; ++t) {
+          T sum = D[c] * u[r0 + t];
+          for (int64_t j = 0; j < W; ++j) sum += partial[t * W + j];
+          y[r0 + t] = sum;
+        }
+        if (k + 1 < chunks)
+          for (int64_t v = 0; v < nv.size; ++v) store(entering + s.batch * s.channels * n + v * W, h[v]);
       }
     }
   }
@@ -164,58 +198,78 @@ void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, con
 // Reverse-time pass. With G_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) G_{t+1}:
 // dC_t += dy_t h_t, dB_t += delta_t u_t G_t, d(delta_t u_t) = <G_t, B_t>,
 // q_t = G_t h_{t-1} exp(delta_t A): ddelta_t += <q_t, A>, dA += delta_t q_t; and the D term.
-// Each chunk's delta, a and h are recomputed from the raw delta and the state saved at its start.
+// Each chunk's delta, exp(delta A) and h are recomputed from the raw delta and the state saved at its start.
 template <class T, int kN>
 void backward(const T* u, const T* delta, const T* A, const T* B, const T* C, const T* D, const T* bias,
               const T* states, const T* dy, T* du, T* ddelta, T* dA, T* dB, T* dC, T* dD, T* dbias, Shape s,
               int64_t slices, int threads) {
-  const int64_t n = kN ? kN : s.state, chunks = s.chunks(), tasks = s.batch * s.groups * slices;
+  constexpr int64_t W = kLanes<T>;
+  const int64_t n = s.state, chunks = s.chunks(), tasks = s.batch * s.groups * slices;
+  const StateVectors<T, kN> nv(n);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t i = 0; i < tasks; ++i) {
     const Task w(s, slices, i);
     const int64_t plane = (w.batch * s.groups + w.group) * s.length * n;
-    const int64_t partial = (w.slice * s.batch * s.groups + w.batch * s.groups + w.group) * s.length * n;
-    Scratch<T> buf(s);
-    std::vector<T> carry((w.c1 - w.c0) * n, T(0));
+    const int64_t partial_plane = (w.slice * s.batch * s.groups + w.batch * s.groups + w.group) * s.length * n;
+    std::vector<T> dt(s.chunk), slope(s.chunk), a(s.chunk * n), h(s.chunk * n), d_x(s.chunk * W), d_dt(s.chunk * W);
+    std::vector<T> carry((w.c1 - w.c0) * n, T(0));  // exp(delta A) G at the start of the chunk after this one
     for (int64_t k = chunks - 1; k >= 0; --k) {
       const int64_t t0 = k * s.chunk, m = std::min(s.chunk, s.length - t0);
       const T *Bk = B + plane + t0 * n, *Ck = C + plane + t0 * n;
-      T *dBk = dB + partial + t0 * n, *dCk = dC + partial + t0 * n;
+      T *dBk = dB + partial_plane + t0 * n, *dCk = dC + partial_plane + t0 * n;
       for (int64_t c = w.c0; c < w.c1; ++c) {
         const int64_t row = w.batch * s.channels + c, r0 = row * s.length + t0;
         const T* h0 = states + (k * s.batch * s.channels + row) * n;
-        const T* Ac = A + c * n;
-        chunk_deltas<T, true>(delta + r0, bias[c], s.softplus, m, buf.delta.data(), buf.slope.data());
-        chunk_states<T, kN>(u + r0, buf.delta.data(), Ac, Bk, h0, n, m, buf.a.data(), buf.h.data());
-        T g[kN ? kN : kMaxState], dA_acc[kN ? kN : kMaxState];  // g: exp(delta_{t+1} A) G_{t+1}
-        T* carried = carry.data() + (c - w.c0) * n;
-        std::copy_n(carried, n, g);
-        std::fill_n(dA_acc, n, T(0));
-        T dD_acc = 0, dbias_acc = 0;
+        chunk_deltas<T, true>(delta + r0, bias[c], s.softplus, m, dt.data(), slope.data());
+        StateArray<T, kN> hv, Av, A2, g, dA_acc;
+        for (int64_t v = 0; v < nv.size; ++v) {
+          hv[v] = load(h0 + v * W), Av[v] = load(A + c * n + v * W), A2[v] = Av[v] * T(kLog2e);
+          g[v] = load(carry.data() + (c - w.c0) * n + v * W), dA_acc[v] = Vec<T>{};
+        }
+        for (int64_t t = 0; t < m; ++t) {
+          const T dtt = dt[t], x = dtt * u[r0 + t];
+          for (int64_t v = 0; v < nv.size; ++v) {
+            const Vec<T> at = exp2_poly<T>(dtt * A2[v]);
+            hv[v] = at * hv[v] + x * load(Bk + t * n + v * W);
+            store(a.data() + t * n + v * W, at);
+            store(h.data() + t * n + v * W, hv[v]);
+          }
+        }
         for (int64_t t = m - 1; t >= 0; --t) {
-          const T *a = buf.a.data() + t * n, *ht = buf.h.data() + t * n, *h_prev = t > 0 ? ht - n : h0;
+          const T dyt = dy[r0 + t], dtt = dt[t], x = dtt * u[r0 + t];
+          const T *ht = h.data() + t * n, *h_prev = t > 0 ? ht - n : h0, *at = a.data() + t * n;
           const T *Bt = Bk + t * n, *Ct = Ck + t * n;
           T *dBt = dBk + t * n, *dCt = dCk + t * n;
-          const T dyt = dy[r0 + t], ut = u[r0 + t], dt = buf.delta[t], x = dt * ut;
-          T d_x = 0, d_dt = 0;
-#pragma omp simd reduction(+ : d_x, d_dt)
-          for (int64_t j = 0; j < n; ++j) {
-            const T G = dyt * Ct[j] + g[j];
-            dCt[j] += dyt * ht[j];
-            dBt[j] += x * G;
-            d_x += G * Bt[j];
-            const T q = G * h_prev[j] * a[j];
-            d_dt += q * Ac[j];
-            dA_acc[j] += q * dt;
-            g[j] = a[j] * G;
+          Vec<T> px = {}, pd = {};
+          for (int64_t v = 0; v < nv.size; ++v) {
+            const int64_t o = v * W;
+            const Vec<T> G = dyt * load(Ct + o) + g[v], Bv = load(Bt + o);
+            store(dCt + o, load(dCt + o) + dyt * load(ht + o));
+            store(dBt + o, load(dBt + o) + x * G);
+            px += G * Bv;
+            const Vec<T> q = G * load(h_prev + o) * load(at + o);
+            pd += q * Av[v];
+            dA_acc[v] += q * dtt;
+            g[v] = load(at + o) * G;
           }
-          du[r0 + t] = dt * d_x + D[c] * dyt;
-          ddelta[r0 + t] = (ut * d_x + d_dt) * buf.slope[t];
+          store(d_x.data() + t * W, px);
+          store(d_dt.data() + t * W, pd);
+        }
+        T dD_acc = 0, dbias_acc = 0;
+#pragma omp simd reduction(+ : dD_acc, dbias_acc)
+        for (int64_t t = 0; t < m; ++t) {
+          T dxt = 0, ddt = 0;
+          for (int64_t j = 0; j < W; ++j) dxt += d_x[t * W + j], ddt += d_dt[t * W + j];
+          const T dyt = dy[r0 + t], ut = u[r0 + t];
+          du[r0 + t] = dt[t] * dxt + D[c] * dyt;
+          ddelta[r0 + t] = (ut * dxt + ddt) * slope[t];
           dD_acc += dyt * ut;
           dbias_acc += ddelta[r0 + t];
         }
-        std::copy_n(g, n, carried);
-        for (int64_t j = 0; j < n; ++j) dA[row * n + j] += dA_acc[j];
+        for (int64_t v = 0; v < nv.size; ++v) {
+          store(carry.data() + (c - w.c0) * n + v * W, g[v]);
+          for (int64_t j = 0; j < W; ++j) dA[row * n + v * W + j] += dA_acc[v][j];
+        }
         dD[row] += dD_acc;
         dbias[row] += dbias_acc;
       }
@@ -223,9 +277,9 @@ void backward(const T* u, const T* delta, const T* A, const T* B, const T* C, co
   }
 }
 
-// n = 16 (VMamba's d_state) gets a kernel with a fixed trip count; any other n the generic one.
+// n = 16 (VMamba's d_state) gets a kernel with a fixed state size; any other n (a multiple of 4) the generic one.
 template <class Fn> int dispatch(int64_t n, Fn&& fn) {
-  if (n > kMaxState) return 1;
+  if (n > kMaxState || n % 4) return 1;
   if (n == 16) fn(std::integral_constant<int, 16>{});
   else fn(std::integral_constant<int, 0>{});
   return 0;
@@ -236,7 +290,7 @@ template <class Fn> int dispatch(int64_t n, Fn&& fn) {
 // Layouts (all contiguous): u, delta (raw: before bias and softplus), y, dy, du, ddelta (b, d, l);
 // A (d, n); B, C (b, g, l, n); D, bias (d); states (l / chunk rounded up, b, d, n);
 // dA (b, d, n), dD, dbias (b, d) and dB, dC (slices, b, g, l, n) zeroed by the caller.
-// Returns 0, or 1 if n is larger than the kernel supports.
+// Returns 0, or 1 if n is larger than the kernel supports or not a multiple of 4.
 #define SCAN_API(T, suffix)                                                                                    \
   extern "C" int scan_forward_##suffix(const T* u, const T* delta, const T* A, const T* B, const T* C,         \
                                        const T* D, const T* bias, T* y, T* states, int64_t b, int64_t d,       \

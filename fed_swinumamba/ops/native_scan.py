@@ -28,12 +28,13 @@ import torch
 
 from ._scan_kernel_source import SOURCE
 
-__all__ = ["CHUNK", "MAX_STATE", "library", "scan_backward", "scan_forward"]
+__all__ = ["CHUNK", "MAX_STATE", "STATE_MULTIPLE", "library", "scan_backward", "scan_forward"]
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64  # time steps per saved state: the backward recomputes a chunk's a and h (2 x 4 KiB at n=16, fp32)
 MAX_STATE = 256  # the kernel's largest n (kMaxState)
+STATE_MULTIPLE = 4  # the kernel takes n in whole vectors of 4 floats (2 doubles); smaller multiples are padded
 # No -ffast-math: exp2_vec's rounding trick needs exact fp. These three let min/max/select vectorise.
 _FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
           "-fopenmp", "-std=c++20", "-shared", "-fPIC")
@@ -109,22 +110,34 @@ def _ptrs(*tensors: torch.Tensor) -> list[int]:
 def _call(name: str, dtype: torch.dtype, *args) -> None:
     lib, _ = library()
     if getattr(lib, f"{name}_{_SUFFIX[dtype]}")(*args):
-        raise ValueError(f"the native scan supports n <= {MAX_STATE}")
+        raise ValueError(f"the native scan takes n <= {MAX_STATE} in multiples of {STATE_MULTIPLE}")
+
+
+def _padded_state(n: int) -> int:
+    """The kernel holds a step's n states in whole 16-byte vectors: n rounded up to a multiple of 4."""
+    return -(-n // STATE_MULTIPLE) * STATE_MULTIPLE
+
+
+def _pad_state(x: torch.Tensor) -> torch.Tensor:
+    """Zeros appended to the last (state) dimension up to the kernel's multiple. A padded state has A = 0 and
+    B = C = 0: it stays 0, adds nothing to y, and its gradients are cut off again by the caller."""
+    return torch.nn.functional.pad(x, (0, _padded_state(x.shape[-1]) - x.shape[-1]))
 
 
 def _group_planes(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, g, n, l) -> (b, g, l, n): each time step's n values side by side."""
-    return B.transpose(2, 3).contiguous(), C.transpose(2, 3).contiguous()
+    """(b, g, n, l) -> (b, g, l, n'): each time step's states side by side, padded to the kernel's multiple."""
+    return _pad_state(B.transpose(2, 3)).contiguous(), _pad_state(C.transpose(2, 3)).contiguous()
 
 
 def scan_forward(u, delta, A, B, C, D, delta_bias, softplus):
     """y (b, d, l) and the state entering each chunk of CHUNK steps (n_chunks, b, d, n)."""
     (b, d, l), (g, n) = u.shape, B.shape[1:3]
     Bt, Ct = _group_planes(B, C)
+    n = Bt.shape[3]
     y = torch.empty_like(u)
     states = u.new_empty(-(-l // CHUNK), b, d, n)
     threads = torch.get_num_threads()
-    inputs = [t.contiguous() for t in (u, delta, A, Bt, Ct, D, delta_bias)]  # alive through the call
+    inputs = [t.contiguous() for t in (u, delta, _pad_state(A), Bt, Ct, D, delta_bias)]  # alive through the call
     _call("scan_forward", u.dtype, *_ptrs(*inputs, y, states), b, d, n, l, g, CHUNK, _slices(b, d, g, threads),
           softplus, threads)
     return y, states
@@ -134,12 +147,14 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, softplus, states, dy):
     """Gradients of sum(dy * y): u, delta, B, C, and A, D, delta_bias per batch element ((b, d, n), (b, d))."""
     (b, d, l), (g, n) = u.shape, B.shape[1:3]
     Bt, Ct = _group_planes(B, C)
+    padded = Bt.shape[3]
     threads = torch.get_num_threads()
     slices = _slices(b, d, g, threads)
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
-    dA, dD, dbias = u.new_zeros(b, d, n), u.new_zeros(b, d), u.new_zeros(b, d)
-    dB, dC = u.new_zeros(slices, b, g, l, n), u.new_zeros(slices, b, g, l, n)
-    inputs = [t.contiguous() for t in (u, delta, A, Bt, Ct, D, delta_bias, states, dy)]
+    dA, dD, dbias = u.new_zeros(b, d, padded), u.new_zeros(b, d), u.new_zeros(b, d)
+    dB, dC = u.new_zeros(slices, b, g, l, padded), u.new_zeros(slices, b, g, l, padded)
+    inputs = [t.contiguous() for t in (u, delta, _pad_state(A), Bt, Ct, D, delta_bias, states, dy)]
     _call("scan_backward", u.dtype, *_ptrs(*inputs, du, ddelta, dA, dB, dC, dD, dbias),
-          b, d, n, l, g, CHUNK, slices, softplus, threads)
-    return du, ddelta, dA, dB.sum(0).transpose(2, 3), dC.sum(0).transpose(2, 3), dD, dbias
+          b, d, padded, l, g, CHUNK, slices, softplus, threads)
+    dB, dC = (x.sum(0)[..., :n].transpose(2, 3) for x in (dB, dC))
+    return du, ddelta, dA[..., :n], dB, dC, dD, dbias
