@@ -71,7 +71,8 @@ template <class T> constexpr T exp2_coefficient(int k) {
 // exp(delta * A) of a very large step is about 1e-38 (fp32), never a subnormal or inf.
 template <class T, class X> inline X exp2_poly(X x) {
   using S = Simd<T>;
-  using Int = std::conditional_t<std::is_same_v<X, T>, typename S::Bits, typename S::I>;  // lanes: signed
+  // The bits as integers: unsigned for a scalar; for a Vec signed lanes, to which the signed bias is added.
+  using Int = std::conditional_t<std::is_same_v<X, T>, typename S::Bits, typename S::I>;
   constexpr T shift = T(3 * (typename S::Bits(1) << (S::mantissa - 1)));
   constexpr auto bias = typename S::Bits(S::exponent_bias) - std::bit_cast<typename S::Bits>(shift);
   x = x < T(S::min_exponent) ? T(S::min_exponent) : x;
@@ -170,7 +171,10 @@ void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, con
         if (k == 0) std::fill_n(entering, n, T(0));
         chunk_deltas<T, false>(delta + r0, bias[c], s.softplus, m, dt.data(), nullptr);
         StateArray<T, kN> h, A2;  // exp(delta A) = 2^(delta A log2(e))
-        for (int64_t v = 0; v < nv.size; ++v) h[v] = load(entering + v * W), A2[v] = load(A + c * n + v * W) * T(kLog2e);
+        for (int64_t v = 0; v < nv.size; ++v) {
+          h[v] = load(entering + v * W);
+          A2[v] = load(A + c * n + v * W) * T(kLog2e);
+        }
         // h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t; y_t = <C_t, h_t> + D u_t, its lanes summed after the loop.
         for (int64_t t = 0; t < m; ++t) {
           const T dtt = dt[t], x = dtt * u[r0 + t];
