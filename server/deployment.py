@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,9 +114,12 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def superlink_command(certs: Certificates, database: Path, host: str, port: int) -> list[str]:
-    """``flower-superlink`` with TLS, SuperNode authentication, persistent state, no runtime installs."""
+    """``flower-superlink`` with TLS, SuperNode authentication, persistent state, no runtime installs.
+
+    It runs through ``server.superlink``, which gives its database a longer busy timeout than Flower's.
+    """
     return [
-        "flower-superlink",
+        sys.executable, "-m", "server.superlink",
         "--ssl-ca-certfile", str(certs.ca_certificate.resolve()),
         "--ssl-certfile", str(certs.server_certificate.resolve()),
         "--ssl-keyfile", str(certs.server_key.resolve()),
