@@ -28,6 +28,7 @@ from flwr.supercore.utils import get_flwr_home
 from fed_swinumamba.deployment import CONNECTION, Background, last_lines, start_background, wait_for_output
 
 ACTIVE_RUN_STATUSES = ("pending", "starting", "running")
+START_TIMEOUT = 120.0  # seconds a run may stay pending: the SuperExec takes it within seconds
 SUPERLINK_PORT = 8000  # Flower's default
 # The SuperLink's own ServerApp process reaches it on the loopback address, so the server certificate
 # always names it, besides the names the hospitals use.
@@ -170,12 +171,36 @@ def run_status(run_id: int, connection: str = CONNECTION) -> str:
     return json.loads(done.stdout[done.stdout.index("{"):])["runs"][0]["status"] if done.returncode == 0 else "unknown"
 
 
-def follow_run(run_id: int, connection: str = CONNECTION, poll: float = 5.0, patience: int = 3) -> str:
+def wait_until_started(run_id: int, connection: str = CONNECTION, timeout: float = START_TIMEOUT, poll: float = 2.0) -> str:
+    """The run's status once it is no longer pending; RuntimeError once it has been pending ``timeout`` s.
+
+    The SuperLink's SuperExec starts a pending run's ServerApp within seconds, but Flower 1.42's SuperExec
+    exits for good after a failed request, and then runs stay pending without a word. Such a run is
+    stopped here, so that a restarted SuperLink does not start it beside its rerun.
+    """
+    deadline = time.monotonic() + timeout
+    while (status := run_status(run_id, connection)) in ("pending", "unknown"):
+        if time.monotonic() > deadline:
+            stopped = subprocess.run(["flwr", "stop", str(run_id), connection], capture_output=True).returncode == 0
+            cause = "the SuperLink does not answer" if status == "unknown" else "the SuperLink's SuperExec, which starts ServerApps, is not running"
+            raise RuntimeError(
+                f"run {run_id} is still {status} after {timeout:.0f} s: {cause}. "
+                + (f"Run {run_id} was stopped. " if stopped else f"Stop it with: flwr stop {run_id} {connection}. ")
+                + "Restart the SuperLink (kill it by its PID, then the same `server start` command) and run again; "
+                "resume=true in the run config continues an interrupted run's rounds."
+            )
+        time.sleep(poll)
+    return status
+
+
+def follow_run(run_id: int, connection: str = CONNECTION, poll: float = 5.0, patience: int = 3, start_timeout: float = START_TIMEOUT) -> str:
     """Print the run's log as it comes; return its final status (``unknown``: the SuperLink is gone).
 
     The log stream can end before the run does (the SuperLink's database busy under load), so the
     run's status decides when it is over; ``patience`` failed status queries in a row mean it is gone.
+    A run that never leaves ``pending`` raises RuntimeError (``wait_until_started``).
     """
+    wait_until_started(run_id, connection, start_timeout)
     subprocess.run(["flwr", "log", str(run_id), connection, "--stream"])
     failures = 0
     while (status := run_status(run_id, connection)) in ACTIVE_RUN_STATUSES or (status == "unknown" and failures < patience):

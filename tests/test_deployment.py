@@ -339,6 +339,19 @@ def test_requests_wait_out_a_write_lock_longer_than_flowers_busy_timeout(lone_su
     assert is_running(superexec) and "database is locked" not in d.superlink_log()
 
 
+def test_a_run_that_no_superexec_starts_is_reported_and_stopped(lone_superlink, tmp_path):
+    """Without its SuperExec (Flower 1.42's exits after a failed request) a SuperLink leaves new runs
+    pending: ``server run`` says so after its start timeout, and stops the run."""
+    d = lone_superlink
+    for superexec in _superexecs(d):
+        stop(superexec)
+    output, _ = d.start_run(tmp_path, "--start-timeout", "10").communicate(timeout=300)
+    run_id = int(re.search(r"Run (\d+) started", output).group(1))
+    assert f"run {run_id} is still pending after 10 s: the SuperLink's SuperExec" in output
+    assert f"Run {run_id} was stopped" in output
+    assert d.flwr("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]["status"] == "finished:stopped"
+
+
 # ------------------------------------------------------------------------------------------ joining
 def _scripted_starts(tmp_path: Path, scripts: list[str], started: list[int]):
     """A ``start`` for start_and_join whose successive processes run ``scripts`` (sh) instead of a SuperNode."""
