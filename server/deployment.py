@@ -25,7 +25,7 @@ from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 from flwr.supercore.utils import get_flwr_home
 
-from fed_swinumamba.deployment import CONNECTION, Background, last_lines, start_background, wait_for_output
+from fed_swinumamba.deployment import CONNECTION, Background, descendants, last_lines, start_background, wait_for_output
 
 ACTIVE_RUN_STATUSES = ("pending", "starting", "running")
 START_TIMEOUT = 120.0  # seconds a run may stay pending: the SuperExec takes it within seconds
@@ -143,6 +143,18 @@ def start_superlink(certs: Certificates, state_dir: Path, host: str = "127.0.0.1
     if not wait_for_output(process, "Uvicorn running on", timeout=120):
         raise RuntimeError(f"the SuperLink exited; {process.log_file} ends with:\n{last_lines(process.output())}")
     return process
+
+
+def superexec_pids(superlink_pid: int) -> list[int]:
+    """The SuperExec that a SuperLink started, the process that starts its runs' ServerApps ([] once it exited)."""
+    pids = []
+    for pid in descendants(superlink_pid):
+        try:
+            if b"flower-superexec" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:  # exited meanwhile
+            continue
+    return pids
 
 
 def write_connection(address: str, ca_certificate: Path, name: str = CONNECTION) -> Path:

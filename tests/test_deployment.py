@@ -27,10 +27,11 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from client.audit import audit_replies
 from client.deployment import JOINED, REFUSED, SuperNodeRefused, start_and_join, start_supernode
 from fed_swinumamba.data import make_demo_sites
-from fed_swinumamba.deployment import CONNECTION, Background, descendants, free_port, is_running, start_background, stop, wait_for_output
+from fed_swinumamba.deployment import CONNECTION, Background, free_port, is_running, start_background, stop, wait_for_output
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
 from fed_swinumamba.protocol import CONFIG, FULL_SYNC, Instructions
+from server.deployment import superexec_pids
 from server.federation import Federation
 from server.settings import FederationSettings
 
@@ -314,17 +315,12 @@ def lone_superlink(tmp_path_factory):
         d.stop_all()
 
 
-def _superexecs(d: Deployment) -> list[int]:
-    """The SuperExec that the SuperLink started: it starts the ServerApp of each new run."""
-    return [p for p in descendants(d.superlink_pid()) if b"flower-superexec" in Path(f"/proc/{p}/cmdline").read_bytes()]
-
-
 def test_requests_wait_out_a_write_lock_longer_than_flowers_busy_timeout(lone_superlink):
     """A transaction holds the database's write lock for 12 s, as a full-size message's does under load
     (Flower's own busy timeout: 5 s): a Control API request waits for it, and the SuperExec, which polls
     for tasks every second, is still there afterwards."""
     d = lone_superlink
-    (superexec,) = _superexecs(d)
+    (superexec,) = superexec_pids(d.superlink_pid())
     database = sqlite3.connect(d.root / "coordinator" / "superlink.db", isolation_level=None)
     try:
         database.execute("BEGIN IMMEDIATE")
@@ -343,7 +339,7 @@ def test_a_run_that_no_superexec_starts_is_reported_and_stopped(lone_superlink, 
     """Without its SuperExec (Flower 1.42's exits after a failed request) a SuperLink leaves new runs
     pending: ``server run`` says so after its start timeout, and stops the run."""
     d = lone_superlink
-    for superexec in _superexecs(d):
+    for superexec in superexec_pids(d.superlink_pid()):
         stop(superexec)
     output, _ = d.start_run(tmp_path, "--start-timeout", "10").communicate(timeout=300)
     run_id = int(re.search(r"Run (\d+) started", output).group(1))
