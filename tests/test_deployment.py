@@ -90,6 +90,11 @@ class Deployment:
         self.pids.append(pid)
         return pid
 
+    def start_coordinator(self) -> None:
+        """The coordinator's first commands: its CA and certificates, then its SuperLink."""
+        self.command("server", "make-ca", "--out", self.root / "certs")
+        self.start_superlink()
+
     def start_superlink(self) -> None:
         self.command("server", "start", "--certs", self.root / "certs", "--state", self.root / "coordinator", "--port", self.port)
         self._started(self.root / "coordinator" / "superlink.pid")
@@ -149,8 +154,7 @@ def deployment(tmp_path_factory):
     """CA, SuperLink, three registered hospitals with their SuperNodes running: the set-up of the README."""
     d = Deployment(tmp_path_factory.mktemp("deployment"), tmp_path_factory.mktemp("hospital-data"))
     try:
-        d.command("server", "make-ca", "--out", d.root / "certs")
-        d.start_superlink()
+        d.start_coordinator()
         for name in HOSPITALS:
             d.command("client", "make-key", "--site", name, "--out", d.root / "keys")
             d.node_ids[name] = d.register(name)
@@ -304,10 +308,10 @@ def test_the_coordinator_killed_after_a_round_resumes_at_the_next(crashes):
 @pytest.fixture(scope="module")
 def lone_superlink(tmp_path_factory):
     """A SuperLink started by ``server start``, with no hospitals: its database and its SuperExec."""
-    d = Deployment(tmp_path_factory.mktemp("lone-superlink"), tmp_path_factory.mktemp("unused"))
+    root = tmp_path_factory.mktemp("lone-superlink")
+    d = Deployment(root, root / "no-hospital-data")
     try:
-        d.command("server", "make-ca", "--out", d.root / "certs")
-        d.start_superlink()
+        d.start_coordinator()
         _wait_until(lambda: "Starting Flower SuperExec" in d.superlink_log(), 120, "the SuperLink's SuperExec")
         time.sleep(2)  # it polls for tasks every second from now on
         yield d
