@@ -155,14 +155,14 @@ def _deploy(work: Path, in_memory: bool):
     return superlink, node
 
 
-def _probe_write_lock(database: Path, waits: list[float], done: threading.Event) -> None:
-    """Take the database's write lock every half second; record how long each take waited.
+def _probe_write_lock(database: Path, waits: list[float], done: threading.Event, interval: float = 0.5) -> None:
+    """Take the database's write lock every ``interval`` seconds; record how long each take waited.
 
     The longest wait is the longest a SuperLink request waited for it: Flower's own busy timeout gives
     up after 5 s, ``server.superlink``'s after 25 s.
     """
     connection = sqlite3.connect(database, isolation_level=None, timeout=600)
-    while not done.wait(0.5):
+    while not done.wait(interval):
         start = time.perf_counter()
         connection.execute("BEGIN IMMEDIATE")
         connection.execute("COMMIT")
