@@ -168,19 +168,33 @@ def loopback_address(host: str, port: int) -> str:
     return f"{ {'0.0.0.0': '127.0.0.1', '::': '[::1]'}.get(host, host)}:{port}"
 
 
+def _flwr_json(*args: str) -> tuple[dict | None, str]:
+    """``flwr ARGS --format json``: its answer if it succeeded (else None), and its whole output.
+
+    In JSON mode the flwr CLI reports an error (the SuperLink unreachable, an HTTP 500) as
+    ``"success": false`` and still exits with status 0.
+    """
+    done = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True)
+    try:
+        answer = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        answer = {}
+    return (answer if done.returncode == 0 and answer.get("success") else None), done.stdout + done.stderr
+
+
 def submit_run(app: Path, connection: str = CONNECTION, run_config: Sequence[str] = ()) -> int:
     """``flwr run APP CONNECTION``: the SuperLink builds a run from the app; returns its run ID."""
-    command = ["flwr", "run", str(app), connection, "--format", "json", *[arg for value in run_config for arg in ("--run-config", value)]]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"flwr run failed:\n{done.stdout}{done.stderr}")
-    return int(json.loads(done.stdout[done.stdout.index("{"):])["run-id"])
+    answer, output = _flwr_json("run", str(app), connection, *[arg for value in run_config for arg in ("--run-config", value)])
+    if answer is None:
+        raise RuntimeError(f"flwr run failed:\n{output}")
+    return int(answer["run-id"])
 
 
 def run_status(run_id: int, connection: str = CONNECTION) -> str:
-    """The run's status as ``flwr ls`` reports it, e.g. ``running`` or ``finished:completed``."""
-    done = subprocess.run(["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"], capture_output=True, text=True)
-    return json.loads(done.stdout[done.stdout.index("{"):])["runs"][0]["status"] if done.returncode == 0 else "unknown"
+    """The run's status as ``flwr ls`` reports it, e.g. ``running`` or ``finished:completed``; ``unknown``
+    when the SuperLink does not answer."""
+    answer, _ = _flwr_json("ls", connection, "--run-id", str(run_id))
+    return answer["runs"][0]["status"] if answer else "unknown"
 
 
 def wait_until_started(run_id: int, connection: str = CONNECTION, timeout: float = START_TIMEOUT, poll: float = 2.0) -> str:
