@@ -9,7 +9,9 @@ fixed cost: polling, a fresh ClientApp process) is measured beside it.
 
 Reported per round trip: wall seconds seen by the ServerApp, and peak RSS of the SuperLink, the
 SuperNode, the ClientApp process and the ServerApp (peaks reset before each round trip through
-/proc/PID/clear_refs), plus the machine's load average.
+/proc/PID/clear_refs), plus the machine's load average. With the database: the longest time a writer
+waited for its write lock (probed every half second from outside) and whether the SuperLink's SuperExec
+outlived the run.
 
     python benchmarks/bench_large_message.py --repeats 3              # as deployed: SuperLink state in SQLite
     python benchmarks/bench_large_message.py --repeats 3 --in-memory  # for comparison: no database
@@ -22,9 +24,11 @@ import json
 import os
 import resource
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -151,6 +155,21 @@ def _deploy(work: Path, in_memory: bool):
     return superlink, node
 
 
+def _probe_write_lock(database: Path, waits: list[float], done: threading.Event, interval: float = 0.5) -> None:
+    """Take the database's write lock every ``interval`` seconds; record how long each take waited.
+
+    The longest wait is the longest a SuperLink request waited for it: Flower's own busy timeout gives
+    up after 5 s, ``server.superlink``'s after 25 s.
+    """
+    connection = sqlite3.connect(database, isolation_level=None, timeout=600)
+    while not done.wait(interval):
+        start = time.perf_counter()
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("COMMIT")
+        waits.append(time.perf_counter() - start)
+    connection.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -159,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from fed_swinumamba.deployment import CONNECTION, stop
-    from server.deployment import follow_run, submit_run
+    from server.deployment import follow_run, submit_run, superexec_pids
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-large-message-"))
     os.environ["FLWR_HOME"] = str(work / "flwr-home")  # the flwr CLI's connection for this benchmark only
@@ -171,13 +190,22 @@ def main() -> None:
     shapes = _full_size_shapes()
     (work / "shapes.json").write_text(json.dumps(shapes))
     superlink, node = _deploy(work, args.in_memory)
+    lock_waits: list[float] = []
+    probed = threading.Event()
+    if not args.in_memory:
+        threading.Thread(target=_probe_write_lock, args=(work / "superlink.db", lock_waits, probed), daemon=True).start()
     try:
         pids = json.dumps({"superlink": superlink.pid, "supernode": node.pid})
         config = f"shapes='{work / 'shapes.json'}' result='{work / 'result.json'}' pids='{pids}' repeats={args.repeats}"
         status = follow_run(submit_run(app, CONNECTION, [config]))
+        probed.set()
         print(f"benchmark run: {status}; SuperLink log {superlink.log_file}")
         _report(json.loads((work / "result.json").read_text()), shapes, not args.in_memory)
+        if lock_waits:
+            print(f"\nlongest wait for the database's write lock: {max(lock_waits):.2f} s ({len(lock_waits)} probes); "
+                  f"SuperExec {'still running' if superexec_pids(superlink.pid) else 'gone'} after the run")
     finally:
+        probed.set()
         stop(node.pid)
         stop(superlink.pid)
         if args.keep is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fed_swinumamba.deployment import CONNECTION
 
-from .deployment import SUPERLINK_PORT, Certificates, follow_run, loopback_address, make_ca, start_superlink, submit_run, write_connection
+from .deployment import START_TIMEOUT, SUPERLINK_PORT, Certificates, follow_run, loopback_address, make_ca, start_superlink, submit_run, write_connection
 from .report import write_report
 
 
@@ -41,7 +41,7 @@ def _run(args) -> int:
     print(f"Connection '{args.connection}' ({args.superlink}) written to {config}")
     run_id = submit_run(args.app, args.connection, args.run_config)
     print(f"Run {run_id} started; following its log (it goes on if you stop following: flwr log {run_id} {args.connection})", flush=True)
-    status = follow_run(run_id, args.connection)
+    status = follow_run(run_id, args.connection, start_timeout=args.start_timeout)
     print(f"Run {run_id}: {status}")
     return 0 if status == "finished:completed" else 1
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ca", type=Path, default=Path("certs/ca.crt"), help="the CA certificate that signed the SuperLink's (default: certs/ca.crt)")
     p.add_argument("--connection", default=CONNECTION, help=f"name of the flwr CLI connection to write and use (default: {CONNECTION})")
     p.add_argument("--run-config", action="append", default=[], help="run config overrides, 'key=value ...' or a TOML file (repeatable)")
+    p.add_argument("--start-timeout", type=float, default=START_TIMEOUT, help=f"seconds the run may stay pending before it is stopped as never started (default: {START_TIMEOUT:.0f})")
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("report", help="write OUT/report.html and PNG plots from OUT/metrics.json")

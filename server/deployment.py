@@ -11,6 +11,7 @@ import datetime
 import ipaddress
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 from flwr.supercore.utils import get_flwr_home
 
-from fed_swinumamba.deployment import CONNECTION, Background, last_lines, start_background, wait_for_output
+from fed_swinumamba.deployment import CONNECTION, Background, descendants, last_lines, start_background, wait_for_output
 
 ACTIVE_RUN_STATUSES = ("pending", "starting", "running")
+START_TIMEOUT = 120.0  # seconds a run may stay pending: the SuperExec takes it within seconds
 SUPERLINK_PORT = 8000  # Flower's default
 # The SuperLink's own ServerApp process reaches it on the loopback address, so the server certificate
 # always names it, besides the names the hospitals use.
@@ -113,9 +115,12 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def superlink_command(certs: Certificates, database: Path, host: str, port: int) -> list[str]:
-    """``flower-superlink`` with TLS, SuperNode authentication, persistent state, no runtime installs."""
+    """``flower-superlink`` with TLS, SuperNode authentication, persistent state, no runtime installs.
+
+    It runs through ``server.superlink``, which gives its database a longer busy timeout than Flower's.
+    """
     return [
-        "flower-superlink",
+        sys.executable, "-m", "server.superlink",
         "--ssl-ca-certfile", str(certs.ca_certificate.resolve()),
         "--ssl-certfile", str(certs.server_certificate.resolve()),
         "--ssl-keyfile", str(certs.server_key.resolve()),
@@ -140,6 +145,18 @@ def start_superlink(certs: Certificates, state_dir: Path, host: str = "127.0.0.1
     return process
 
 
+def superexec_pids(superlink_pid: int) -> list[int]:
+    """The SuperExec that a SuperLink started, the process that starts its runs' ServerApps ([] once it exited)."""
+    pids = []
+    for pid in descendants(superlink_pid):
+        try:
+            if b"flower-superexec" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:  # exited meanwhile
+            continue
+    return pids
+
+
 def write_connection(address: str, ca_certificate: Path, name: str = CONNECTION) -> Path:
     """Add (or replace) SuperLink connection ``name`` in the flwr CLI's config.toml (under $FLWR_HOME)."""
     write_superlink_connection(SuperLinkConnection(name=name, address=address, root_certificates=str(ca_certificate.resolve())))
@@ -151,27 +168,65 @@ def loopback_address(host: str, port: int) -> str:
     return f"{ {'0.0.0.0': '127.0.0.1', '::': '[::1]'}.get(host, host)}:{port}"
 
 
+def _flwr_json(*args: str) -> tuple[dict | None, str]:
+    """``flwr ARGS --format json``: its answer if it succeeded (else None), and its whole output.
+
+    In JSON mode the flwr CLI reports an error (the SuperLink unreachable, an HTTP 500) as
+    ``"success": false`` and still exits with status 0.
+    """
+    done = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True)
+    try:
+        answer = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        answer = {}
+    return (answer if done.returncode == 0 and answer.get("success") else None), done.stdout + done.stderr
+
+
 def submit_run(app: Path, connection: str = CONNECTION, run_config: Sequence[str] = ()) -> int:
     """``flwr run APP CONNECTION``: the SuperLink builds a run from the app; returns its run ID."""
-    command = ["flwr", "run", str(app), connection, "--format", "json", *[arg for value in run_config for arg in ("--run-config", value)]]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"flwr run failed:\n{done.stdout}{done.stderr}")
-    return int(json.loads(done.stdout[done.stdout.index("{"):])["run-id"])
+    answer, output = _flwr_json("run", str(app), connection, *[arg for value in run_config for arg in ("--run-config", value)])
+    if answer is None:
+        raise RuntimeError(f"flwr run failed:\n{output}")
+    return int(answer["run-id"])
 
 
 def run_status(run_id: int, connection: str = CONNECTION) -> str:
-    """The run's status as ``flwr ls`` reports it, e.g. ``running`` or ``finished:completed``."""
-    done = subprocess.run(["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"], capture_output=True, text=True)
-    return json.loads(done.stdout[done.stdout.index("{"):])["runs"][0]["status"] if done.returncode == 0 else "unknown"
+    """The run's status as ``flwr ls`` reports it, e.g. ``running`` or ``finished:completed``; ``unknown``
+    when the SuperLink does not answer."""
+    answer, _ = _flwr_json("ls", connection, "--run-id", str(run_id))
+    return answer["runs"][0]["status"] if answer else "unknown"
 
 
-def follow_run(run_id: int, connection: str = CONNECTION, poll: float = 5.0, patience: int = 3) -> str:
+def wait_until_started(run_id: int, connection: str = CONNECTION, timeout: float = START_TIMEOUT, poll: float = 2.0) -> str:
+    """The run's status once it is no longer pending; RuntimeError once it has been pending ``timeout`` s.
+
+    The SuperLink's SuperExec starts a pending run's ServerApp within seconds, but Flower 1.42's SuperExec
+    exits for good after a failed request, and then runs stay pending without a word. Such a run is
+    stopped here, so that a restarted SuperLink does not start it beside its rerun.
+    """
+    deadline = time.monotonic() + timeout
+    while (status := run_status(run_id, connection)) in ("pending", "unknown"):
+        if time.monotonic() > deadline:
+            stopped = subprocess.run(["flwr", "stop", str(run_id), connection], capture_output=True).returncode == 0
+            cause = "the SuperLink does not answer" if status == "unknown" else "the SuperLink's SuperExec, which starts ServerApps, is not running"
+            raise RuntimeError(
+                f"run {run_id} is still {status} after {timeout:.0f} s: {cause}. "
+                + (f"Run {run_id} was stopped. " if stopped else f"Stop it with: flwr stop {run_id} {connection}. ")
+                + "Restart the SuperLink (kill it by its PID, then the same `server start` command) and run again; "
+                "resume=true in the run config continues an interrupted run's rounds."
+            )
+        time.sleep(poll)
+    return status
+
+
+def follow_run(run_id: int, connection: str = CONNECTION, poll: float = 5.0, patience: int = 3, start_timeout: float = START_TIMEOUT) -> str:
     """Print the run's log as it comes; return its final status (``unknown``: the SuperLink is gone).
 
     The log stream can end before the run does (the SuperLink's database busy under load), so the
     run's status decides when it is over; ``patience`` failed status queries in a row mean it is gone.
+    A run that never leaves ``pending`` raises RuntimeError (``wait_until_started``).
     """
+    wait_until_started(run_id, connection, start_timeout)
     subprocess.run(["flwr", "log", str(run_id), connection, "--stream"])
     failures = 0
     while (status := run_status(run_id, connection)) in ACTIVE_RUN_STATUSES or (status == "unknown" and failures < patience):

@@ -12,9 +12,11 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from fed_swinumamba.deployment import CONNECTION, Background, free_port, is_runn
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
 from fed_swinumamba.protocol import CONFIG, FULL_SYNC, Instructions
+from server.deployment import superexec_pids
 from server.federation import Federation
 from server.settings import FederationSettings
 
@@ -56,10 +59,13 @@ class Deployment:
         self.root, self.data = root, data
         self.port = free_port()
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-        self.sites = dict(zip(HOSPITALS, make_demo_sites(data, num_cases=4)))
         self.runtime_ports = {name: free_port() for name in HOSPITALS}
         self.node_ids: dict[str, int] = {}
         self.pids: list[int] = []
+
+    @cached_property
+    def sites(self) -> dict[str, Path]:
+        return dict(zip(HOSPITALS, make_demo_sites(self.data, num_cases=4)))
 
     @property
     def superlink(self) -> str:
@@ -83,6 +89,11 @@ class Deployment:
         pid = int(pid_file.read_text())
         self.pids.append(pid)
         return pid
+
+    def start_coordinator(self) -> None:
+        """The coordinator's first commands: its CA and certificates, then its SuperLink."""
+        self.command("server", "make-ca", "--out", self.root / "certs")
+        self.start_superlink()
 
     def start_superlink(self) -> None:
         self.command("server", "start", "--certs", self.root / "certs", "--state", self.root / "coordinator", "--port", self.port)
@@ -120,10 +131,10 @@ class Deployment:
         self.pids.append(process.pid)
         return process
 
-    def start_run(self, out: Path, **overrides) -> subprocess.Popen:
-        """``python -m server run`` in the background: it returns when the run is over."""
+    def start_run(self, out: Path, *options: str, **overrides) -> subprocess.Popen:
+        """``python -m server run [OPTIONS]`` in the background: it returns when the run is over."""
         config = " ".join(f"{k}={_toml(v)}" for k, v in {**RUN_CONFIG, "output-dir": str(out), **overrides}.items())
-        command = [sys.executable, "-m", "server", "run", str(ROOT), "--superlink", self.superlink, "--ca", str(self.ca), "--run-config", config]
+        command = [sys.executable, "-m", "server", "run", str(ROOT), "--superlink", self.superlink, "--ca", str(self.ca), *options, "--run-config", config]
         run = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.pids.append(run.pid)
         return run
@@ -143,8 +154,7 @@ def deployment(tmp_path_factory):
     """CA, SuperLink, three registered hospitals with their SuperNodes running: the set-up of the README."""
     d = Deployment(tmp_path_factory.mktemp("deployment"), tmp_path_factory.mktemp("hospital-data"))
     try:
-        d.command("server", "make-ca", "--out", d.root / "certs")
-        d.start_superlink()
+        d.start_coordinator()
         for name in HOSPITALS:
             d.command("client", "make-key", "--site", name, "--out", d.root / "keys")
             d.node_ids[name] = d.register(name)
@@ -292,6 +302,54 @@ def test_the_coordinator_killed_after_a_round_resumes_at_the_next(crashes):
     assert after[:2] == crashes["before"]  # the history survived
     assert set(after[2]["sites"]) == set(HOSPITALS.values())  # the SuperNodes came back by themselves
     assert all("errors" not in s and s["num_examples"] > 0 and "dice" in s for s in after[2]["sites"].values())
+
+
+# ------------------------------------------------------------------------------ the database's write lock
+@pytest.fixture(scope="module")
+def lone_superlink(tmp_path_factory):
+    """A SuperLink started by ``server start``, with no hospitals: its database and its SuperExec."""
+    root = tmp_path_factory.mktemp("lone-superlink")
+    d = Deployment(root, root / "no-hospital-data")
+    try:
+        d.start_coordinator()
+        _wait_until(lambda: "Starting Flower SuperExec" in d.superlink_log(), 120, "the SuperLink's SuperExec")
+        time.sleep(2)  # it polls for tasks every second from now on
+        yield d
+    finally:
+        d.stop_all()
+
+
+def test_requests_wait_out_a_write_lock_longer_than_flowers_busy_timeout(lone_superlink):
+    """A transaction holds the database's write lock for 12 s, as a full-size message's does under load
+    (Flower's own busy timeout: 5 s): a Control API request waits for it, and the SuperExec, which polls
+    for tasks every second, is still there afterwards."""
+    d = lone_superlink
+    (superexec,) = superexec_pids(d.superlink_pid())
+    database = sqlite3.connect(d.root / "coordinator" / "superlink.db", isolation_level=None)
+    try:
+        database.execute("BEGIN IMMEDIATE")
+        listing = subprocess.Popen(["flwr", "ls", CONNECTION, "--format", "json"], env=d.env, stdout=subprocess.PIPE, text=True)
+        time.sleep(12)
+        database.execute("COMMIT")
+    finally:
+        database.close()
+    output, _ = listing.communicate(timeout=120)
+    assert json.loads(output[output.index("{"):])["success"], output
+    time.sleep(3)
+    assert is_running(superexec) and "database is locked" not in d.superlink_log()
+
+
+def test_a_run_that_no_superexec_starts_is_reported_and_stopped(lone_superlink, tmp_path):
+    """Without its SuperExec (Flower 1.42's exits after a failed request) a SuperLink leaves new runs
+    pending: ``server run`` says so after its start timeout, and stops the run."""
+    d = lone_superlink
+    for superexec in superexec_pids(d.superlink_pid()):
+        stop(superexec)
+    output, _ = d.start_run(tmp_path, "--start-timeout", "10").communicate(timeout=300)
+    run_id = int(re.search(r"Run (\d+) started", output).group(1))
+    assert f"run {run_id} is still pending after 10 s: the SuperLink's SuperExec" in output
+    assert f"Run {run_id} was stopped" in output
+    assert d.flwr("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]["status"] == "finished:stopped"
 
 
 # ------------------------------------------------------------------------------------------ joining
