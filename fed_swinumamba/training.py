@@ -27,6 +27,10 @@ def set_trainable(model: nn.Module, groups: Iterable[str], frozen: Iterable[str]
     prefix (a DP site trains fewer parameters, so that its noise is spread over fewer coordinates).
     """
     groups, frozen = set(groups), tuple(frozen)
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [f for f in frozen if not any(group_of(n) == f or n.startswith(f) for n in names)]
+    if unknown:
+        raise ValueError(f"frozen {unknown} names no layer group or parameter-name prefix of this network")
     trainable = []
     for name, p in model.named_parameters():
         group = group_of(name)

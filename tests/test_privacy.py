@@ -134,6 +134,8 @@ def test_frozen_groups_and_prefixes_are_not_trained_under_dp():
     for name, p in model.named_parameters():
         held = _group(name) == "stage4" or name.startswith("up_blocks.0.")
         assert torch.equal(p, before[name]) == held, name
+    with pytest.raises(ValueError, match="up_block.0"):  # a typo would silently train everything
+        set_trainable(model, ALL_GROUPS, ("up_block.0.",))
 
 
 # ---------------------------------------------------------------- a site over several rounds
