@@ -1,12 +1,14 @@
 """Dice of the demo federation with DP-SGD (epsilon per site) beside the same run without DP.
 
-Runs ``python -m simulation demo`` twice with the same phantoms, rounds and local steps (DP: Poisson
-batches of ``--cases-per-batch`` cases x 2 slices; without DP: the sites' default batches of 8 slices),
-and prints a Markdown table of each site's final mean foreground Dice and the DP/non-DP ratio
-(target >= 0.9).
+Runs ``python -m simulation demo`` twice with the same phantoms, network and rounds: without DP with
+the sites' default batches of 8 slices and ``--local-steps``; with DP, Poisson batches of
+``--cases-per-batch`` cases and the DP-only settings of ``--dp-set`` (e.g. fewer, larger steps and layers
+left untrained: ``dp-local-steps``, ``dp-frozen``, ``dp-slices-per-case``). Prints a Markdown table of each
+site's final mean foreground Dice and the DP/non-DP ratio (target >= 0.9).
 
-    python benchmarks/bench_dp_demo.py --cases 400 --local-steps 20 --epsilon 8 --out runs/bench_dp \
-        --set eval-interval=6 --set cross-site-eval=false   # only the final Dice is compared
+    python benchmarks/bench_dp_demo.py --cases 2000 --local-steps 20 --epsilon 8 --cases-per-batch 128 \
+        --dp-set dp-local-steps=10 --dp-set dp-slices-per-case=1 --dp-set dp-frozen=stage4,up_blocks.0.,skips.3. \
+        --set eval-interval=6 --set cross-site-eval=false --out runs/bench_dp   # only the final Dice is compared
 """
 
 from __future__ import annotations
@@ -34,23 +36,26 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=64)
     parser.add_argument("--local-steps", type=int, default=20)
     parser.add_argument("--epsilon", type=float, default=8.0)
-    parser.add_argument("--cases-per-batch", type=int, default=16, help="expected cases per DP batch (2 slices each)")
+    parser.add_argument("--cases-per-batch", type=int, default=16, help="expected cases per DP batch")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_dp"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="run-config override for both runs")
+    parser.add_argument("--dp-set", dest="dp_overrides", action="append", default=[], metavar="KEY=VALUE", help="run-config override for the DP run only")
     args = parser.parse_args()
     plain, plain_s = run_demo(args.out / "no_dp", args.cases, args.local_steps, None, args.cases_per_batch, args.overrides)
-    private, private_s = run_demo(args.out / "dp", args.cases, args.local_steps, args.epsilon, args.cases_per_batch, args.overrides)
+    private, private_s = run_demo(args.out / "dp", args.cases, args.local_steps, args.epsilon, args.cases_per_batch, args.overrides + args.dp_overrides)
     last_plain, last_private = plain["rounds"][-1]["sites"], private["rounds"][-1]["sites"]
     rounds = len(plain["rounds"])
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
     print(f"Demo phantoms, {args.cases} cases per site, {rounds} rounds x {args.local_steps} local steps, DP batches of "
-          f"{args.cases_per_batch} cases x 2 slices; "
-          f"run time {plain_s:.0f} s without DP, {private_s:.0f} s with DP.\n")
-    print("| site | Dice without DP | Dice with DP | ratio | epsilon spent | delta | noise multiplier |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.cases_per_batch} expected cases, DP-only settings {args.dp_overrides or 'none'}; "
+          f"run time {plain_s:.0f} s without DP, {private_s:.0f} s with DP; load average {load} at the end.\n")
+    print("| site | Dice without DP | Dice with DP | ratio | epsilon spent | delta | noise multiplier | DP steps |")
+    print("|---|---|---|---|---|---|---|---|")
     for site in sorted(last_plain):
         a, b = last_plain[site]["dice_mean"], last_private[site]["dice_mean"]
         p = last_private[site]["privacy"]
-        print(f"| {site} | {a:.3f} | {b:.3f} | {b / a:.2f} | {last_private[site]['epsilon']:.3f} | {p['delta']:.0e} | {p['noise_multiplier']:.3f} |")
+        print(f"| {site} | {a:.3f} | {b:.3f} | {b / a:.2f} | {last_private[site]['epsilon']:.3f} | {p['delta']:.0e} | {p['noise_multiplier']:.3f} | {p['steps']:.0f} |")
 
 
 if __name__ == "__main__":

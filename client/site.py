@@ -138,6 +138,7 @@ class SiteRound:
         """DP-SGD with the case as unit; stops for good once the next round would pass the budget."""
         ins = self.instructions
         planned_rounds = int(self.context.run_config.get("num-server-rounds", ins.server_round))
+        max_steps = privacy.local_steps or max_steps
         dp = resolve(privacy, data.num_train_cases, self.config.training.batch_size, lambda q: planned_rounds * steps_per_round(q, max_steps, epochs))
         ledger = self._ledger()
         steps = steps_per_round(dp.sample_rate, max_steps, epochs)

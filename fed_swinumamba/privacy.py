@@ -32,7 +32,9 @@ from .data.site_config import PrivacySpec
 from .training import TrainResult, segmentation_loss, set_trainable
 
 # Run-config keys that switch DP on for every site (a site's own YAML section takes precedence).
-RUN_CONFIG_KEYS = ("dp-epsilon", "dp-noise-multiplier", "dp-max-grad-norm", "dp-delta", "dp-slices-per-case", "dp-cases-per-batch")
+RUN_CONFIG_KEYS = (
+    "dp-epsilon", "dp-noise-multiplier", "dp-max-grad-norm", "dp-delta", "dp-slices-per-case", "dp-cases-per-batch", "dp-local-steps", "dp-frozen",
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class DPConfig:
     cases_per_batch: int  # expected cases per batch (Opacus's expected_batch_size)
     slices_per_case: int
     budget: float | None  # total epsilon after which the site stops training
+    frozen: tuple[str, ...] = ()  # layer groups or parameter-name prefixes never trained under DP
 
     def describe(self) -> str:
         budget = "none" if self.budget is None else f"{self.budget:g}"
@@ -67,6 +70,8 @@ def privacy_spec(site: PrivacySpec, run_config: Mapping) -> PrivacySpec:
         delta=float(run_config.get("dp-delta", 0) or 0) or None,
         slices_per_case=int(run_config.get("dp-slices-per-case", site.slices_per_case)),
         cases_per_batch=int(run_config.get("dp-cases-per-batch", 0) or 0) or None,
+        local_steps=int(run_config.get("dp-local-steps", 0) or 0) or None,
+        frozen=tuple(filter(None, (s.strip() for s in str(run_config.get("dp-frozen", "")).split(",")))),
     )
 
 
@@ -90,7 +95,7 @@ def resolve(spec: PrivacySpec, num_cases: int, batch_size: int, planned_steps: C
     noise = spec.noise_multiplier
     if noise is None:
         noise = get_noise_multiplier(target_epsilon=spec.target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=planned_steps(sample_rate), accountant="rdp")
-    return DPConfig(noise, spec.max_grad_norm, delta, sample_rate, cases_per_batch, k, spec.target_epsilon)
+    return DPConfig(noise, spec.max_grad_norm, delta, sample_rate, cases_per_batch, k, spec.target_epsilon, spec.frozen)
 
 
 class PrivacyLedger:
@@ -158,14 +163,14 @@ def train_private(
     weight_decay: float = 1e-5,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """``steps`` DP-SGD steps (AdamW on the privatised gradient) on the stage's groups.
+    """``steps`` DP-SGD steps (AdamW on the privatised gradient) on the stage's groups, less ``dp.frozen``.
 
     ``cases`` yields one case per item: image (k, C, H, W), label (k, 1, H, W). The optimiser is built
     for this round's trainable groups (a stage change re-wraps it); ``ledger`` carries over.
     """
-    params = set_trainable(model, groups)
+    params = set_trainable(model, groups, dp.frozen)
     if not params:
-        raise ValueError(f"the stage trains no parameter (groups {list(groups)})")
+        raise ValueError(f"the stage trains no parameter (groups {list(groups)}, frozen under DP {list(dp.frozen)})")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = DPOptimizer(
         torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),

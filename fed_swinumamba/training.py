@@ -20,12 +20,21 @@ from monai.networks.utils import one_hot
 from .params import group_of
 
 
-def set_trainable(model: nn.Module, groups: Iterable[str]) -> list[nn.Parameter]:
-    """Train exactly the parameters of ``groups``; freeze the rest. Returns the trainable ones."""
-    groups = set(groups)
+def set_trainable(model: nn.Module, groups: Iterable[str], frozen: Iterable[str] = ()) -> list[nn.Parameter]:
+    """Train exactly the parameters of ``groups``; freeze the rest. Returns the trainable ones.
+
+    ``frozen`` keeps parts of those groups fixed as well: each entry is a layer group or a parameter-name
+    prefix (a DP site trains fewer parameters, so that its noise is spread over fewer coordinates).
+    """
+    groups, frozen = set(groups), tuple(frozen)
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [f for f in frozen if not any(group_of(n) == f or n.startswith(f) for n in names)]
+    if unknown:
+        raise ValueError(f"frozen {unknown} names no layer group or parameter-name prefix of this network")
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(group_of(name) in groups)
+        group = group_of(name)
+        p.requires_grad_(group in groups and group not in frozen and not name.startswith(frozen))
         if p.requires_grad:
             trainable.append(p)
     return trainable

@@ -42,6 +42,8 @@ DEFAULTS = {
     "dp-delta": 0.0,
     "dp-slices-per-case": 2,
     "dp-cases-per-batch": 0,
+    "dp-local-steps": 0,
+    "dp-frozen": "",
     "site-dp-noise-multiplier": 0.0,
     "site-dp-clipping-norm": 0.1,
     "site-dp-delta": 1e-5,

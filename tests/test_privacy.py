@@ -120,6 +120,22 @@ def test_run_config_switches_dp_on_for_sites_without_their_own_section():
     assert spec.enabled and spec.target_epsilon == 8.0 and spec.max_grad_norm == 2.0 and spec.delta is None
     own = PrivacySpec(enabled=True, noise_multiplier=1.5)
     assert privacy_spec(own, {"dp-epsilon": 8.0}) is own
+    tuned = privacy_spec(off, {"dp-epsilon": 8.0, "dp-local-steps": 10, "dp-frozen": "stage4, up_blocks.0."})
+    assert tuned.local_steps == 10 and tuned.frozen == ("stage4", "up_blocks.0.")
+    assert privacy_spec(off, {"dp-epsilon": 8.0, "dp-local-steps": 0, "dp-frozen": ""}).local_steps is None
+
+
+def test_frozen_groups_and_prefixes_are_not_trained_under_dp():
+    model = _tiny_model()
+    frozen = ("stage4", "up_blocks.0.")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, sample_rate=0.5, cases_per_batch=3, slices_per_case=2, budget=None, frozen=frozen)
+    train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-2, steps=2, dp=dp, ledger=PrivacyLedger(), seed=0)
+    for name, p in model.named_parameters():
+        held = _group(name) == "stage4" or name.startswith("up_blocks.0.")
+        assert torch.equal(p, before[name]) == held, name
+    with pytest.raises(ValueError, match="up_block.0"):  # a typo would silently train everything
+        set_trainable(model, ALL_GROUPS, ("up_block.0.",))
 
 
 # ---------------------------------------------------------------- a site over several rounds
@@ -183,6 +199,23 @@ def test_epsilon_grows_across_rounds_and_a_stage_change_and_the_budget_stops_tra
     again = _round(restarted, last_round + 2, schedule.stage_for_round(last_round + 2), model_config, state)[METRICS]
     assert again["dp-budget-exhausted"] == 1 and again["epsilon"] == pytest.approx(epsilons[-1])
     assert schedule.stage_for_round(1).index != schedule.stage_for_round(3).index  # a stage change was crossed
+
+
+def test_a_site_s_dp_local_steps_replace_the_run_s_and_its_frozen_layers_stay_as_sent(three_sites, tmp_path):
+    path = _private_site(three_sites, tmp_path, noise_multiplier=1.0, cases_per_batch=1, local_steps=3, frozen="[stage4, up_blocks.0.]")
+    assert load_site_config(path).privacy.frozen == ("stage4", "up_blocks.0.")
+    model_config = ModelConfig.from_dict({**TINY_CONFIG.to_dict(), "modalities": ["ct"]})
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in build_model(model_config).state_dict().items()}
+    context = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={"num-server-rounds": 2})
+    reply = _round(context, 1, UnfreezingSchedule().stage_for_round(1), model_config, state)  # the run says 2 local steps
+    assert reply[METRICS]["steps"] == 3 == reply[METRICS]["dp-steps"]
+    params = dict(build_model(model_config).named_parameters())
+    for k, v in reply[ARRAYS].items():
+        if k not in params:
+            continue
+        held = _group(k) == "stage4" or k.startswith("up_blocks.0.")
+        assert torch.equal(torch.from_numpy(v.numpy()), state[k]) == held, k
 
 
 def _group(name):

@@ -60,6 +60,8 @@ class PrivacySpec:
     delta: float | None = None  # None: min(1e-5, 1 / number of training cases)
     slices_per_case: int = 2  # random slices drawn from each sampled case per step
     cases_per_batch: int | None = None  # expected cases per Poisson batch; None: batch_size // slices_per_case
+    local_steps: int | None = None  # DP steps per round; None: the run's local steps (larger DP batches need fewer)
+    frozen: tuple[str, ...] = ()  # layer groups or parameter-name prefixes this site never trains under DP
 
 
 @dataclass(frozen=True)
@@ -185,12 +187,12 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
         cache = (base_dir / cache).resolve()
     training = TrainingSpec(epochs, steps, batch, tuple(patch), pos, _expect(source, "training.augment", t.get("augment", True), bool, "true or false"), cache)
 
-    p = _section(source, "privacy", top.get("privacy"), {"enabled", "target_epsilon", "noise_multiplier", "max_grad_norm", "delta", "slices_per_case", "cases_per_batch"})
+    p = _section(source, "privacy", top.get("privacy"), {"enabled", "target_epsilon", "noise_multiplier", "max_grad_norm", "delta", "slices_per_case", "cases_per_batch", "local_steps", "frozen"})
     numbers = {}
-    for name in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "slices_per_case", "cases_per_batch"):
+    for name in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "slices_per_case", "cases_per_batch", "local_steps"):
         v = p.get(name)
         if v is not None:
-            kind = int if name in ("slices_per_case", "cases_per_batch") else (int, float)
+            kind = int if name in ("slices_per_case", "cases_per_batch", "local_steps") else (int, float)
             v = _expect(source, f"privacy.{name}", v, kind, "a positive number")
             if v <= 0 or (name == "delta" and v >= 1):
                 raise SiteConfigError(source, f"privacy.{name}", f"must be a positive number{' below 1' if name == 'delta' else ''}, got {v!r}")
@@ -198,7 +200,11 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     enabled = _expect(source, "privacy.enabled", p.get("enabled", False), bool, "true or false")
     if enabled and "target_epsilon" not in numbers and "noise_multiplier" not in numbers:
         raise SiteConfigError(source, "privacy", "enabled without target_epsilon or noise_multiplier: give the budget, the noise, or both")
-    privacy = PrivacySpec(enabled, **{k: float(v) if k in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm") else v for k, v in numbers.items()})
+    frozen = _expect(source, "privacy.frozen", p.get("frozen", []), list, "a list of layer groups or parameter-name prefixes")
+    if not all(isinstance(f, str) and f for f in frozen):
+        raise SiteConfigError(source, "privacy.frozen", f"must list layer groups or parameter-name prefixes, got {frozen!r}")
+    numbers = {k: float(v) if k in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm") else v for k, v in numbers.items()}
+    privacy = PrivacySpec(enabled, **numbers, frozen=tuple(frozen))
     return SiteConfig(site, modality, DataSpec(root, fmt, axis, orientation and orientation.upper(), spacing), labels, Path(source), split, pre, training, privacy)
 
 
