@@ -49,11 +49,6 @@ template <class T> inline Vec<T> load(const T* p) {
   return v;
 }
 template <class T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
-template <class T> inline T lane_sum(Vec<T> v) {
-  T s = 0;
-  for (int64_t i = 0; i < kLanes<T>; ++i) s += v[i];
-  return s;
-}
 
 constexpr double kLn2 = 0.6931471805599453, kLog2e = 1.4426950408889634, kSqrt2 = 1.4142135623730951;
 

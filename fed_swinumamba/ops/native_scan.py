@@ -132,16 +132,16 @@ def _group_planes(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def scan_forward(u, delta, A, B, C, D, delta_bias, softplus):
-    """y (b, d, l) and the state entering each chunk of CHUNK steps (n_chunks, b, d, n)."""
-    (b, d, l), (g, n) = u.shape, B.shape[1:3]
+    """y (b, d, l) and the state entering each chunk of CHUNK steps (n_chunks, b, d, n padded)."""
+    (b, d, l), g = u.shape, B.shape[1]
     Bt, Ct = _group_planes(B, C)
-    n = Bt.shape[3]
+    padded = Bt.shape[3]
     y = torch.empty_like(u)
-    states = u.new_empty(-(-l // CHUNK), b, d, n)
+    states = u.new_empty(-(-l // CHUNK), b, d, padded)
     threads = torch.get_num_threads()
     inputs = [t.contiguous() for t in (u, delta, _pad_state(A), Bt, Ct, D, delta_bias)]  # alive through the call
-    _call("scan_forward", u.dtype, *_ptrs(*inputs, y, states), b, d, n, l, g, CHUNK, _slices(b, d, g, threads),
-          softplus, threads)
+    _call("scan_forward", u.dtype, *_ptrs(*inputs, y, states), b, d, padded, l, g, CHUNK,
+          _slices(b, d, g, threads), softplus, threads)
     return y, states
 
 
