@@ -129,6 +129,15 @@ def test_channels_of_a_group_split_over_threads(small_chunks, monkeypatch, threa
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_positive_A_matches_reference(path, small_chunks, dtype, rtol):
+    # The kernel skips exp's overflow clamp where softplus and A <= 0 make every delta * A <= 0; one positive
+    # entry of A sends the whole scan to the clamped exp, which must give the same result.
+    inputs = make_inputs(n=16, groups=4, dtype=dtype)
+    inputs["A"][3, 5] = 0.05
+    assert_matches(inputs, set(NAMES), True, rtol=rtol, atol=rtol)
+
+
 @pytest.mark.parametrize("groups", [None, 4])
 def test_float32_returns_float32_and_matches(path, groups):
     inputs = make_inputs(groups=groups, dtype=torch.float32)

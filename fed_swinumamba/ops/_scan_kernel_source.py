@@ -5,10 +5,11 @@ C++20 + OpenMP with GCC/Clang vector extensions (16-byte vectors, so any x86-64 
 family builds it), no torch headers. The arithmetic matches the PyTorch path (``selective_scan._torch_forward`` /
 ``_torch_backward``); ``native_scan`` calls it.
 
-Where the time goes (swin_umamba_d's scans, n = 16, one core of an AMD EPYC Zen 1): about 2/3 of it is the
-16 exp(delta A) of every step, computed in the forward and again when the backward recomputes its chunk;
-keeping a channel's state in registers and summing the dot products' lanes once per chunk took the rest
-down by about a third (benchmarks/RESULTS.md).
+Where the time goes (swin_umamba_d's scans, n = 16, one core of an AMD EPYC Zen 1, about 55 ns per (b, d, l)
+step): about half is the 16 exp(delta A) of every step, computed in the forward and again when the backward
+recomputes its chunk; softplus(delta) and its slope about a tenth. Keeping a channel's state in registers,
+summing the dot products' lanes once per chunk, a division-free log1p and skipping exp's overflow clamp where
+delta * A <= 0 took the rest down (benchmarks/RESULTS.md).
 """
 
 SOURCE = r"""
@@ -31,7 +32,7 @@ template <> struct Simd<float> {
   typedef int32_t I __attribute__((vector_size(16)));
   using Bits = uint32_t;
   using Signed = int32_t;
-  static constexpr int mantissa = 23, exponent_bias = 127, min_exponent = -125, exp2_degree = 5, atanh_terms = 5;
+  static constexpr int mantissa = 23, exponent_bias = 127, min_exponent = -125, exp2_degree = 5;
 };
 template <> struct Simd<double> {
   typedef double V __attribute__((vector_size(16)));
@@ -63,15 +64,16 @@ template <class T> constexpr T exp2_coefficient(int k) {
 
 // 2^x within 3 ulp (measured) for a scalar or a Vec: 2^k * 2^f with k = round(x) (adding 1.5 * 2^mantissa
 // leaves k in the low bits) and the polynomial for |f| <= 1/2. x is clamped to [min_exponent, exponent_bias]:
-// exp(delta * A) of a very large step is about 1e-38 (fp32), never a subnormal or inf.
-template <class T, class X> inline X exp2_poly(X x) {
+// exp(delta * A) of a very large step is about 1e-38 (fp32), never a subnormal or inf. kNonPositive: the caller
+// guarantees x <= 0, and the upper clamp (one of the dozen operations) is skipped.
+template <class T, bool kNonPositive = false, class X> inline X exp2_poly(X x) {
   using S = Simd<T>;
   // The bits as integers: unsigned for a scalar; for a Vec signed lanes, to which the signed bias is added.
   using Int = std::conditional_t<std::is_same_v<X, T>, typename S::Bits, typename S::I>;
   constexpr T shift = T(3 * (typename S::Bits(1) << (S::mantissa - 1)));
   constexpr auto bias = typename S::Bits(S::exponent_bias) - std::bit_cast<typename S::Bits>(shift);
   x = x < T(S::min_exponent) ? T(S::min_exponent) : x;
-  x = x > T(S::exponent_bias) ? T(S::exponent_bias) : x;
+  if constexpr (!kNonPositive) x = x > T(S::exponent_bias) ? T(S::exponent_bias) : x;
   const X s = x + shift;
   const X f = x - (s - shift);
   X p = f * exp2_coefficient<T>(S::exp2_degree) + exp2_coefficient<T>(S::exp2_degree - 1);
@@ -79,17 +81,27 @@ template <class T, class X> inline X exp2_poly(X x) {
   return p * std::bit_cast<X>((std::bit_cast<Int>(s) + std::bit_cast<typename S::Signed>(bias)) << S::mantissa);
 }
 
-// log(1 + e) for 0 <= e <= 1 within 4 ulp (measured), vectorisable: w = 1 + e = 2^j m with m in [sqrt(1/2), sqrt(2)],
+// log(1 + e) for 0 <= e <= 1, vectorisable. For float e q(e), q of degree 8 fitted at Chebyshev nodes for relative
+// error (2.2e-7 measured, no division). For double: w = 1 + e = 2^j m with m in [sqrt(1/2), sqrt(2)],
 // log(m) = 2 atanh((m - 1) / (m + 1)) by its series; the last term restores what rounding 1 + e lost
 // (to within half an ulp: it should be divided by w, in [1, 2]).
+constexpr float kLog1pFloat[] = {0.9999998807907104f, -0.49999162554740906f, 0.3331443667411804f,
+                                 -0.24814373254776f,  0.19014495611190796f,  -0.13499100506305695f,
+                                 0.07656408846378326f, -0.028619538992643356f, 0.005039820913225412f};
 template <class T> inline T log1p_unit(T e) {
-  constexpr int terms = Simd<T>::atanh_terms;
-  const T w = 1 + e;
-  const T m = w > T(kSqrt2) ? w * T(0.5) : w;
-  const T s = (m - 1) / (m + 1), s2 = s * s;
-  T p = T(1) / (2 * terms - 1);
-  for (int k = terms - 2; k >= 0; --k) p = p * s2 + T(1) / (2 * k + 1);
-  return (w > T(kSqrt2) ? T(kLn2) : T(0)) + 2 * s * p + (e - (w - 1));
+  if constexpr (std::is_same_v<T, float>) {
+    T q = kLog1pFloat[8];
+    for (int k = 7; k >= 0; --k) q = q * e + kLog1pFloat[k];
+    return e * q;
+  } else {
+    constexpr int terms = Simd<T>::atanh_terms;
+    const T w = 1 + e;
+    const T m = w > T(kSqrt2) ? w * T(0.5) : w;
+    const T s = (m - 1) / (m + 1), s2 = s * s;
+    T p = T(1) / (2 * terms - 1);
+    for (int k = terms - 2; k >= 0; --k) p = p * s2 + T(1) / (2 * k + 1);
+    return (w > T(kSqrt2) ? T(kLn2) : T(0)) + 2 * s * p + (e - (w - 1));
+  }
 }
 
 struct Shape {
@@ -127,7 +139,7 @@ inline void chunk_deltas(const T* __restrict raw, T bias, bool softplus, int64_t
 #pragma omp simd
   for (int64_t t = 0; t < m; ++t) {
     const T z = raw[t] + bias;
-    const T e = exp2_poly<T>((z < 0 ? z : -z) * T(kLog2e));
+    const T e = exp2_poly<T, true>((z < 0 ? z : -z) * T(kLog2e));
     delta[t] = (z > 0 ? z : T(0)) + log1p_unit(e);
     if constexpr (kSlope) slope[t] = (z < 0 ? e : T(1)) * (T(1) / (1 + e));
   }
@@ -145,7 +157,7 @@ template <class T> struct StateVectors<T, 0> {
 };
 template <class T, int kN> using StateArray = Vec<T>[kN ? kN / kLanes<T> : kMaxState / kLanes<T>];
 
-template <class T, int kN>
+template <class T, int kN, bool kDecays>
 void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, const T* D, const T* bias, T* y,
              T* states, Shape s, int64_t slices, int threads) {
   constexpr int64_t W = kLanes<T>;
@@ -176,7 +188,7 @@ void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, con
           const T *Bt = Bk + t * n, *Ct = Ck + t * n;
           Vec<T> acc = {};
           for (int64_t v = 0; v < nv.size; ++v) {
-            h[v] = exp2_poly<T>(dtt * A2[v]) * h[v] + x * load(Bt + v * W);
+            h[v] = exp2_poly<T, kDecays>(dtt * A2[v]) * h[v] + x * load(Bt + v * W);
             acc += load(Ct + v * W) * h[v];
           }
           store(partial.data() + t * W, acc);
@@ -198,7 +210,7 @@ void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, con
 // dC_t += dy_t h_t, dB_t += delta_t u_t G_t, d(delta_t u_t) = <G_t, B_t>,
 // q_t = G_t h_{t-1} exp(delta_t A): ddelta_t += <q_t, A>, dA += delta_t q_t; and the D term.
 // Each chunk's delta, exp(delta A) and h are recomputed from the raw delta and the state saved at its start.
-template <class T, int kN>
+template <class T, int kN, bool kDecays>
 void backward(const T* u, const T* delta, const T* A, const T* B, const T* C, const T* D, const T* bias,
               const T* states, const T* dy, T* du, T* ddelta, T* dA, T* dB, T* dC, T* dD, T* dbias, Shape s,
               int64_t slices, int threads) {
@@ -228,7 +240,7 @@ void backward(const T* u, const T* delta, const T* A, const T* B, const T* C, co
         for (int64_t t = 0; t < m; ++t) {
           const T dtt = dt[t], x = dtt * u[r0 + t];
           for (int64_t v = 0; v < nv.size; ++v) {
-            const Vec<T> at = exp2_poly<T>(dtt * A2[v]);
+            const Vec<T> at = exp2_poly<T, kDecays>(dtt * A2[v]);
             hv[v] = at * hv[v] + x * load(Bk + t * n + v * W);
             store(a.data() + t * n + v * W, at);
             store(h.data() + t * n + v * W, hv[v]);
@@ -277,10 +289,16 @@ void backward(const T* u, const T* delta, const T* A, const T* B, const T* C, co
 }
 
 // n = 16 (VMamba's d_state) gets a kernel with a fixed state size; any other n (a multiple of 4) the generic one.
-template <class Fn> int dispatch(int64_t n, Fn&& fn) {
+// With softplus (delta >= 0) and A <= 0 (as in Mamba, A = -exp(A_log)) every delta * A is <= 0: kDecays.
+template <class T, class Fn> int dispatch(const T* A, int64_t d, int64_t n, bool softplus, Fn&& fn) {
   if (n > kMaxState || n % 4) return 1;
-  if (n == 16) fn(std::integral_constant<int, 16>{});
-  else fn(std::integral_constant<int, 0>{});
+  const bool decays = softplus && std::all_of(A, A + d * n, [](T a) { return a <= 0; });
+  const auto with_state = [&](auto decay) {
+    if (n == 16) fn(std::integral_constant<int, 16>{}, decay);
+    else fn(std::integral_constant<int, 0>{}, decay);
+  };
+  if (decays) with_state(std::true_type{});
+  else with_state(std::false_type{});
   return 0;
 }
 
@@ -296,8 +314,9 @@ template <class Fn> int dispatch(int64_t n, Fn&& fn) {
                                        int64_t n, int64_t l, int64_t g, int64_t chunk, int64_t slices,         \
                                        int softplus, int threads) {                                            \
     const Shape s{b, d, n, l, g, chunk, softplus != 0};                                                        \
-    return dispatch(n, [&](auto N) {                                                                           \
-      forward<T, decltype(N)::value>(u, delta, A, B, C, D, bias, y, states, s, slices, threads);               \
+    return dispatch(A, d, n, s.softplus, [&](auto N, auto decays) {                                           \
+      forward<T, decltype(N)::value, decltype(decays)::value>(u, delta, A, B, C, D, bias, y, states, s, slices, \
+                                                              threads);                                        \
     });                                                                                                        \
   }                                                                                                            \
   extern "C" int scan_backward_##suffix(const T* u, const T* delta, const T* A, const T* B, const T* C,        \
@@ -306,9 +325,10 @@ template <class Fn> int dispatch(int64_t n, Fn&& fn) {
                                         int64_t n, int64_t l, int64_t g, int64_t chunk, int64_t slices,        \
                                         int softplus, int threads) {                                           \
     const Shape s{b, d, n, l, g, chunk, softplus != 0};                                                        \
-    return dispatch(n, [&](auto N) {                                                                           \
-      backward<T, decltype(N)::value>(u, delta, A, B, C, D, bias, states, dy, du, ddelta, dA, dB, dC, dD,      \
-                                      dbias, s, slices, threads);                                              \
+    return dispatch(A, d, n, s.softplus, [&](auto N, auto decays) {                                           \
+      backward<T, decltype(N)::value, decltype(decays)::value>(u, delta, A, B, C, D, bias, states, dy, du,     \
+                                                               ddelta, dA, dB, dC, dD, dbias, s, slices,       \
+                                                               threads);                                       \
     });                                                                                                        \
   }
 
