@@ -7,6 +7,7 @@ import importlib
 import logging
 import re
 import shutil
+import subprocess
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -310,6 +311,27 @@ def test_without_a_working_compiler_the_torch_path_runs(fresh_cache, monkeypatch
     monkeypatch.setenv(ss_module.PATH_ENV, "native")
     with pytest.raises(RuntimeError, match=re.escape(reason)):
         selective_scan(**inputs)
+
+
+def test_a_compiler_other_than_gcc_gets_no_gcc_only_flags(fresh_cache, monkeypatch, tmp_path):
+    # A stand-in for Clang: says so on --version and, like a compiler without them, rejects GCC's scheduling flags.
+    real = shutil.which("c++")
+    if real is None:
+        pytest.skip("no C++ compiler")
+    fake = tmp_path / "clang++"
+    fake.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = --version ] && { echo "clang version 17.0.6"; exit 0; }\n'
+        'for a in "$@"; do [ "$a" = -fsched-pressure ] && { echo "unknown argument: $a" >&2; exit 1; }; done\n'
+        f'exec {real} "$@"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    lib, reason = native_scan.library()
+    assert reason == "" and lib is not None
+    assert not set(native_scan._GCC_FLAGS) & set(native_scan._flags(str(fake)))
+    real_is_gcc = "Free Software Foundation" in subprocess.run([real, "--version"], capture_output=True, text=True).stdout
+    assert (set(native_scan._GCC_FLAGS) <= set(native_scan._flags(real))) == real_is_gcc
 
 
 def test_concurrent_builds_leave_one_library_that_later_processes_reuse(fresh_cache, monkeypatch):
