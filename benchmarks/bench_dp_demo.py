@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,8 +46,7 @@ def main() -> None:
     private, private_s = run_demo(args.out / "dp", args.cases, args.local_steps, args.epsilon, args.cases_per_batch, args.overrides + args.dp_overrides)
     last_plain, last_private = plain["rounds"][-1]["sites"], private["rounds"][-1]["sites"]
     rounds = len(plain["rounds"])
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[0]
+    load = f"{os.getloadavg()[0]:.2f}"
     print(f"Demo phantoms, {args.cases} cases per site, {rounds} rounds x {args.local_steps} local steps, DP batches of "
           f"{args.cases_per_batch} expected cases, DP-only settings {args.dp_overrides or 'none'}; "
           f"run time {plain_s:.0f} s without DP, {private_s:.0f} s with DP; load average {load} at the end.\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -81,8 +82,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--size", args.size, "--repeats", str(args.repeats), "--child", mode], check=True, capture_output=True, text=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     s = SIZES[args.size]
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[0]
+    load = f"{os.getloadavg()[0]:.2f}"
     print(f"| {args.size} ({s['image']}x{s['image']}, {s['cases']} cases x {s['slices']} slices) | {results['plain']['seconds']:.3f} s | "
           f"{results['dp']['seconds']:.3f} s | {results['dp']['seconds'] / results['plain']['seconds']:.2f}x | "
           f"{results['plain']['peak_rss_gib']:.2f} GiB | {results['dp']['peak_rss_gib']:.2f} GiB | {load} |")

@@ -49,6 +49,11 @@ class TrainingSpec:
     cache_dir: Path | None = None
 
 
+# The numeric fields of a site's privacy section: real numbers, and whole counts.
+_PRIVACY_REALS = ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm")
+_PRIVACY_COUNTS = ("slices_per_case", "cases_per_batch", "local_steps")
+
+
 @dataclass(frozen=True)
 class PrivacySpec:
     """DP-SGD at the site; the privacy unit is the case (patient): cases are sampled and clipped, not slices."""
@@ -187,23 +192,21 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
         cache = (base_dir / cache).resolve()
     training = TrainingSpec(epochs, steps, batch, tuple(patch), pos, _expect(source, "training.augment", t.get("augment", True), bool, "true or false"), cache)
 
-    p = _section(source, "privacy", top.get("privacy"), {"enabled", "target_epsilon", "noise_multiplier", "max_grad_norm", "delta", "slices_per_case", "cases_per_batch", "local_steps", "frozen"})
+    p = _section(source, "privacy", top.get("privacy"), {"enabled", "frozen", *_PRIVACY_REALS, *_PRIVACY_COUNTS})
     numbers = {}
-    for name in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "slices_per_case", "cases_per_batch", "local_steps"):
+    for name in _PRIVACY_REALS + _PRIVACY_COUNTS:
         v = p.get(name)
         if v is not None:
-            kind = int if name in ("slices_per_case", "cases_per_batch", "local_steps") else (int, float)
-            v = _expect(source, f"privacy.{name}", v, kind, "a positive number")
+            v = _expect(source, f"privacy.{name}", v, int if name in _PRIVACY_COUNTS else (int, float), "a positive number")
             if v <= 0 or (name == "delta" and v >= 1):
                 raise SiteConfigError(source, f"privacy.{name}", f"must be a positive number{' below 1' if name == 'delta' else ''}, got {v!r}")
-            numbers[name] = v
+            numbers[name] = v if name in _PRIVACY_COUNTS else float(v)
     enabled = _expect(source, "privacy.enabled", p.get("enabled", False), bool, "true or false")
     if enabled and "target_epsilon" not in numbers and "noise_multiplier" not in numbers:
         raise SiteConfigError(source, "privacy", "enabled without target_epsilon or noise_multiplier: give the budget, the noise, or both")
     frozen = _expect(source, "privacy.frozen", p.get("frozen", []), list, "a list of layer groups or parameter-name prefixes")
     if not all(isinstance(f, str) and f for f in frozen):
         raise SiteConfigError(source, "privacy.frozen", f"must list layer groups or parameter-name prefixes, got {frozen!r}")
-    numbers = {k: float(v) if k in ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm") else v for k, v in numbers.items()}
     privacy = PrivacySpec(enabled, **numbers, frozen=tuple(frozen))
     return SiteConfig(site, modality, DataSpec(root, fmt, axis, orientation and orientation.upper(), spacing), labels, Path(source), split, pre, training, privacy)
 
