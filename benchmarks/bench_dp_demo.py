@@ -3,12 +3,14 @@
 Runs ``python -m simulation demo`` twice with the same phantoms, network and rounds: without DP with
 the sites' default batches of 8 slices and ``--local-steps``; with DP, Poisson batches of
 ``--cases-per-batch`` cases and the DP-only settings of ``--dp-set`` (e.g. fewer, larger steps and layers
-left untrained: ``dp-local-steps``, ``dp-frozen``, ``dp-slices-per-case``). Prints a Markdown table of each
-site's final mean foreground Dice and the DP/non-DP ratio (target >= 0.9).
+left untrained, a larger DP learning rate: ``dp-local-steps``, ``dp-frozen``, ``dp-slices-per-case``,
+``dp-lr-scale``). Prints a Markdown table of each site's final mean foreground Dice and the DP/non-DP
+ratio (target >= 0.9).
 
-    python benchmarks/bench_dp_demo.py --cases 2000 --local-steps 20 --epsilon 8 --cases-per-batch 128 \
+    python benchmarks/bench_dp_demo.py --cases 4000 --local-steps 20 --epsilon 8 --cases-per-batch 256 \
         --dp-set dp-local-steps=10 --dp-set dp-slices-per-case=1 --dp-set dp-frozen=stage4,up_blocks.0.,skips.3. \
-        --set eval-interval=6 --set cross-site-eval=false --out runs/bench_dp   # only the final Dice is compared
+        --dp-set dp-lr-scale=4 --set eval-interval=6 --set cross-site-eval=false --out runs/bench_dp4000_lr4
+    # only the final Dice is compared
 """
 
 from __future__ import annotations

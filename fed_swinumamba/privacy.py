@@ -31,12 +31,6 @@ from torch.utils.data import Dataset
 from .data.site_config import PrivacySpec
 from .training import TrainResult, segmentation_loss, set_trainable
 
-# Run-config keys that switch DP on for every site (a site's own YAML section takes precedence).
-RUN_CONFIG_KEYS = (
-    "dp-epsilon", "dp-noise-multiplier", "dp-max-grad-norm", "dp-delta", "dp-slices-per-case", "dp-cases-per-batch", "dp-local-steps", "dp-frozen",
-)
-
-
 @dataclass(frozen=True)
 class DPConfig:
     """The DP-SGD settings of one site for one run, all resolved to numbers."""
@@ -49,10 +43,12 @@ class DPConfig:
     slices_per_case: int
     budget: float | None  # total epsilon after which the site stops training
     frozen: tuple[str, ...] = ()  # layer groups or parameter-name prefixes never trained under DP
+    lr_scale: float = 1.0  # DP steps use the stage's learning rate times this
 
     def describe(self) -> str:
         budget = "none" if self.budget is None else f"{self.budget:g}"
-        return f"unit case, noise {self.noise_multiplier:.3f}, clip {self.max_grad_norm:g}, delta {self.delta:.2e}, sample rate {self.sample_rate:.3f}, budget {budget}"
+        return (f"unit case, noise {self.noise_multiplier:.3f}, clip {self.max_grad_norm:g}, delta {self.delta:.2e}, "
+                f"sample rate {self.sample_rate:.3f}, lr x{self.lr_scale:g}, budget {budget}")
 
 
 def privacy_spec(site: PrivacySpec, run_config: Mapping) -> PrivacySpec:
@@ -62,6 +58,9 @@ def privacy_spec(site: PrivacySpec, run_config: Mapping) -> PrivacySpec:
     epsilon, noise = float(run_config.get("dp-epsilon", 0) or 0), float(run_config.get("dp-noise-multiplier", 0) or 0)
     if epsilon <= 0 and noise <= 0:
         return site
+    lr_scale = float(run_config.get("dp-lr-scale", 1.0) or 1.0)
+    if lr_scale < 0:
+        raise ValueError(f"run config dp-lr-scale must be a positive number, got {lr_scale}")
     return PrivacySpec(
         enabled=True,
         target_epsilon=epsilon or None,
@@ -72,6 +71,7 @@ def privacy_spec(site: PrivacySpec, run_config: Mapping) -> PrivacySpec:
         cases_per_batch=int(run_config.get("dp-cases-per-batch", 0) or 0) or None,
         local_steps=int(run_config.get("dp-local-steps", 0) or 0) or None,
         frozen=tuple(filter(None, (s.strip() for s in str(run_config.get("dp-frozen", "")).split(",")))),
+        lr_scale=lr_scale,
     )
 
 
@@ -95,7 +95,7 @@ def resolve(spec: PrivacySpec, num_cases: int, batch_size: int, planned_steps: C
     noise = spec.noise_multiplier
     if noise is None:
         noise = get_noise_multiplier(target_epsilon=spec.target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=planned_steps(sample_rate), accountant="rdp")
-    return DPConfig(noise, spec.max_grad_norm, delta, sample_rate, cases_per_batch, k, spec.target_epsilon, spec.frozen)
+    return DPConfig(noise, spec.max_grad_norm, delta, sample_rate, cases_per_batch, k, spec.target_epsilon, spec.frozen, spec.lr_scale)
 
 
 class PrivacyLedger:
@@ -163,7 +163,8 @@ def train_private(
     weight_decay: float = 1e-5,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """``steps`` DP-SGD steps (AdamW on the privatised gradient) on the stage's groups, less ``dp.frozen``.
+    """``steps`` DP-SGD steps (AdamW on the privatised gradient, learning rate ``lr * dp.lr_scale``) on the
+    stage's groups, less ``dp.frozen``.
 
     ``cases`` yields one case per item: image (k, C, H, W), label (k, 1, H, W). The optimiser is built
     for this round's trainable groups (a stage change re-wraps it); ``ledger`` carries over.
@@ -172,17 +173,17 @@ def train_private(
     if not params:
         raise ValueError(f"the stage trains no parameter (groups {list(groups)}, frozen under DP {list(dp.frozen)})")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    device = params[0].device
     optimizer = DPOptimizer(
-        torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+        torch.optim.AdamW(params, lr=lr * dp.lr_scale, weight_decay=weight_decay),
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=dp.cases_per_batch,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator(device).manual_seed(seed),  # Opacus draws the noise on the parameters' device with it
     )
     sampler = UniformWithReplacementSampler(num_samples=len(cases), sample_rate=dp.sample_rate, generator=torch.Generator().manual_seed(seed + 1))
     num_classes = model.num_classes
     loss_fn = segmentation_loss(model, one_hot_labels=True)
-    device = params[0].device
     model.train()
     batches, total, sampled = iter(sampler), 0.0, 0
     for step in range(1, steps + 1):

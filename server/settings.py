@@ -44,6 +44,7 @@ DEFAULTS = {
     "dp-cases-per-batch": 0,
     "dp-local-steps": 0,
     "dp-frozen": "",
+    "dp-lr-scale": 1.0,
     "site-dp-noise-multiplier": 0.0,
     "site-dp-clipping-norm": 0.1,
     "site-dp-delta": 1e-5,

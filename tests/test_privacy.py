@@ -125,6 +125,27 @@ def test_run_config_switches_dp_on_for_sites_without_their_own_section():
     assert privacy_spec(off, {"dp-epsilon": 8.0, "dp-local-steps": 0, "dp-frozen": ""}).local_steps is None
 
 
+def test_dp_lr_scale_multiplies_the_step_and_comes_from_the_run_config_or_the_site():
+    def first_step(lr_scale):
+        model = _tiny_model()
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        dp = DPConfig(1.0, 1.0, 1e-5, 0.5, 3, 2, None, lr_scale=lr_scale)
+        train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-3, steps=1, dp=dp, ledger=PrivacyLedger(), seed=0)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+
+    # Same seed: same batch, same noise. AdamW's step (and its decoupled weight decay) is linear in the rate.
+    plain, scaled = first_step(1.0), first_step(2.5)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(scaled, 2.5 * plain, rtol=1e-4, atol=1e-9)
+
+    off = PrivacySpec()
+    assert privacy_spec(off, {"dp-epsilon": 8.0, "dp-lr-scale": 3.0}).lr_scale == 3.0
+    assert privacy_spec(off, {"dp-epsilon": 8.0}).lr_scale == 1.0
+    assert resolve(PrivacySpec(True, 8.0, lr_scale=2.0), 100, 8, lambda q: 10).lr_scale == 2.0
+    with pytest.raises(ValueError, match="dp-lr-scale"):
+        privacy_spec(off, {"dp-epsilon": 8.0, "dp-lr-scale": -1.0})
+
+
 def test_frozen_groups_and_prefixes_are_not_trained_under_dp():
     model = _tiny_model()
     frozen = ("stage4", "up_blocks.0.")

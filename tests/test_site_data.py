@@ -43,6 +43,7 @@ def _valid(root: str = "data") -> dict:
         (lambda c: c.update(training={"batch_size": 2.5}), "training.batch_size", "positive integer"),
         (lambda c: c.update(training={"local_epochs": 1, "local_steps": 5}), "training.local_steps", "not both"),
         (lambda c: c.update(preprocessing={"window": [300, -200]}), "preprocessing.window", "low < high"),
+        (lambda c: c.update(privacy={"enabled": True, "target_epsilon": 8, "lr_scale": 0}), "privacy.lr_scale", "positive number"),
     ],
 )
 def test_config_errors_name_the_file_and_the_field(tmp_path, change, field, problem):
@@ -59,6 +60,12 @@ def test_malformed_yaml_names_the_line(tmp_path):
     path.write_text("site: a\nmodality: [ct\n")
     with pytest.raises(SiteConfigError, match=r"broken\.yaml: line \d+: malformed YAML"):
         load_site_config(path)
+
+
+def test_privacy_section_reads_the_dp_learning_rate_scale(tmp_path):
+    config = {**_valid(), "privacy": {"enabled": True, "target_epsilon": 8, "lr_scale": 2}}
+    assert load_site_config(_yaml(tmp_path, config)).privacy.lr_scale == 2.0
+    assert load_site_config(_yaml(tmp_path, _valid())).privacy.lr_scale == 1.0
 
 
 def test_relative_root_resolves_against_the_yaml_folder_and_classes_map(tmp_path):

@@ -50,7 +50,7 @@ class TrainingSpec:
 
 
 # The numeric fields of a site's privacy section: real numbers, and whole counts.
-_PRIVACY_REALS = ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm")
+_PRIVACY_REALS = ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "lr_scale")
 _PRIVACY_COUNTS = ("slices_per_case", "cases_per_batch", "local_steps")
 
 
@@ -67,6 +67,7 @@ class PrivacySpec:
     cases_per_batch: int | None = None  # expected cases per Poisson batch; None: batch_size // slices_per_case
     local_steps: int | None = None  # DP steps per round; None: the run's local steps (larger DP batches need fewer)
     frozen: tuple[str, ...] = ()  # layer groups or parameter-name prefixes this site never trains under DP
+    lr_scale: float = 1.0  # DP steps use the stage's learning rate times this (noisy, clipped steps often need more)
 
 
 @dataclass(frozen=True)
