@@ -2,7 +2,11 @@
 
 The file is ``vssmtiny_dp01_ckpt_epoch_292.pth`` (VMamba-T "v0", 82.2 % ImageNet-1k top-1), published
 on VMamba's GitHub release page under the tag ``#v0cls``. Nothing here downloads it: the user gives
-its local path. Its ``"model"`` entry is the state dict; optimizer and scheduler entries are ignored.
+its local path. It is a VMamba training checkpoint: ``{model, optimizer, lr_scheduler, max_accuracy,
+scaler, epoch, config}`` with ``config`` a pickled yacs ``CfgNode`` (and ``model_ema`` for EMA runs).
+It is read with ``restricted_pickle.load_untrusted``, which never runs code from the file; the
+weights come from its ``"model"`` entry (the weights VMamba's reported accuracy is measured on),
+or from another entry such as ``"model_ema"`` if asked, and the report says which.
 
 Rules, applied identically to a bare ``VMambaEncoder`` and to the encoder inside ``SwinUMamba`` /
 ``SwinUMambaD``:
@@ -26,18 +30,31 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 from timm.models import adapt_input_conv
 
 from .model.vmamba import PatchEmbed2D, VMambaEncoder
+from .restricted_pickle import CodeExecutionRefused, InertObject, load_untrusted
 
-__all__ = ["PretrainedReport", "CheckpointError", "load_vmamba_checkpoint", "read_checkpoint_state"]
+__all__ = ["PretrainedReport", "CheckpointError", "CheckpointWeights", "load_vmamba_checkpoint", "read_checkpoint"]
 
 VMAMBA_T_URL_HINT = "VMamba GitHub releases, tag #v0cls, file vssmtiny_dp01_ckpt_epoch_292.pth"
 _CLASSIFIER_PREFIXES = ("norm.", "head.")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: missing, unreadable, or not fitting the network."""
+    """A checkpoint file that cannot be used: missing, unreadable, unsafe, or not fitting the network."""
+
+
+@dataclass
+class CheckpointWeights:
+    """The state dict taken from a checkpoint file, and what else the file held."""
+
+    state: dict[str, torch.Tensor]
+    entry: str | None  # the file's top-level entry the state came from; None for a flat state dict
+    other_weights: list[str] = field(default_factory=list)  # other entries holding a state dict, not used
+    inert: dict[str, str] = field(default_factory=dict)  # entry -> pickled class, kept as data, never imported
 
 
 @dataclass
@@ -49,28 +66,66 @@ class PretrainedReport:
     adapted: dict[str, str] = field(default_factory=dict)  # parameter -> rule applied
     fresh: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # checkpoint keys deliberately not used
+    entry: str | None = None  # see CheckpointWeights
+    other_weights: list[str] = field(default_factory=list)
+    inert: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, source: str | Path, weights: CheckpointWeights) -> PretrainedReport:
+        return cls(source=str(source), entry=weights.entry, other_weights=list(weights.other_weights), inert=dict(weights.inert))
 
     def summary(self) -> str:
-        return (
+        origin = f"weights from entry {self.entry!r}" if self.entry else "weights from a flat state dict"
+        if self.other_weights:
+            origin += f" (not used: {', '.join(map(repr, self.other_weights))})"
+        text = (
             f"{self.source}: {len(self.loaded)} tensors from ImageNet ({len(self.adapted)} adapted), "
-            f"{len(self.fresh)} freshly initialised, {len(self.dropped)} checkpoint keys dropped"
+            f"{len(self.fresh)} freshly initialised, {len(self.dropped)} checkpoint keys dropped; {origin}"
         )
+        if self.inert:
+            text += "; pickled objects kept as inert data, never imported: " + ", ".join(f"{k} ({v})" for k, v in self.inert.items())
+        return text
 
 
-def read_checkpoint_state(path: str | Path, what: str = "ImageNet checkpoint") -> dict[str, torch.Tensor]:
-    """Load the state dict of a ``{"model": state_dict, ...}`` file with ``weights_only`` loading."""
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _load_file(path: Path, what: str) -> object:
+    """The file's contents: safetensors by suffix, else PyTorch pickle without running code from it."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_safetensors(path)
+        return load_untrusted(path)
+    except CodeExecutionRefused as err:
+        raise CheckpointError(f"{what} {path} is refused: unpickling it would run code from the file ({err}). Nothing from it was run; use the official release file.") from err
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, SafetensorError) as err:
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); is the download complete?") from err
+
+
+def read_checkpoint(path: str | Path, what: str = "ImageNet checkpoint", entry: str = "model") -> CheckpointWeights:
+    """The state dict in ``entry`` of a ``{"model": state_dict, ...}`` training checkpoint, or a flat state dict.
+
+    ``path`` may be a PyTorch file (read without running code from it, see ``restricted_pickle``) or
+    a ``.safetensors`` file (timm's release format, always flat).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist. Download it from {VMAMBA_T_URL_HINT} and pass its path.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as err:
-        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); is the download complete?") from err
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{what} {path} holds no state dict (expected a dict with a 'model' entry of tensors)")
-    return obj
+    obj = _load_file(path, what)
+    if _is_state_dict(obj):
+        return CheckpointWeights(state=obj, entry=None)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a state dict or a dict with a {entry!r} entry")
+    holding_weights = [key for key, value in obj.items() if _is_state_dict(value)]
+    if entry not in holding_weights:
+        raise CheckpointError(f"{what} {path} has no state dict under {entry!r}; entries holding one: {holding_weights or 'none'}")
+    return CheckpointWeights(
+        state=obj[entry],
+        entry=entry,
+        other_weights=[key for key in holding_weights if key != entry],
+        inert={str(key): type(value).pickled_global for key, value in obj.items() if isinstance(value, InertObject)},
+    )
 
 
 def _target(module: nn.Module) -> tuple[VMambaEncoder, str, dict[str, PatchEmbed2D]]:
@@ -100,11 +155,15 @@ def _load_patch_embed(ckpt: dict[str, torch.Tensor], prefix: str, embed: PatchEm
     return out
 
 
-def load_vmamba_checkpoint(module: nn.Module, path: str | Path) -> PretrainedReport:
-    """Load the VMamba-T ImageNet weights into ``module`` (an encoder or a Swin-UMamba network)."""
-    ckpt = read_checkpoint_state(path)
+def load_vmamba_checkpoint(module: nn.Module, path: str | Path, entry: str = "model") -> PretrainedReport:
+    """Load the VMamba-T ImageNet weights into ``module`` (an encoder or a Swin-UMamba network).
+
+    ``entry`` is the file's state dict to use: ``"model"`` (default), or ``"model_ema"`` in files of EMA runs.
+    """
+    weights = read_checkpoint(path, entry=entry)
+    ckpt = weights.state
     encoder, enc_prefix, embeds = _target(module)
-    report = PretrainedReport(source=str(path))
+    report = PretrainedReport.of(path, weights)
     encoder_state = encoder.state_dict()
     new_state: dict[str, torch.Tensor] = {}
 

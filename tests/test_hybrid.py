@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention, get_relative_position_index
+from yacs.config import CfgNode
 
 from fed_swinumamba.model import ModelConfig, SwinUMamba, SwinUMambaD, VMambaEncoder, VSSBlock, build_model
 from fed_swinumamba.model.hybrid import HybridVSSBlock, ShiftedWindowAttention, hybrid_block_factory, load_swin_attention
@@ -184,6 +186,24 @@ def test_load_swin_attention_fills_matching_blocks_and_reports_the_rest(swin_che
     h = torch.randn(1, 56, 56, DIMS[0])
     with torch.no_grad():
         torch.testing.assert_close(encoder.layers[0].blocks[1].window_attention(h), swin.layers[0].blocks[1]._attn(h))
+
+
+@pytest.mark.parametrize("release", ["timm safetensors", "microsoft training checkpoint"])
+def test_load_swin_attention_reads_the_release_formats(swin_checkpoint, tmp_path, release):
+    """timm publishes a flat safetensors file; Microsoft's Swin code saves ``{"model": ..., "config": CfgNode, ...}``."""
+    _, _, state = swin_checkpoint
+    if release == "timm safetensors":
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+        config = CfgNode({"MODEL": CfgNode({"TYPE": "swin", "NAME": "swin_tiny_patch4_window7_224"})})
+        torch.save({"model": state, "optimizer": {}, "lr_scheduler": {}, "max_accuracy": 81.2, "epoch": 299, "config": config}, path)
+    encoder = hybrid_encoder()
+    report = load_swin_attention(encoder, path)
+    assert len(report.loaded) == 8 * 5  # 2-2-3-2 hybrid blocks, of which Swin's 2-2-2-2 have a twin, 5 tensors each
+    assert torch.equal(encoder.layers[2].blocks[1].window_attention.attn.qkv.weight, state["layers.2.blocks.1.attn.qkv.weight"])
+    assert report.inert == ({} if release == "timm safetensors" else {"config": "yacs.config.CfgNode"})
 
 
 def test_load_swin_attention_shape_mismatch_names_key_and_shapes_and_copies_nothing(swin_checkpoint, tmp_path):

@@ -1,17 +1,22 @@
 """Swin-UMamba networks, the VMamba encoder's conformance with the original, and ImageNet loading."""
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from timm.scheduler import CosineLRScheduler
+from yacs.config import CfgNode
 
 from fed_swinumamba.model import ModelConfig, SwinUMamba, SwinUMambaD, VMambaEncoder, build_model
 from fed_swinumamba.params import LAYER_GROUPS, group_of, modality_of, select
 from fed_swinumamba.pretrained import CheckpointError, load_vmamba_checkpoint
+from fed_swinumamba.restricted_pickle import InertObject, load_untrusted
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data"  # see data/README.md
 TINY = dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
 
 
@@ -30,24 +35,112 @@ def test_encoder_reproduces_original_swin_umamba_features():
         assert (got - want).norm() / want.norm() < 1e-4
 
 
+def vmamba_config() -> CfgNode:
+    """Part of the yacs config VMamba's training code pickles into its checkpoints (classification/config.py)."""
+    config = CfgNode(new_allowed=True)
+    config.MODEL = CfgNode({"TYPE": "vssm", "NAME": "vssm_tiny", "DROP_PATH_RATE": 0.1, "NUM_CLASSES": 1000})
+    config.MODEL.VSSM = CfgNode({"PATCH_SIZE": 4, "EMBED_DIM": 96, "DEPTHS": [2, 2, 9, 2], "D_STATE": 16})
+    config.TRAIN = CfgNode({"EPOCHS": 300, "BASE_LR": 1e-3, "LR_SCHEDULER": CfgNode({"NAME": "cosine"})})
+    config.freeze()
+    return config
+
+
+def save_like_vmamba(path: Path, model_state: dict, model_ema_state: dict | None = None) -> None:
+    """Write a file as VMamba's ``save_checkpoint_ema`` does (classification/utils/utils.py)."""
+    param = nn.Parameter(torch.randn(4))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    param.grad = torch.ones(4)
+    optimizer.step()
+    save_state = {
+        "model": model_state,
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": CosineLRScheduler(optimizer, t_initial=300).state_dict(),
+        "max_accuracy": 82.2,
+        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0},
+        "epoch": 292,
+        "config": vmamba_config(),
+    }
+    if model_ema_state is not None:
+        save_state |= {"model_ema": model_ema_state, "max_accuracy_ema": 82.0}
+    torch.save(save_state, path)
+
+
 @pytest.fixture(scope="module")
 def full_size_checkpoint(tmp_path_factory):
-    """A file with the official VMamba-T v0 layout (random values), as the real one is laid out."""
+    """A VMamba training checkpoint with the official VMamba-T v0 layout (random values), as the real file is saved."""
     layout = json.loads((REFERENCE / "vmamba_tiny_v0_keys.json").read_text())
     torch.manual_seed(0)
     state = {k: torch.randn(shape) * 0.02 for k, shape in layout.items()}
     path = tmp_path_factory.mktemp("ckpt") / "vssmtiny_dp01_ckpt_epoch_292.pth"
-    torch.save({"model": state, "optimizer": {}, "epoch": 292}, path)
+    save_like_vmamba(path, state, model_ema_state=dict(state))  # the EMA entry shares storages: no second copy on disk
     return path, state
+
+
+def test_vmamba_training_checkpoint_is_refused_by_weights_only_loading(full_size_checkpoint):
+    with pytest.raises(pickle.UnpicklingError, match="CfgNode"):
+        torch.load(full_size_checkpoint[0], weights_only=True)
 
 
 def test_full_size_checkpoint_loads_every_encoder_tensor(full_size_checkpoint):
     path, state = full_size_checkpoint
     encoder = VMambaEncoder(in_chans=3)
     report = load_vmamba_checkpoint(encoder, path)
-    assert len(report.loaded) == 208 and report.fresh == []
-    for key in ("layers.2.blocks.8.self_attention.A_logs", "layers.1.downsample.reduction.weight", "patch_embed.proj.weight"):
-        assert torch.equal(encoder.state_dict()[key], state[key])
+    encoder_tensors = {k for k in state if not k.startswith(("norm.", "head."))}
+    assert len(state) == 212 and len(encoder_tensors) == 208
+    assert set(report.loaded) == encoder_tensors and report.fresh == []
+    assert sorted(report.dropped) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    got = encoder.state_dict()
+    assert all(torch.equal(got[k], state[k]) for k in encoder_tensors)
+    assert report.entry == "model" and report.other_weights == ["model_ema"]
+    assert report.inert == {"config": "yacs.config.CfgNode"}
+    assert "entry 'model' (not used: 'model_ema')" in report.summary()
+    assert "config (yacs.config.CfgNode)" in report.summary()
+
+
+def test_model_ema_weights_are_used_only_when_asked(tmp_path):
+    torch.manual_seed(0)
+    model, ema = VMambaEncoder(**TINY).state_dict(), VMambaEncoder(**TINY).state_dict()
+    save_like_vmamba(tmp_path / "ema.pth", model, ema)
+    for entry, want in (("model", model), ("model_ema", ema)):
+        encoder = VMambaEncoder(**TINY)
+        report = load_vmamba_checkpoint(encoder, tmp_path / "ema.pth", entry=entry)
+        assert report.entry == entry
+        assert all(torch.equal(v, want[k]) for k, v in encoder.state_dict().items())
+    save_like_vmamba(tmp_path / "no_ema.pth", model)
+    with pytest.raises(CheckpointError, match=r"no state dict under 'model_ema'; entries holding one: \['model'\]"):
+        load_vmamba_checkpoint(VMambaEncoder(**TINY), tmp_path / "no_ema.pth", entry="model_ema")
+
+
+def test_pickled_config_is_kept_as_data_never_built(full_size_checkpoint):
+    config = load_untrusted(full_size_checkpoint[0])["config"]
+    assert isinstance(config, InertObject) and not isinstance(config, CfgNode)
+    assert config["MODEL"]["VSSM"]["DEPTHS"] == [2, 2, 9, 2]
+
+
+class _RunsCode:
+    """Pickles as a call of ``function(*args)``: what a malicious checkpoint does."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("where", ["config", "model"])
+@pytest.mark.parametrize("how", ["os.system", "exec"])
+def test_checkpoint_whose_pickle_runs_code_is_refused_and_nothing_runs(tmp_path, how, where):
+    marker = tmp_path / "code_ran"
+    payload = _RunsCode(os.system, f"touch {marker}") if how == "os.system" else _RunsCode(exec, f"open({str(marker)!r}, 'w').close()")
+    pickle.loads(pickle.dumps(payload))  # the payload is live: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    state = VMambaEncoder(**TINY).state_dict()
+    contents = {"model": state, "config": payload} if where == "config" else {"model": dict(state, evil=payload)}
+    torch.save(contents, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"refused: unpickling it would run code from the file \(the pickle calls (posix\.system|__builtin__\.exec)\)\. Nothing from it was run"):
+        load_vmamba_checkpoint(VMambaEncoder(**TINY), tmp_path / "evil.pth")
+    assert not marker.exists()
 
 
 def test_swin_umamba_loads_encoder_and_keeps_stem_embeddings_fresh(full_size_checkpoint):

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.swin_transformer import WindowAttention, window_partition, window_reverse
 
-from ..pretrained import CheckpointError, PretrainedReport, read_checkpoint_state
+from ..pretrained import CheckpointError, PretrainedReport, read_checkpoint
 from .vmamba import SS2D, BlockFactory, VMambaEncoder
 
 __all__ = ["ShiftedWindowAttention", "FusionGate", "HybridVSSBlock", "hybrid_block_factory", "load_swin_attention"]
 
-SWIN_T_HINT = "timm's swin_tiny_patch4_window7_224 weights (a flat state dict) or Microsoft's swin_tiny_patch4_window7_224.pth"
+SWIN_T_HINT = "timm's swin_tiny_patch4_window7_224 weights (a flat state dict, .safetensors or .bin) or Microsoft's swin_tiny_patch4_window7_224.pth"
 # Swin attention tensors by block; relative_position_index (and attn_mask) are buffers and never taken from a file.
 _SWIN_ATTENTION_TENSORS = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table")
 _SWIN_ATTENTION_KEY = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.(" + "|".join(map(re.escape, _SWIN_ATTENTION_TENSORS)) + ")")
@@ -184,6 +184,11 @@ def load_swin_attention(module: nn.Module, path: str | Path) -> PretrainedReport
     SS2D parameters are not this function's and appear in neither. Nothing is copied unless every
     tensor fits: a shape mismatch raises CheckpointError naming the key and both shapes, and a
     block with only some of its five attention tensors in the file is an error too.
+
+    The file may be timm's flat state dict (``model.safetensors`` or ``pytorch_model.bin``) or
+    Microsoft's ``{"model": state_dict, ...}`` release or training checkpoint (its pickled yacs
+    config is kept as inert data; see ``pretrained.read_checkpoint``). Both name the attention
+    tensors alike; they differ only in where the downsampling sits, which is dropped anyway.
     """
     encoder, prefix = _hybrid_encoder(module)
     blocks = {
@@ -197,11 +202,12 @@ def load_swin_attention(module: nn.Module, path: str | Path) -> PretrainedReport
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"Swin checkpoint {path} does not exist; pass the local path of {SWIN_T_HINT}")
-    ckpt = read_checkpoint_state(path, what="Swin checkpoint")
+    weights = read_checkpoint(path, what="Swin checkpoint")
+    ckpt = weights.state
     if not any(_SWIN_ATTENTION_KEY.fullmatch(key) for key in ckpt):
         raise CheckpointError(f"{path} holds no Swin attention tensors (layers.<i>.blocks.<j>.attn.qkv.weight, ...); is it {SWIN_T_HINT}?")
 
-    report = PretrainedReport(source=str(path))
+    report = PretrainedReport.of(path, weights)
     updates: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (stage, block) -> attention tensor name -> value
     for key, value in ckpt.items():
         match = _SWIN_ATTENTION_KEY.fullmatch(key)
