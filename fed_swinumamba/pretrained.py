@@ -72,6 +72,7 @@ class PretrainedReport:
 
     @classmethod
     def of(cls, source: str | Path, weights: CheckpointWeights) -> PretrainedReport:
+        """An empty report that already says where in the file the weights came from."""
         return cls(source=str(source), entry=weights.entry, other_weights=list(weights.other_weights), inert=dict(weights.inert))
 
     def summary(self) -> str:
