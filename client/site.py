@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import compute_clip_model_update
-from torch.utils.data import DataLoader
 
-from fed_swinumamba.data import CaseCrops, SiteData, demo_site, load_site_config
+from fed_swinumamba.data import SiteData, demo_site, load_site_config
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
 from fed_swinumamba.privacy import PrivacyLedger, dp_metrics, privacy_spec, resolve, steps_per_round, train_private
@@ -113,7 +112,6 @@ class SiteRound:
         data = self._data()
         # Same run seed, round and site -> same batches, augmentations and DP noise: reruns reproduce.
         seed = (ins.seed * 1_000_003 + ins.server_round * 7919 + zlib.crc32(self.config.site.encode())) % 2**31
-        data.train_dataset.transform.set_random_state(seed)
         torch.manual_seed(seed)
         max_steps = ins.local_steps or training.local_steps or None
         epochs = training.local_epochs or 1
@@ -125,9 +123,8 @@ class SiteRound:
         privacy = privacy_spec(self.config.privacy, self.context.run_config)
         if privacy.enabled:
             return self._train_private(privacy, data, seed, max_steps, epochs, progress)
-        loader = DataLoader(data.train_dataset, batch_size=training.batch_size, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(seed))
         result = train_local(
-            self.model, self.config.modality, loader, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
+            self.model, self.config.modality, data.training_batches(training.batch_size, np.random.default_rng(seed)), groups=ins.stage.trainable_groups, lr=ins.stage.lr,
             max_steps=max_steps, epochs=epochs, proximal_mu=ins.proximal_mu, on_step=progress,
         )
         log.info("site %s round %d: trained %d steps on %d examples, loss %.4f", self.config.site, ins.server_round, result.steps, result.num_examples, result.loss)
@@ -139,14 +136,14 @@ class SiteRound:
         ins = self.instructions
         planned_rounds = int(self.context.run_config.get("num-server-rounds", ins.server_round))
         max_steps = privacy.local_steps or max_steps
-        dp = resolve(privacy, data.num_train_cases, self.config.training.batch_size, lambda q: planned_rounds * steps_per_round(q, max_steps, epochs))
+        dp = resolve(privacy, data.num_train_patients, self.config.training.batch_size, lambda q: planned_rounds * steps_per_round(q, max_steps, epochs))
         ledger = self._ledger()
         steps = steps_per_round(dp.sample_rate, max_steps, epochs)
         exhausted = dp.budget is not None and ledger.epsilon_after(dp.noise_multiplier, dp.sample_rate, steps, dp.delta) > dp.budget
         if exhausted:
             log.warning("site %s round %d: privacy budget %g would be exceeded (spent %.3f); no more training, evaluation goes on", self.config.site, ins.server_round, dp.budget, ledger.epsilon(dp.delta))
             return RecordDict({METRICS: MetricRecord({"num-examples": 0, "steps": 0, **dp_metrics(dp, ledger, True)}), SITE: self._identity()})
-        cases = CaseCrops(data.train_dataset, dp.slices_per_case, seed)
+        cases = data.patient_crops(dp.slices_per_case, np.random.default_rng(seed))
         result = train_private(
             self.model, self.config.modality, cases, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
             steps=steps, dp=dp, ledger=ledger, seed=seed, on_step=progress,

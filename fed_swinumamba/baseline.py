@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from .data import SiteConfig, SiteData
 from .model import ModelConfig, build_model
@@ -28,10 +28,7 @@ def train_centralized(
     torch.manual_seed(seed)
     model = build_model(model_config)
     data = [SiteData.from_config(site, class_names) for site in sites]
-    for i, d in enumerate(data):
-        d.train_dataset.transform.set_random_state(seed + i)
-    generator = torch.Generator().manual_seed(seed)
-    loaders = [DataLoader(d.train_dataset, batch_size=s.training.batch_size, shuffle=True, generator=generator) for s, d in zip(sites, data)]
+    loaders = [d.training_batches(s.training.batch_size, np.random.default_rng(seed + i)) for i, (s, d) in enumerate(zip(sites, data))]
     history = []
     for server_round in range(1, num_rounds + 1):
         stage = schedule.stage_for_round(server_round)

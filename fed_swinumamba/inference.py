@@ -1,9 +1,11 @@
 """Segmenting new images with a trained checkpoint (``python -m fed_swinumamba predict``).
 
 The checkpoint describes its network, so nothing else is needed; a site config, when given, supplies
-that site's preprocessing, slice axis, patch size and label values. Images go through the same MONAI
-loading and intensity transforms as training data, then slice-wise sliding-window inference. Masks are
-written on the input's own voxel grid: NIfTI with the input's affine and header, PNG at its size.
+that site's preprocessing, geometry (orientation, spacing, channel), slice axis, patch size and label
+values. Images go through the same MONAI loading, geometry and intensity transforms as training data,
+then slice-wise sliding-window inference; the mask is brought back through the inverse of the geometry
+transforms (nearest neighbour) and written on the input's own voxel grid: NIfTI with the input's affine
+and header, PNG at its size.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureTyped, LoadImaged
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd, LoadImaged
 from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .data.datasets import SliceAxisLastd, ToGreyd, intensity_transform
-from .data.site_config import DEFAULT_PREPROCESSING, TrainingSpec, load_site_config
+from .data.datasets import geometry, intensity_transform, slices_first
+from .data.site_config import DEFAULT_PREPROCESSING, DataSpec, TrainingSpec, load_site_config
 from .model import ModelConfig, build_model
-from .training import predict_volume
+from .training import predict_slices
 
 NIFTI_SUFFIXES, PNG_SUFFIXES = (".nii.gz", ".nii"), (".png",)
 
@@ -41,7 +44,7 @@ class Segmenter:
         *,
         source: str = "checkpoint",
         preprocessing: dict | None = None,
-        slice_axis: int = 2,
+        data: DataSpec | None = None,
         roi_size: Sequence[int] = TrainingSpec.patch_size,
         label_values: Sequence[int] | None = None,
         device: str = "cpu",
@@ -54,16 +57,14 @@ class Segmenter:
         own = self.model.state_dict()
         self.model.load_state_dict({k: v for k, v in checkpoint.state.items() if k in own}, strict=True)
         self.model.to(device).eval()
-        self.modality, self.slice_axis, self.roi_size = modality, slice_axis, tuple(roi_size)
+        data = data or DataSpec(root=Path("."))
+        self.modality, self.slice_axis, self.channel, self.roi_size = modality, data.slice_axis, data.channel, tuple(roi_size)
         # Class index -> value written to the mask (the site's own label values when known).
         self.lut = torch.as_tensor(label_values if label_values is not None else range(config.num_classes), dtype=torch.int64)
-        self.transform = Compose([
-            LoadImaged("image", image_only=True, ensure_channel_first=True),
-            ToGreyd("image"),
-            intensity_transform(modality, preprocessing if preprocessing is not None else DEFAULT_PREPROCESSING[modality]),
-            SliceAxisLastd("image", slice_axis),
-            EnsureTyped("image", track_meta=False),
-        ])
+        self.load = LoadImaged("image", image_only=True, ensure_channel_first=True)
+        self.geometry = Compose(geometry(data.orientation, data.spacing, keys=("image",)))
+        self.invert = Invertd("mask", transform=self.geometry, orig_keys="image", nearest_interp=True) if self.geometry.transforms else None
+        self.intensity = intensity_transform(modality, preprocessing if preprocessing is not None else DEFAULT_PREPROCESSING[modality])
 
     @classmethod
     def from_files(cls, checkpoint: str | Path, modality: str, site_config: str | Path | None = None, device: str = "cpu") -> Segmenter:
@@ -79,17 +80,31 @@ class Segmenter:
             if index:
                 values[index] = value
         return cls(
-            ckpt, modality, source=str(checkpoint), preprocessing=site.preprocessing, slice_axis=site.data.slice_axis,
+            ckpt, modality, source=str(checkpoint), preprocessing=site.preprocessing, data=site.data,
             roi_size=site.training.patch_size, label_values=values, device=device,
         )
 
+    def _one_channel(self, image: MetaTensor, path: str | Path) -> MetaTensor:
+        if image.shape[0] == 1:
+            return image
+        if str(path).lower().endswith(PNG_SUFFIXES):  # an RGB(A) rendering of a grey frame, as in training
+            return image[:3].mean(dim=0, keepdim=True)
+        if self.channel is None or self.channel >= image.shape[0]:
+            raise ValueError(f"{path}: image has {image.shape[0]} channels; give a site config whose data.channel says which to use")
+        return image[self.channel : self.channel + 1]
+
     def segment(self, path: str | Path) -> np.ndarray:
         """The mask of one image, on the image's own grid (as MONAI loads it)."""
-        image = self.transform({"image": str(path)})["image"]  # (1, H, W, S)
-        labels = predict_volume(self.model, self.modality, image, self.roi_size)[0]  # (H, W, S)
-        labels = self.lut[labels]
-        mask = labels[..., 0] if _ndim(path) == 2 else labels.movedim(-1, self.slice_axis)
-        return mask.numpy()
+        loaded = self.load({"image": str(path)})
+        item = self.geometry({"image": self._one_channel(loaded["image"], path)})
+        image = self.intensity(item)["image"]  # (1, X, Y[, Z]) on the site's grid
+        slices = slices_first(image, self.slice_axis)  # (S, H, W)
+        labels = predict_slices(self.model, self.modality, slices, self.roi_size)  # (S, H, W)
+        grid = labels[0] if image.ndim == 3 else labels.movedim(0, self.slice_axis)  # 2-D image: its one slice
+        if self.invert is not None:  # back on the input's grid
+            item["mask"] = MetaTensor(grid[None].float(), affine=image.affine)
+            grid = self.invert(item)["mask"][0].round().long()
+        return self.lut[grid.long()].numpy()
 
     def predict_file(self, source: Path, target: Path) -> Path:
         mask = self.segment(source)
@@ -103,10 +118,6 @@ class Segmenter:
             header.set_data_dtype(dtype)
             nib.save(nib.Nifti1Image(mask.astype(dtype), original.affine, header), str(target))
         return target
-
-
-def _ndim(path: str | Path) -> int:
-    return len(nib.load(str(path)).shape) if str(path).lower().endswith(NIFTI_SUFFIXES) else 2
 
 
 def predict(segmenter: Segmenter, source: str | Path, target: str | Path, progress: bool = True) -> list[Path]:

@@ -7,16 +7,18 @@ centralized baseline calls them on pooled data.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss
-from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
 
+from .data.cache import CachedCase
+from .metrics import SiteScores, case_scores
 from .params import group_of
 
 
@@ -109,49 +111,76 @@ def train_local(
     return TrainResult(total / steps, steps, examples)
 
 
-@torch.no_grad()
-def predict_volume(model: nn.Module, modality: str, image: torch.Tensor, roi_size: Sequence[int], sw_batch_size: int = 8) -> torch.Tensor:
-    """Slice-wise sliding-window segmentation of a case.
+@torch.inference_mode()
+def predict_slices(
+    model: nn.Module, modality: str, slices: torch.Tensor | np.ndarray, roi_size: Sequence[int], sw_batch_size: int = 64, slices_per_pass: int = 8
+) -> torch.Tensor:
+    """Slice-wise sliding-window segmentation: slices (S, H, W) or (S, C, H, W) -> class indices (S, H, W) uint8.
 
-    image (C, H, W, S) with the S slices last -> integer labels (1, H, W, S).
+    ``slices_per_pass`` slices go through MONAI's sliding window together, their windows batched by
+    ``sw_batch_size``, so the network sees large batches while the logits in memory stay a few slices' worth.
     """
     model.eval()
     device = next(model.parameters()).device
-    slices = image.permute(3, 0, 1, 2).to(device)  # (S, C, H, W): the slices form the batch
-    logits = sliding_window_inference(slices, tuple(roi_size), sw_batch_size, lambda x: model(x, modality), overlap=0.25, mode="gaussian")
-    return logits.argmax(dim=1, keepdim=True).permute(1, 2, 3, 0).cpu()  # (1, H, W, S)
+    out = torch.empty((slices.shape[0], *slices.shape[-2:]), dtype=torch.uint8)
+    for start in range(0, slices.shape[0], slices_per_pass):
+        chunk = torch.as_tensor(slices[start : start + slices_per_pass]).to(device, torch.float32)
+        chunk = chunk[:, None] if chunk.ndim == 3 else chunk
+        logits = sliding_window_inference(chunk, tuple(roi_size), sw_batch_size, lambda x: model(x, modality), overlap=0.25, mode="gaussian")
+        out[start : start + len(chunk)] = logits.argmax(dim=1).to(torch.uint8).cpu()
+    return out
+
+
+DEFAULT_NSD_TOLERANCE_MM = 2.0  # surface Dice tolerance when a federation gives none
 
 
 @dataclass
 class EvalResult:
-    dice: dict[str, float]  # per foreground class; NaN where no case has that class
-    dice_mean: float
+    """Per foreground class (by name): means over the cases of that class; NaN where no case has it."""
+
+    dice: dict[str, float]
+    hd95: dict[str, float]  # mm (pixels for images without spacing); finite cases only
+    nsd: dict[str, float]
+    hd95_unbounded: dict[str, int]  # cases where only one of truth and prediction has the class
     num_cases: int
+    seconds_per_case: float
+
+    @property
+    def dice_mean(self) -> float:
+        valid = [v for v in self.dice.values() if not math.isnan(v)]
+        return sum(valid) / len(valid) if valid else float("nan")
 
 
 def evaluate_cases(
     model: nn.Module,
     modality: str,
-    cases: Iterable[Mapping[str, torch.Tensor]],
+    cases: Iterable[CachedCase],
     class_names: Sequence[str],
     roi_size: Sequence[int],
+    nsd_tolerance_mm: float | Sequence[float] = DEFAULT_NSD_TOLERANCE_MM,
 ) -> EvalResult:
-    """Dice per foreground class over held-out cases, each case's volume scored as a whole.
+    """Dice, HD95 and NSD per foreground class over held-out cases (``fed_swinumamba.metrics``), each case
+    scored as a whole volume with its voxel spacing. Cases are read one at a time and freed.
 
-    ``class_names`` are the foreground classes (index 1..K); a class absent from a case's ground truth
-    does not count for that case (MONAI ``ignore_empty``).
+    ``class_names`` are the foreground classes (index 1..K); a class in neither a case's truth nor its
+    prediction does not count for that case.
     """
-    num_classes = len(class_names) + 1
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
-    n = 0
+    site = SiteScores()
+    started, n = time.perf_counter(), 0
     for case in cases:
-        pred = predict_volume(model, modality, case["image"], roi_size)
-        label = torch.as_tensor(case["label"]).long()
-        metric(one_hot(pred[None], num_classes), one_hot(label[None], num_classes))
+        pred = predict_slices(model, modality, case.image_slices(), roi_size)
+        truth = torch.from_numpy(case.label_slices())
+        if case.num_slices == 1:  # a 2-D image: its surfaces are 2-D
+            pred, truth, spacing = pred[0], truth[0], case.spacing[:2]
+        else:  # (S, H, W) -> (H, W, S), the axis order of the case's spacing
+            pred, truth, spacing = pred.permute(1, 2, 0), truth.permute(1, 2, 0), case.spacing
+        site.add(case_scores(pred, truth, len(class_names) + 1, nsd_tolerance_mm, spacing))
         n += 1
     if n == 0:
         raise ValueError("no held-out case to evaluate")
-    per_class = metric.aggregate().tolist()
-    dice = dict(zip(class_names, (float(v) for v in per_class)))
-    valid = [v for v in dice.values() if not math.isnan(v)]
-    return EvalResult(dice, sum(valid) / len(valid) if valid else float("nan"), n)
+    summary = site.summary()
+    by_name = {name: summary[i] for i, name in enumerate(class_names, start=1)}
+    return EvalResult(
+        {c: s.dice for c, s in by_name.items()}, {c: s.hd95 for c, s in by_name.items()}, {c: s.nsd for c, s in by_name.items()},
+        {c: s.hd95_unbounded for c, s in by_name.items()}, n, (time.perf_counter() - started) / n,
+    )

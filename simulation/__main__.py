@@ -37,6 +37,13 @@ def _site_yamls(spec: list[str]) -> list[Path]:
     return paths
 
 
+def _labels(text: str) -> dict[int, str]:
+    try:
+        return {int(value): name.strip() for value, name in (pair.split("=", 1) for pair in text.split(",") if pair.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected value=name pairs such as 1=organ,2=lesion, got {text!r}") from None
+
+
 def _overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
@@ -77,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cases", type=int, default=16)
 
-    p = sub.add_parser("split", help="partition a dataset by case into N site folders with their site YAMLs")
+    p = sub.add_parser("split", help="partition a dataset by patient into N site folders with their site YAMLs")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--modality", choices=DEMO_MODALITIES, required=True)
     p.add_argument("--sites", type=int, required=True)
     p.add_argument("--scheme", choices=("iid", "dirichlet", "quantity"), default="iid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--labels", type=_labels, help="label value=class name pairs, e.g. 1=organ,2=lesion (default: the dataset.json's labels)")
 
     p = sub.add_parser("run", help="run the sites as virtual SuperNodes on Flower's simulation engine")
     p.add_argument("--sites", nargs="+", required=True, help="a folder of site YAMLs, or YAML files")
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         return 0
     if args.command == "split":
-        for path in split_dataset(args.data, args.modality, args.sites, args.scheme, args.seed, args.out):
+        for path in split_dataset(args.data, args.modality, args.sites, args.scheme, args.seed, args.out, labels=args.labels):
             print(path)
         return 0
     overrides = {}

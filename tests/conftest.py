@@ -10,6 +10,17 @@ from fed_swinumamba.data import generate_phantoms, split_dataset
 from fed_swinumamba.params import group_of
 from fed_swinumamba.protocol import ARRAYS, CONFIG, METRICS, SITE, Instructions
 
+@pytest.fixture(scope="session", autouse=True)
+def user_folders(tmp_path_factory):
+    """The sites' default cache and state folders (XDG) inside the test's temporary folder, not the user's home."""
+    root = tmp_path_factory.mktemp("xdg")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+    patch.setenv("XDG_DATA_HOME", str(root / "data"))
+    yield root
+    patch.undo()
+
+
 # Run-config overrides for a tiny network (dims 8-64): fast on a CPU.
 TINY = {"model-dims": "8,16,32,64", "model-depths": "1,1,1,1", "model-stem-width": 8, "model-d-state": 4}
 

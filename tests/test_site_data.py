@@ -5,6 +5,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -116,10 +117,12 @@ def test_site_data_items_and_on_disk_cache(ct_site, monkeypatch):
     config = load_site_config(yaml_path)
     data = SiteData.from_config(config, CLASSES)
     assert data.num_train_cases == 3 and len(data.val_cases) == 1 and data.num_train_slices == 9
-    item = data.train_dataset[0]
-    assert item["image"].shape == (1, 64, 64) and item["label"].dtype.is_floating_point is False  # padded to the patch
-    assert set(item["label"].unique().tolist()) <= {0, 1, 2}
-    assert data.val_cases[0]["image"].shape == (1, 32, 32, 3) and 0.0 <= data.val_cases[0]["image"].min()
+    batch = next(iter(data.training_batches(4, np.random.default_rng(0))))
+    assert batch["image"].shape == (4, 1, 64, 64) and batch["label"].dtype == torch.int64  # padded to the patch
+    assert set(batch["label"].unique().tolist()) <= {0, 1, 2}
+    held_out = data.val_cases[0]
+    assert held_out.image_slices().shape == (3, 32, 32) and 0.0 <= held_out.image_slices().min()
+    assert held_out.spacing == (1.5, 1.5, 3.0)  # the phantoms' voxel size, in the (H, W, S) order of the arrays
     import monai.transforms
 
     def no_reading(*args, **kwargs):
@@ -210,9 +213,9 @@ def test_orientation_and_spacing_are_applied_as_configured(ct_site):
     config["data"].update(orientation="LPS", spacing=[3.0, 3.0, 0])  # phantoms are stored RAS at 1.5 x 1.5 x 3 mm
     yaml_path.write_text(yaml.safe_dump(config))
     resampled = SiteData.from_config(load_site_config(yaml_path), CLASSES)
-    a, b = plain.val_cases[0]["label"], resampled.val_cases[0]["label"]
-    assert b.shape == (1, 16, 16, 3)  # half the in-plane size, slices kept
-    assert np.array_equal(b.numpy(), a.flip(1, 2)[:, ::2, ::2].numpy())  # R->L and A->P flip, then nearest 2x
+    a, b = plain.val_cases[0].label_slices(), resampled.val_cases[0].label_slices()
+    assert b.shape == (3, 16, 16) and resampled.val_cases[0].spacing == (3.0, 3.0, 3.0)  # half the in-plane size, slices kept
+    assert np.array_equal(b, a[:, ::-1, ::-1][:, ::2, ::2])  # R->L and A->P flip, then nearest 2x
     config["data"]["orientation"] = "XYZ"
     yaml_path.write_text(yaml.safe_dump(config))
     with pytest.raises(SiteConfigError, match=r"data\.orientation: must be 3 axis codes"):
@@ -230,7 +233,7 @@ def test_a_dicom_site_loads_like_the_same_phantoms_in_nifti(tmp_path):
     nifti, dicom = sites["msd"], sites["dicom"]
     assert dicom.num_train_cases == nifti.num_train_cases == 2
     for a, b in zip(nifti.val_cases, dicom.val_cases, strict=True):
-        assert b["image"].shape == a["image"].shape == (1, 32, 32, 4)
-        assert np.array_equal(b["label"].numpy(), a["label"].numpy())
-        # HU stored as integers: after the CT window (400 HU -> [0, 1]) within half a HU
-        np.testing.assert_allclose(b["image"].numpy(), a["image"].numpy(), atol=0.5 / 400 + 1e-6)
+        assert b.image_slices().shape == a.image_slices().shape == (4, 32, 32)
+        assert np.array_equal(b.label_slices(), a.label_slices())
+        # HU stored as integers: after the CT window (500 HU -> [0, 1]) within half a HU, plus float16 rounding
+        np.testing.assert_allclose(b.image_slices().astype(np.float32), a.image_slices().astype(np.float32), atol=0.5 / 500 + 5e-4)

@@ -1,24 +1,30 @@
-"""A site's data: case discovery, the by-case split, MONAI transforms per modality, datasets.
+"""A site's data: cases and patients, the by-patient split, MONAI transforms per modality, datasets.
 
-Deterministic preprocessing (load, channel-first, intensity normalisation, label mapping, checks) is
-cached on disk with MONAI's PersistentDataset, because Flower starts a fresh ClientApp process for
-every message: without the cache each round would re-read and re-process every volume.
-3-D volumes are kept as (1, H, W, S) with the slice axis last and trained slice by slice.
+Deterministic preprocessing (load, geometry checks, reorientation and resampling, intensity
+normalisation, label mapping) runs once per case into the site's cache (``cache.py``); every message
+then opens the cache's entries and reads slices as it needs them, so a message's memory and start-up
+do not grow with the number of cases. Volumes are cached as (S, H, W) with the slice axis first.
+
+Training draws 2-D crops: a draw picks a training case, and with probability ``pos_fraction`` a
+foreground class present in the case, one of the slices where that class is present, and a crop
+centred on one of its voxels (nnU-Net forces a share of its patches onto foreground in the same way);
+otherwise a random slice and a random crop. Which slices hold which class is indexed in the cache.
 """
 
 from __future__ import annotations
 
-import hashlib
+import csv
 import json
 import logging
 import random
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import PersistentDataset
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -26,22 +32,28 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
-    RandCropByPosNegLabeld,
+    RandCropByLabelClassesd,
     RandFlipd,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSpatialCropd,
     ScaleIntensityd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
 )
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .cache import CachedCase, cache_key, read_entry, write_entry
 from .site_config import SiteConfig
 
 KEYS = ("image", "label")
+PATIENT_FILES = ("cases.csv", "dataset.json")  # where a dataset maps its case files to patients
+AFFINE_TOLERANCE_MM = 1e-3  # image and label affines may differ by this much (float32 headers round)
+
+log = logging.getLogger(__name__)
 
 # MONAI's LoadImage instantiates every reader it knows, including the GPU DICOM decoder (nvImageCodec),
 # which warns in every process where it is unavailable; the plain pydicom decoders are what sites use.
@@ -58,6 +70,7 @@ class Case:
     case_id: str
     image: Path
     label: Path
+    patient: str  # the privacy and split unit; the case itself when the dataset maps no patients
 
 
 def case_stem(path: Path) -> str:
@@ -82,8 +95,28 @@ LAYOUTS = {
 READERS = {"msd": "NibabelReader", "png": "PILReader"}  # MONAI readers of the single-file formats
 
 
+def read_patient_mapping(root: Path, site: str) -> tuple[dict[str, str], Path] | None:
+    """Case name -> patient, from ``cases.csv`` (columns ``case,patient``) or the ``patient`` field of the
+    ``training`` entries of an MSD ``dataset.json``; None when the dataset has neither."""
+    table, source = root / PATIENT_FILES[0], root / PATIENT_FILES[1]
+    if table.is_file():
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"case", "patient"} <= set(rows[0]):
+            raise SiteDataError(f"site {site}: {table}: needs a header row 'case,patient' and one row per case")
+        return {r["case"].strip(): r["patient"].strip() for r in rows}, table
+    if source.is_file():
+        try:
+            entries = json.loads(source.read_text()).get("training", [])
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise SiteDataError(f"site {site}: {source}: not a readable dataset.json ({err})") from None
+        mapped = {case_stem(Path(e["image"])): str(e["patient"]) for e in entries if isinstance(e, dict) and "patient" in e and "image" in e}
+        return (mapped, source) if mapped else None
+    return None
+
+
 def list_cases(config: SiteConfig) -> list[Case]:
-    """Image/label pairs of the site's folder; unmatched names are an error, not a skip."""
+    """Image/label pairs of the site's folder, with their patients; unmatched names are an error, not a skip."""
     root, site = config.data.root, config.site
     images_dir, labels_dir, image_pattern, label_pattern = LAYOUTS[config.data.format]
     for folder in (root, root / images_dir, root / labels_dir):
@@ -97,67 +130,83 @@ def list_cases(config: SiteConfig) -> list[Case]:
     if unmatched:
         side = images_dir if unmatched[0] in images else labels_dir
         raise SiteDataError(f"site {site}: {root / side / unmatched[0]}: no matching file in the other folder ({len(unmatched)} unmatched names)")
-    return [Case(cid, images[cid], labels[cid]) for cid in sorted(images)]
+    mapping = read_patient_mapping(root, site)
+    if mapping is None:
+        return [Case(cid, images[cid], labels[cid], cid) for cid in sorted(images)]
+    patients, source = mapping
+    missing = sorted(set(images) - set(patients))
+    if missing:
+        raise SiteDataError(f"site {site}: {source}: case {missing[0]} has no patient ({len(missing)} cases unmapped)")
+    return [Case(cid, images[cid], labels[cid], patients[cid]) for cid in sorted(images)]
 
 
-def split_cases(cases: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic split by case (a case's slices never fall on both sides)."""
-    order = list(cases)
-    random.Random(seed).shuffle(order)
-    n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1) if len(order) >= 2 else 0
-    return order[n_val:], order[:n_val]
+def split_cases(cases: Sequence, val_fraction: float, seed: int, patient_of=lambda c: getattr(c, "patient", c)) -> tuple[list, list]:
+    """Deterministic split by patient: all of a patient's cases fall on the same side."""
+    patients = sorted({patient_of(c) for c in cases})
+    random.Random(seed).shuffle(patients)
+    n = len(patients)
+    n_val = min(max(1, round(n * val_fraction)), n - 1) if n >= 2 else 0
+    held_out = set(patients[:n_val])
+    order = {p: i for i, p in enumerate(patients)}
+    ranked = sorted(cases, key=lambda c: order[patient_of(c)])  # stable: a patient's cases keep their order
+    return [c for c in ranked if patient_of(c) not in held_out], [c for c in ranked if patient_of(c) in held_out]
 
 
-class ToGreyd(MapTransform):
-    """PNG images may be RGB(A): keep one channel of intensity."""
+class CheckGeometryd(MapTransform):
+    """Image and label on one grid: same shape and affine. A label exported with another orientation
+    (same shape, mirrored affine) would otherwise train on misaligned masks. Multi-channel images need
+    the site's ``data.channel``."""
+
+    def __init__(self, site: str, channel: int | None, data_format: str):
+        super().__init__(KEYS)
+        self.site, self.channel, self.format = site, channel, data_format
 
     def __call__(self, data):
         d = dict(data)
-        for key in self.keys:
-            if d[key].shape[0] > 1:
-                d[key] = d[key][:3].mean(dim=0, keepdim=True) if key == "image" else d[key][:1]
+        image, label, path, label_path = d["image"], d["label"], d["source_image"], d["source_label"]
+        if image.shape[1:] != label.shape[1:]:
+            raise SiteDataError(f"site {self.site}: {path}: image shape {tuple(image.shape[1:])} differs from label shape {tuple(label.shape[1:])} ({label_path})")
+        if self.format != "png" and not np.allclose(image.affine.numpy(), label.affine.numpy(), rtol=0, atol=AFFINE_TOLERANCE_MM):
+            raise SiteDataError(
+                f"site {self.site}: {path} and {label_path}: image and label affines differ (not on the same grid: "
+                f"image {np.round(image.affine.numpy(), 3).tolist()}, label {np.round(label.affine.numpy(), 3).tolist()})"
+            )
+        if image.shape[0] > 1:
+            if self.format == "png":  # an RGB(A) rendering of a grey ultrasound frame
+                d["image"] = image[:3].mean(dim=0, keepdim=True)
+            elif self.channel is None:
+                raise SiteDataError(f"site {self.site}: {path}: image has {image.shape[0]} channels; set data.channel to the one to use")
+            elif self.channel >= image.shape[0]:
+                raise SiteDataError(f"site {self.site}: {path}: data.channel {self.channel} but the image has {image.shape[0]} channels")
+            else:
+                d["image"] = image[self.channel : self.channel + 1]
+        if label.shape[0] > 1:
+            if self.format != "png":
+                raise SiteDataError(f"site {self.site}: {label_path}: label has {label.shape[0]} channels; expected one map of label values")
+            d["label"] = label[:1]
         return d
 
 
-class SliceAxisLastd(MapTransform):
-    """(1, X, Y, Z) -> (1, H, W, S) with the slice axis last; 2-D (1, H, W) -> (1, H, W, 1)."""
-
-    def __init__(self, keys, axis: int):
-        super().__init__(keys)
-        self.axis = axis
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.keys:
-            x = d[key]
-            d[key] = x.unsqueeze(-1) if x.ndim == 3 else x.movedim(1 + self.axis, -1)
-        return d
-
-
-class CheckCased(MapTransform):
-    """Shape agreement, finite intensities and known label values, mapped to class indices."""
+class CheckLabelsd(MapTransform):
+    """Finite intensities and known label values, mapped to class indices."""
 
     def __init__(self, site: str, mapping: dict[int, int]):
         super().__init__(KEYS)
         self.site = site
-        self.mapping = mapping
+        self.lut = torch.zeros(max(mapping) + 1, dtype=torch.uint8)
+        for value, index in mapping.items():
+            self.lut[value] = index
+        self.known = set(mapping)
 
     def __call__(self, data):
         d = dict(data)
-        image, label, path = d["image"], d["label"], d["source_image"]
-        if image.shape[1:] != label.shape[1:]:
-            raise SiteDataError(f"site {self.site}: {path}: image shape {tuple(image.shape[1:])} differs from label shape {tuple(label.shape[1:])} ({d['source_label']})")
-        if not torch.isfinite(torch.as_tensor(image)).all():
-            raise SiteDataError(f"site {self.site}: {path}: image has NaN or infinite intensities")
-        lab = torch.as_tensor(label).round().long()
-        unknown = sorted(set(torch.unique(lab).tolist()) - set(self.mapping))
+        if not torch.isfinite(torch.as_tensor(d["image"])).all():
+            raise SiteDataError(f"site {self.site}: {d['source_image']}: image has NaN or infinite intensities")
+        lab = torch.as_tensor(d["label"]).round().long()
+        unknown = sorted(set(torch.unique(lab).tolist()) - self.known)
         if unknown:
-            raise SiteDataError(f"site {self.site}: {d['source_label']}: label values {unknown} are not in the site's label mapping {sorted(self.mapping)}")
-        lut = torch.zeros(max(self.mapping) + 1, dtype=torch.long)
-        for value, index in self.mapping.items():
-            lut[value] = index
-        d["image"] = torch.as_tensor(image).float()
-        d["label"] = lut[lab].to(torch.uint8)
+            raise SiteDataError(f"site {self.site}: {d['source_label']}: label values {unknown} are not in the site's label mapping {sorted(self.known)}")
+        d["label"] = self.lut[lab]
         return d
 
 
@@ -172,132 +221,58 @@ def intensity_transform(modality: str, pre: dict):
     return ScaleIntensityd("image", minv=0.0, maxv=1.0)
 
 
-def loading(config: SiteConfig) -> list:
-    """Read image and label. DICOM series and their NIfTI labels are brought to one voxel order (RAS
+def loading(data_format: str, orientation: str | None, keys: Sequence[str] = KEYS) -> list:
+    """Read image (and label). DICOM series and their NIfTI labels are brought to one voxel order (RAS
     unless ``data.orientation`` says otherwise): the two formats store the same grid differently."""
-    if config.data.format != "dicom":
-        return [LoadImaged(KEYS, reader=READERS[config.data.format], image_only=True, ensure_channel_first=True)]
-    return [
-        LoadImaged("image", reader="PydicomReader", image_only=True, ensure_channel_first=True),
-        LoadImaged("label", reader="NibabelReader", image_only=True, ensure_channel_first=True),
-        *([] if config.data.orientation else [Orientationd(KEYS, axcodes="RAS")]),
-    ]
+    if data_format != "dicom":
+        return [LoadImaged(keys, reader=READERS[data_format], image_only=True, ensure_channel_first=True)]
+    readers = {"image": "PydicomReader", "label": "NibabelReader"}
+    return [LoadImaged(k, reader=readers[k], image_only=True, ensure_channel_first=True) for k in keys] + (
+        [] if orientation else [Orientationd(keys, axcodes="RAS")]
+    )
 
 
-def geometry(config: SiteConfig) -> list:
+def geometry(orientation: str | None, spacing: Sequence[float] | None, keys: Sequence[str] = KEYS) -> list:
     """Reorient and resample volumes as configured (labels with nearest neighbour)."""
     steps = []
-    if config.data.orientation:
-        steps.append(Orientationd(KEYS, axcodes=config.data.orientation))
-    if config.data.spacing:
-        steps.append(Spacingd(KEYS, pixdim=config.data.spacing, mode=("bilinear", "nearest")))
+    if orientation:
+        steps.append(Orientationd(keys, axcodes=orientation))
+    if spacing:
+        steps.append(Spacingd(keys, pixdim=spacing, mode=("bilinear", "nearest")[: len(keys)]))
     return steps
 
 
-def preprocessing(config: SiteConfig, class_names: list[str]) -> Compose:
+def preprocessing(config: SiteConfig, class_names: Sequence[str]) -> Compose:
+    """Source files -> image and label MetaTensors (C, X, Y[, Z]) on the configured grid, checked."""
     return Compose([
-        *loading(config),
-        *geometry(config),
-        ToGreyd(KEYS),
+        *loading(config.data.format, config.data.orientation),
+        CheckGeometryd(config.site, config.data.channel, config.data.format),
+        *geometry(config.data.orientation, config.data.spacing),
         intensity_transform(config.modality, config.preprocessing),
-        CheckCased(config.site, config.class_mapping_for(class_names)),
-        SliceAxisLastd(KEYS, config.data.slice_axis),
-        EnsureTyped(KEYS, track_meta=False),
+        CheckLabelsd(config.site, config.class_mapping_for(list(class_names))),
     ])
 
 
-def augmentation(config: SiteConfig) -> Compose:
-    t = config.training
-    steps = [
-        SpatialPadd(KEYS, spatial_size=t.patch_size),
-        RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=t.patch_size, pos=t.pos_fraction, neg=1.0 - t.pos_fraction, num_samples=1, allow_smaller=False),
-    ]
-    if t.augment:
-        steps += [
-            RandFlipd(KEYS, prob=0.5, spatial_axis=0),
-            RandFlipd(KEYS, prob=0.5, spatial_axis=1),
-            RandRotate90d(KEYS, prob=0.5),
-            RandScaleIntensityd("image", factors=0.1, prob=0.5),
-            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-        ]
-    return Compose([*steps, EnsureTyped(KEYS, track_meta=False)])
+def slices_first(volume: torch.Tensor, slice_axis: int) -> np.ndarray:
+    """(1, X, Y, Z) -> (S, H, W) with the slice axis first; a 2-D (1, H, W) image -> (1, H, W)."""
+    x = torch.as_tensor(volume)[0]
+    return (x[None] if x.ndim == 2 else x.movedim(slice_axis, 0)).numpy()
 
 
-class SliceDataset(Dataset):
-    """Training items: random crops of single slices of the training cases."""
-
-    def __init__(self, volumes: list[dict], transform: Compose):
-        self.volumes = volumes
-        self.index = [(c, s) for c, v in enumerate(volumes) for s in range(v["image"].shape[-1])]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict:
-        c, s = self.index[i]
-        v = self.volumes[c]
-        item = self.transform({"image": v["image"][..., s], "label": v["label"][..., s]})[0]
-        return {"image": torch.as_tensor(item["image"]).float(), "label": torch.as_tensor(item["label"]).long(), "case_index": c}
-
-    def slice_indices_by_case(self) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in self.volumes]
-        for i, (c, _) in enumerate(self.index):
-            out[c].append(i)
-        return out
+def voxel_spacing(volume: MetaTensor, slice_axis: int) -> tuple[float, float, float]:
+    """mm per voxel along (H, W, S) of ``slices_first``'s arrays, from the volume's affine."""
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    per_axis = np.sqrt((affine[:-1, :-1] ** 2).sum(axis=0)).tolist()
+    if len(per_axis) == 2:  # 2-D image: pixel units unless its format has a spacing
+        return (per_axis[0], per_axis[1], 1.0)
+    in_plane = [s for a, s in enumerate(per_axis) if a != slice_axis]
+    return (in_plane[0], in_plane[1], per_axis[slice_axis])
 
 
-class CaseCrops(Dataset):
-    """DP training items: ``slices_per_case`` random slice crops of one training case, stacked.
-
-    Item c -> image (k, C, H, W), label (k, 1, H, W). The case is the privacy unit, so DP-SGD samples and
-    clips whole cases; which of its slices a step sees is drawn here, from ``seed``.
-    """
-
-    def __init__(self, slices: SliceDataset, slices_per_case: int, seed: int):
-        self.slices, self.slices_per_case = slices, slices_per_case
-        self.by_case = slices.slice_indices_by_case()
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return len(self.by_case)
-
-    def __getitem__(self, c: int) -> dict:
-        own = self.by_case[c]
-        picks = self.rng.choice(own, size=self.slices_per_case, replace=len(own) < self.slices_per_case)
-        items = [self.slices[int(i)] for i in picks]
-        return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items])}
-
-
-@dataclass
-class SiteData:
-    train_dataset: SliceDataset
-    val_cases: list[dict]
-    class_names: list[str]
-
-    @property
-    def num_train_cases(self) -> int:
-        return len(self.train_dataset.volumes)
-
-    @property
-    def num_train_slices(self) -> int:
-        return len(self.train_dataset)
-
-    @classmethod
-    def from_config(cls, config: SiteConfig, class_names: list[str]) -> SiteData:
-        cases = list_cases(config)
-        train, val = split_cases(cases, config.split.val_fraction, config.split.seed)
-        transform = preprocessing(config, class_names)
-        signature = json.dumps([config.modality, config.preprocessing, sorted(config.labels.items()), config.data.slice_axis, config.data.orientation, config.data.spacing, list(class_names)])
-        cache = config.cache_dir / hashlib.sha1(signature.encode()).hexdigest()[:12]
-        volumes = {}
-        for split, group in (("train", train), ("val", val)):
-            items = [{"image": str(c.image), "label": str(c.label), "source_image": str(c.image), "source_label": str(c.label)} for c in group]
-            ds = PersistentDataset(items, transform, cache_dir=cache)
-            volumes[split] = [_load(ds, i, group[i], config.site) for i in range(len(group))]
-        for item, case in zip(volumes["val"], val):
-            item["case"] = case.case_id
-        return cls(SliceDataset(volumes["train"], augmentation(config)), volumes["val"], list(class_names))
+def _settings(config: SiteConfig, class_names: Sequence[str]) -> list:
+    """Everything in the site config that changes a cached case."""
+    d = config.data
+    return [config.modality, config.preprocessing, sorted(config.labels.items()), d.format, d.slice_axis, d.orientation, d.spacing, d.channel, list(class_names)]
 
 
 def site_data_error(err: Exception, site: str, path: Path | str) -> SiteDataError:
@@ -314,9 +289,178 @@ def site_data_error(err: Exception, site: str, path: Path | str) -> SiteDataErro
     return SiteDataError(f"site {site}: {path}: cannot be loaded ({type(cause).__name__}: {cause})")
 
 
-def _load(ds: PersistentDataset, i: int, case: Case, site: str) -> dict:
+def preprocess(config: SiteConfig, transform: Compose, case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """One case through the site's transforms: image and label (S, H, W), spacing along (H, W, S)."""
+    item = {"image": str(case.image), "label": str(case.label), "source_image": str(case.image), "source_label": str(case.label)}
     try:
-        item = ds[i]
+        out = transform(item)
     except Exception as err:
-        raise site_data_error(err, site, case.image) from None
-    return {"image": torch.as_tensor(np.asarray(item["image"])), "label": torch.as_tensor(np.asarray(item["label"]))}
+        raise site_data_error(err, config.site, case.image) from None
+    axis = config.data.slice_axis
+    return slices_first(out["image"], axis), slices_first(out["label"], axis), voxel_spacing(out["image"], axis)
+
+
+def cached_cases(config: SiteConfig, class_names: Sequence[str], cases: Sequence[Case]) -> list[CachedCase]:
+    """The cache entries of ``cases``, preprocessing those that are missing or stale."""
+    settings, transform, out = _settings(config, class_names), None, []
+    for i, case in enumerate(cases):
+        folder = config.cache_dir / case.case_id / cache_key([case.image, case.label], settings)
+        entry = read_entry(folder)
+        if entry is None:
+            transform = transform or preprocessing(config, class_names)
+            image, label, spacing = preprocess(config, transform, case)
+            try:
+                entry = write_entry(folder, case.case_id, case.patient, image, label, spacing)
+            except OSError as err:
+                raise SiteDataError(f"site {config.site}: cache folder {config.cache_dir} is not writable ({err}); set training.cache_dir") from None
+            log.info("site %s: preprocessed case %d of %d into the cache", config.site, i + 1, len(cases))
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------ training draws
+@dataclass(frozen=True)
+class Draw:
+    """One training crop to make: case, slice, the class its centre must show (0: anywhere), and the
+    seed of its crop position and augmentation (so that results do not depend on loader workers)."""
+
+    case: int
+    slice: int
+    target_class: int
+    seed: int
+
+
+def draw(case_index: int, case: CachedCase, pos_fraction: float, rng: np.random.Generator) -> Draw:
+    """A crop of ``case``: foreground-centred with probability ``pos_fraction`` when it has foreground."""
+    seed = int(rng.integers(2**31))
+    if case.slices_with and rng.random() < pos_fraction:
+        target = int(rng.choice(sorted(case.slices_with)))
+        return Draw(case_index, int(rng.choice(case.slices_with[target])), target, seed)
+    return Draw(case_index, int(rng.integers(case.num_slices)), 0, seed)
+
+
+class DrawSampler(Sampler):
+    """``num_draws`` draws per pass, over cases chosen uniformly (every case weighs the same)."""
+
+    def __init__(self, cases: Sequence[CachedCase], pos_fraction: float, num_draws: int, rng: np.random.Generator):
+        self.cases, self.pos_fraction, self.num_draws, self.rng = cases, pos_fraction, num_draws, rng
+
+    def __len__(self) -> int:
+        return self.num_draws
+
+    def __iter__(self) -> Iterator[Draw]:
+        for _ in range(self.num_draws):
+            c = int(self.rng.integers(len(self.cases)))
+            yield draw(c, self.cases[c], self.pos_fraction, self.rng)
+
+
+def augmentation(patch_size: Sequence[int], augment: bool) -> Compose:
+    steps = [
+        RandFlipd(KEYS, prob=0.5, spatial_axis=0),
+        RandFlipd(KEYS, prob=0.5, spatial_axis=1),
+        RandRotate90d(KEYS, prob=0.5),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+    ]
+    return Compose([SpatialPadd(KEYS, spatial_size=patch_size), *(steps if augment else []), EnsureTyped(KEYS, track_meta=False)])
+
+
+class TrainingSlices(Dataset):
+    """Training items by ``Draw``: image (1, h, w) float32 and label (1, h, w) int64 crops of one slice."""
+
+    def __init__(self, cases: Sequence[CachedCase], num_classes: int, patch_size: Sequence[int], augment: bool):
+        self.cases, self.patch_size = list(cases), tuple(patch_size)
+        self.num_slices = sum(c.num_slices for c in self.cases)
+        self.augment = augmentation(patch_size, augment)
+        self.uniform_crop = RandSpatialCropd(KEYS, roi_size=patch_size, random_size=False)
+        self.class_crops = {
+            k: RandCropByLabelClassesd(KEYS, label_key="label", spatial_size=patch_size, ratios=[int(i == k) for i in range(num_classes)], num_classes=num_classes, num_samples=1, allow_smaller=True)
+            for k in range(1, num_classes)
+        }
+
+    def __len__(self) -> int:
+        return self.num_slices
+
+    def __getitem__(self, d: Draw) -> dict:
+        case = self.cases[d.case]
+        image = torch.from_numpy(case.image_slices(d.slice, 1).astype(np.float32))
+        label = torch.from_numpy(case.label_slices(d.slice, 1).astype(np.int64))
+        crop = self.class_crops[d.target_class] if d.target_class else self.uniform_crop
+        rng = np.random.RandomState(d.seed)
+        crop.set_random_state(state=rng)
+        self.augment.set_random_state(state=rng)
+        item = crop({"image": image, "label": label})
+        item = self.augment(item[0] if isinstance(item, list) else item)
+        return {"image": torch.as_tensor(item["image"]).float(), "label": torch.as_tensor(item["label"]).long()}
+
+
+class PatientCrops(Dataset):
+    """DP training items: ``slices_per_patient`` crops of one training patient's cases, stacked.
+
+    Item p -> image (k, 1, h, w), label (k, 1, h, w). The patient is the privacy unit, so DP-SGD samples
+    and clips whole patients; which cases, slices and crops a step sees is drawn here from ``rng``.
+    """
+
+    def __init__(self, slices: TrainingSlices, slices_per_patient: int, pos_fraction: float, rng: np.random.Generator):
+        self.slices, self.k, self.pos_fraction, self.rng = slices, slices_per_patient, pos_fraction, rng
+        by_patient: dict[str, list[int]] = {}
+        for i, case in enumerate(slices.cases):
+            by_patient.setdefault(case.patient, []).append(i)
+        self.patients = [by_patient[p] for p in sorted(by_patient)]
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def __getitem__(self, p: int) -> dict:
+        own = self.patients[p]
+        items = [self.slices[draw(c, self.slices.cases[c], self.pos_fraction, self.rng)] for c in self.rng.choice(own, size=self.k)]
+        return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items])}
+
+
+@dataclass
+class SiteData:
+    """A site's training and held-out cases, as cache entries: opened, not read."""
+
+    config: SiteConfig
+    train_cases: list[CachedCase]
+    val_cases: list[CachedCase]
+    class_names: list[str]
+    patients_mapped: bool  # False: the dataset maps no patients, so each case (file) counts as one
+
+    @property
+    def num_train_cases(self) -> int:
+        return len(self.train_cases)
+
+    @property
+    def num_train_patients(self) -> int:
+        return len({c.patient for c in self.train_cases})
+
+    @property
+    def num_train_slices(self) -> int:
+        return sum(c.num_slices for c in self.train_cases)
+
+    def training_slices(self) -> TrainingSlices:
+        t = self.config.training
+        return TrainingSlices(self.train_cases, len(self.class_names) + 1, t.patch_size, t.augment)
+
+    def training_batches(self, batch_size: int, rng: np.random.Generator) -> DataLoader:
+        """One pass of foreground-oversampled crops (as many as there are training slices), prefetched by
+        ``training.loader_workers`` processes."""
+        t = self.config.training
+        sampler = DrawSampler(self.train_cases, t.pos_fraction, self.num_train_slices, rng)
+        workers = t.loader_workers
+        return DataLoader(self.training_slices(), batch_size=batch_size, sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None)
+
+    def patient_crops(self, slices_per_patient: int, rng: np.random.Generator) -> PatientCrops:
+        return PatientCrops(self.training_slices(), slices_per_patient, self.config.training.pos_fraction, rng)
+
+    @classmethod
+    def from_config(cls, config: SiteConfig, class_names: Sequence[str]) -> SiteData:
+        cases = list_cases(config)
+        train, val = split_cases(cases, config.split.val_fraction, config.split.seed)
+        entries = cached_cases(config, class_names, train + val)
+        for entry in entries:
+            if entry.constant:
+                log.warning("site %s: case %s has a constant image (a blank export?); python -m client check-site lists such problems", config.site, entry.case_id)
+        mapped = read_patient_mapping(config.data.root, config.site) is not None
+        return cls(config, entries[: len(train)], entries[len(train) :], list(class_names), mapped)

@@ -1,7 +1,8 @@
-"""Split one dataset by case into N hospital sites, with a site YAML each (for simulation)."""
+"""Split one dataset by patient into N hospital sites, with a site YAML each (for simulation)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -9,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .datasets import LAYOUTS, case_stem
-from .phantoms import DEMO_LABELS
+from .datasets import LAYOUTS, case_stem, read_patient_mapping
 
 SCHEMES = ("iid", "dirichlet", "quantity")
 
@@ -80,21 +80,43 @@ def dataset_format(data_dir: Path) -> str:
     raise ValueError(f"{data_dir}: neither an MSD / DICOM (imagesTr/labelsTr) nor a PNG (images/masks) dataset")
 
 
+def dataset_labels(data_dir: Path) -> dict[int, str]:
+    """Label value -> class name from the dataset's ``dataset.json`` (MSD's ``labels``; background dropped)."""
+    meta_file = data_dir / "dataset.json"
+    if not meta_file.is_file():
+        raise ValueError(f"{data_dir}: no dataset.json to take the label names from; give them (--labels 1=organ,2=lesion)")
+    names = json.loads(meta_file.read_text()).get("labels", {})
+    labels = {int(v): str(n) for v, n in names.items() if int(v) != 0}
+    if not labels:
+        raise ValueError(f"{meta_file}: no foreground labels in its 'labels' entry")
+    return labels
+
+
 def split_dataset(data_dir: str | Path, modality: str, num_sites: int, scheme: str, seed: int, out_dir: str | Path, labels: dict[int, str] | None = None, site_prefix: str | None = None) -> list[Path]:
-    """Partition ``data_dir`` (MSD, DICOM or PNG layout) by case into ``num_sites`` site folders + YAMLs."""
+    """Partition ``data_dir`` (MSD, DICOM or PNG layout) by patient into ``num_sites`` site folders + YAMLs.
+
+    Label names come from ``labels`` or the dataset's ``dataset.json``; patients from its ``cases.csv`` or
+    ``dataset.json`` (each case its own patient otherwise), and every site gets its patients' ``cases.csv``.
+    """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     fmt = dataset_format(data_dir)
+    labels = labels or dataset_labels(data_dir)
     images_dir, labels_dir, image_pattern, label_pattern = LAYOUTS[fmt]
     image_files = {case_stem(p): p for p in (data_dir / images_dir).glob(image_pattern)}
     label_files = {case_stem(p): p for p in (data_dir / labels_dir).glob(label_pattern)}
-    parts = partition_cases(sorted(image_files), num_sites, scheme, seed)
+    mapping = read_patient_mapping(data_dir, data_dir.name)
+    patient_of = mapping[0] if mapping else {c: c for c in image_files}
+    parts = partition_cases(sorted({patient_of[c] for c in image_files}), num_sites, scheme, seed)
     prefix = site_prefix or f"{data_dir.name}_site"
     yamls = []
-    for i, names in enumerate(parts):
+    for i, patients in enumerate(parts):
         site = prefix if num_sites == 1 else f"{prefix}{i}"
         root = out_dir / site
+        names = sorted(c for c in image_files if patient_of[c] in set(patients))
         for case in names:
             _link(image_files[case], root / images_dir / image_files[case].name)
             _link(label_files[case], root / labels_dir / label_files[case].name)
-        yamls.append(write_site_config(out_dir / f"{site}.yaml", site, modality, root, fmt, labels or DEMO_LABELS[modality]))
+        if mapping:
+            (root / "cases.csv").write_text("case,patient\n" + "".join(f"{c},{patient_of[c]}\n" for c in names))
+        yamls.append(write_site_config(out_dir / f"{site}.yaml", site, modality, root, fmt, labels))
     return yamls

@@ -165,13 +165,13 @@ def generate_phantoms(out_dir: str | Path, modality: str, num_cases: int = 16, s
         else:
             nib.save(nib.Nifti1Image(image.astype(np.float32), affine), out / "imagesTr" / f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / f"{name}.nii.gz")
-    if modality != "us":
-        meta = {
-            "name": f"phantom-{modality}",
-            "modality": {"0": modality.upper()},
-            "labels": {"0": "background", **{str(v): n for v, n in values.items()}},
-            "numTraining": num_cases,
-            "training": [{"image": f"./imagesTr/case_{i:03d}" + ("" if dicom else ".nii.gz"), "label": f"./labelsTr/case_{i:03d}.nii.gz"} for i in range(num_cases)],
-        }
-        (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    image_file, label_file = ("./images/{}.png", "./masks/{}.png") if modality == "us" else ("./imagesTr/{}" + ("" if dicom else ".nii.gz"), "./labelsTr/{}.nii.gz")
+    meta = {
+        "name": f"phantom-{modality}",
+        "modality": {"0": modality.upper()},
+        "labels": {"0": "background", **{str(v): n for v, n in values.items()}},
+        "numTraining": num_cases,
+        "training": [{"image": image_file.format(f"case_{i:03d}"), "label": label_file.format(f"case_{i:03d}")} for i in range(num_cases)],
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     return out

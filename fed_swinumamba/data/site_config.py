@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .cache import default_cache_root
+
 MODALITIES = ("ct", "mri", "us")
 FORMATS = ("msd", "dicom", "png")
 DEFAULT_PREPROCESSING = {"ct": {"window": [-200.0, 300.0]}, "mri": {"percentiles": [0.5, 99.5]}, "us": {}}
@@ -30,6 +32,7 @@ class DataSpec:
     slice_axis: int = 2
     orientation: str | None = None  # MONAI axcodes, e.g. "RAS"; None keeps the stored orientation
     spacing: tuple[float, float, float] | None = None  # mm per axis; 0 keeps that axis's spacing
+    channel: int | None = None  # the channel of multi-channel volumes to use (e.g. one echo); None: refuse them
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class TrainingSpec:
     pos_fraction: float = 0.67
     augment: bool = True
     cache_dir: Path | None = None
+    loader_workers: int = 1  # processes that read and crop slices ahead of the training steps
 
 
 # The numeric fields of a site's privacy section: real numbers, and whole counts.
@@ -84,7 +88,8 @@ class SiteConfig:
 
     @property
     def cache_dir(self) -> Path:
-        return self.training.cache_dir or self.data.root / ".fed_swinumamba_cache"
+        """Preprocessed cases: ``training.cache_dir``, else a user cache folder (the data folder may be read-only)."""
+        return self.training.cache_dir or default_cache_root(self.site)
 
     def class_mapping_for(self, class_names: list[str]) -> dict[int, int]:
         """Site label value -> federation class index (background 0 -> 0)."""
@@ -128,7 +133,7 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     if modality not in MODALITIES:
         raise SiteConfigError(source, "modality", f"must be one of {', '.join(MODALITIES)} (got {modality!r})")
 
-    d = _section(source, "data", top["data"], {"root", "format", "slice_axis", "orientation", "spacing"}, {"root"})
+    d = _section(source, "data", top["data"], {"root", "format", "slice_axis", "orientation", "spacing", "channel"}, {"root"})
     root = Path(_expect(source, "data.root", d["root"], str, "a folder path")).expanduser()
     if not root.is_absolute() and base_dir is not None:
         root = (base_dir / root).resolve()
@@ -147,6 +152,9 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
         if not (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in spacing)):
             raise SiteConfigError(source, "data.spacing", f"must be [s0, s1, s2] in mm (0 keeps an axis), got {spacing!r}")
         spacing = tuple(float(v) for v in spacing)
+    channel = d.get("channel")
+    if channel is not None and (fmt == "png" or not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
+        raise SiteConfigError(source, "data.channel", f"must be a channel index >= 0 of multi-channel volumes (msd, dicom), got {channel!r}")
 
     labels_raw = _expect(source, "labels", top["labels"], dict, "a mapping of label value -> class name")
     labels = {}
@@ -172,7 +180,7 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair) and pair[0] < pair[1]):
             raise SiteConfigError(source, f"preprocessing.{key}", f"must be [low, high] with low < high, got {pair!r}")
 
-    t = _section(source, "training", top.get("training"), {"local_epochs", "local_steps", "batch_size", "patch_size", "pos_fraction", "augment", "cache_dir"})
+    t = _section(source, "training", top.get("training"), {"local_epochs", "local_steps", "batch_size", "patch_size", "pos_fraction", "augment", "cache_dir", "loader_workers"})
     if "local_epochs" in t and "local_steps" in t:
         raise SiteConfigError(source, "training.local_steps", "give local_epochs or local_steps, not both")
     epochs = _expect(source, "training.local_epochs", t["local_epochs"], int, "a positive integer") if "local_epochs" in t else (None if "local_steps" in t else 1)
@@ -191,7 +199,10 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     cache = None if cache is None else Path(_expect(source, "training.cache_dir", cache, str, "a folder path")).expanduser()
     if cache is not None and not cache.is_absolute() and base_dir is not None:
         cache = (base_dir / cache).resolve()
-    training = TrainingSpec(epochs, steps, batch, tuple(patch), pos, _expect(source, "training.augment", t.get("augment", True), bool, "true or false"), cache)
+    workers = _expect(source, "training.loader_workers", t.get("loader_workers", 1), int, "a number of processes >= 0")
+    if workers < 0:
+        raise SiteConfigError(source, "training.loader_workers", f"must be >= 0 (0: read in the training process), got {workers}")
+    training = TrainingSpec(epochs, steps, batch, tuple(patch), pos, _expect(source, "training.augment", t.get("augment", True), bool, "true or false"), cache, workers)
 
     p = _section(source, "privacy", top.get("privacy"), {"enabled", "frozen", *_PRIVACY_REALS, *_PRIVACY_COUNTS})
     numbers = {}
@@ -209,7 +220,8 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     if not all(isinstance(f, str) and f for f in frozen):
         raise SiteConfigError(source, "privacy.frozen", f"must list layer groups or parameter-name prefixes, got {frozen!r}")
     privacy = PrivacySpec(enabled, **numbers, frozen=tuple(frozen))
-    return SiteConfig(site, modality, DataSpec(root, fmt, axis, orientation and orientation.upper(), spacing), labels, Path(source), split, pre, training, privacy)
+    data = DataSpec(root, fmt, axis, orientation and orientation.upper(), spacing, channel)
+    return SiteConfig(site, modality, data, labels, Path(source), split, pre, training, privacy)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
