@@ -1,12 +1,15 @@
 """Fixtures and checks shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from fed_swinumamba.data import generate_phantoms, split_dataset
+from fed_swinumamba.data import generate_phantoms, load_site_config, split_dataset
 from fed_swinumamba.params import group_of
 from fed_swinumamba.protocol import ARRAYS, CONFIG, METRICS, SITE, Instructions
 
@@ -25,6 +28,16 @@ def three_sites(tmp_path_factory):
     for y in yamls:  # tiny local budget: two steps of batch 4 at 32x32
         y.write_text(y.read_text().replace("patch_size: [64, 64]", "patch_size: [32, 32]"))
     return yamls
+
+
+def private_site(site_yaml: Path, folder: Path, **privacy) -> Path:
+    """A copy of ``site_yaml`` in ``folder`` with a DP section of its own (``privacy`` fields), its data where it was."""
+    text = re.sub(r"(?m)^  root: .*$", f"  root: {load_site_config(site_yaml).data.root}", site_yaml.read_text().split("privacy:")[0])
+    lines = "".join(f"  {k}: {v}\n" for k, v in {"enabled": "true", **privacy}.items())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"private_{site_yaml.stem}.yaml"
+    path.write_text(text + f"training:\n  cache_dir: {folder / 'cache'}\nprivacy:\n" + lines)
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
 from client.site import SiteRound
-from conftest import TINY
+from conftest import TINY, private_site
 from fed_swinumamba.data import load_site_config
 from fed_swinumamba.data.site_config import PrivacySpec
 from fed_swinumamba.model import ModelConfig, build_model
@@ -162,12 +162,7 @@ def test_frozen_groups_and_prefixes_are_not_trained_under_dp():
 
 def _private_site(three_sites, tmp_path, **privacy):
     """The CT demo site with its own DP section."""
-    text = three_sites[0].read_text().split("privacy:")[0]
-    lines = "".join(f"  {k}: {v}\n" for k, v in {"enabled": "true", **privacy}.items())
-    root = load_site_config(three_sites[0]).data.root
-    path = tmp_path / "private_ct.yaml"
-    path.write_text(text.replace("root: ct_site", f"root: {root}") + f"training:\n  cache_dir: {tmp_path / 'cache'}\nprivacy:\n" + lines)
-    return path
+    return private_site(three_sites[0], tmp_path, **privacy)
 
 
 def _round(context, server_round, stage, model_config, state):
