@@ -60,10 +60,10 @@ class PrivacySpec:
     """DP-SGD at the site; the privacy unit is the case (patient): cases are sampled and clipped, not slices."""
 
     enabled: bool = False
-    target_epsilon: float | None = None  # total budget over the run; the noise is derived from it
+    target_epsilon: float | None = None  # budget of the study (all its runs); the noise is derived from it for this run
     noise_multiplier: float | None = None  # or given; then target_epsilon, if set, is only the budget
     max_grad_norm: float = 1.0  # clip norm of one case's gradient
-    delta: float | None = None  # None: min(1e-5, 1 / number of training cases)
+    delta: float | None = None  # None: min(1e-5, 1 / disclosed number of training patients)
     slices_per_case: int = 2  # random slices drawn from each sampled case per step
     cases_per_batch: int | None = None  # expected cases per Poisson batch; None: batch_size // slices_per_case
     local_steps: int | None = None  # DP steps per round; None: the run's local steps (larger DP batches need fewer)
