@@ -11,7 +11,7 @@ from fed_swinumamba.logs import enable_console_logging
 from fed_swinumamba.protocol import redact_paths
 
 from .audit import audit_replies
-from .site import SiteRound
+from .site import SiteRound, identify
 
 app = ClientApp(mods=[audit_replies])
 log = logging.getLogger("fed_swinumamba.client")
@@ -30,6 +30,12 @@ def _reply(msg: Message, work: Callable[[], RecordDict]) -> Message:
         log.exception("round failed at this site")
         reason = redact_paths(f"{type(err).__name__}: {err}")
         return Message(error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who this node is (site and modality): asked before the coordinator sends any weights."""
+    return _reply(msg, lambda: identify(context))
 
 
 @app.train()

@@ -2,6 +2,7 @@
 
 The ClientApp process is short-lived (Flower starts one per message), so everything that must
 outlive a message sits in ``context.state``: the site's copy of the global model and its version.
+What must outlive the run, the privacy ledger of each study, sits in the site's ``state_dir``.
 Patient data stays here; what goes back is weights and scalar metrics only.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +19,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fed_swinumamba.data import SiteData, demo_site, load_site_config
+from fed_swinumamba.data.site_config import PrivacySpec, SiteConfig
+from fed_swinumamba.dp_options import RunDPOptions
+from fed_swinumamba.logs import NOT_PRIVATE, prefixed
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
-from fed_swinumamba.privacy import PrivacyLedger, dp_metrics, privacy_spec, resolve, steps_per_round, train_private
+from fed_swinumamba.privacy import dp_metrics, ledger_file, privacy_spec, resolve, steps_per_round, study_ledger, train_private
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions
+from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
 from fed_swinumamba.training import evaluate_cases, train_local
 
 log = logging.getLogger("fed_swinumamba.client")
 
 GLOBAL_WEIGHTS, GLOBAL_VERSION = "global-weights", "global-version"
-PRIVACY, LEDGER = "privacy", "ledger"
 
 
 def clip_update(trained: ArrayRecord, start: ArrayRecord, clipping_norm: float) -> ArrayRecord:
@@ -56,6 +61,15 @@ def site_config_path(context: Context) -> Path:
     if "partition-id" in context.node_config and context.run_config.get("demo-data"):
         return demo_site(str(context.run_config["demo-data"]), int(context.node_config["partition-id"]))
     raise SiteError("this node has no site config: start the SuperNode with --node-config \"site-config='/path/to/site.yaml'\"")
+
+
+def site_identity(config: SiteConfig) -> ConfigRecord:
+    return ConfigRecord({"site": config.site, "modality": config.modality})
+
+
+def identify(context: Context) -> RecordDict:
+    """The answer to the coordinator's query: which site and modality this node is, and nothing else."""
+    return RecordDict({SITE: site_identity(load_site_config(site_config_path(context)))})
 
 
 class SiteRound:
@@ -102,77 +116,79 @@ class SiteRound:
         state[CONFIG] = ConfigRecord({GLOBAL_VERSION: ins.version})
 
     def _identity(self) -> ConfigRecord:
-        return ConfigRecord({"site": self.config.site, "modality": self.config.modality})
+        return site_identity(self.config)
 
     def _data(self) -> SiteData:
         return SiteData.from_config(self.config, list(self.instructions.class_names))
 
+    def _run_seed(self) -> int:
+        """A seed from the run's seed, the round and the site: what the coordinator knows, so only
+        for what may be reproducible (training without DP, and DP runs that are marked not private)."""
+        ins = self.instructions
+        return (ins.seed * 1_000_003 + ins.server_round * 7919 + zlib.crc32(self.config.site.encode())) % 2**31
+
+    def _progress(self, step: int, loss: float) -> None:
+        if step % 10 == 0:
+            log.info("site %s round %d: step %d loss %.4f", self.config.site, self.instructions.server_round, step, loss)
+
     def train(self) -> RecordDict:
         ins, training = self.instructions, self.config.training
         data = self._data()
-        # Same run seed, round and site -> same batches, augmentations and DP noise: reruns reproduce.
-        seed = (ins.seed * 1_000_003 + ins.server_round * 7919 + zlib.crc32(self.config.site.encode())) % 2**31
-        torch.manual_seed(seed)
         max_steps = ins.local_steps or training.local_steps or None
         epochs = training.local_epochs or 1
-
-        def progress(step: int, loss: float) -> None:
-            if step % 10 == 0:
-                log.info("site %s round %d: step %d loss %.4f", self.config.site, ins.server_round, step, loss)
-
         privacy = privacy_spec(self.config.privacy, self.context.run_config)
         if privacy.enabled:
-            return self._train_private(privacy, data, seed, max_steps, epochs, progress)
+            return self._train_private(privacy, data, max_steps, epochs)
+        # Same run seed, round and site -> same batches and augmentations: reruns reproduce.
+        seed = self._run_seed()
+        torch.manual_seed(seed)
         result = train_local(
             self.model, self.config.modality, data.training_batches(training.batch_size, np.random.default_rng(seed)), groups=ins.stage.trainable_groups, lr=ins.stage.lr,
-            max_steps=max_steps, epochs=epochs, proximal_mu=ins.proximal_mu, on_step=progress,
+            max_steps=max_steps, epochs=epochs, proximal_mu=ins.proximal_mu, on_step=self._progress,
         )
         log.info("site %s round %d: trained %d steps on %d examples, loss %.4f", self.config.site, ins.server_round, result.steps, result.num_examples, result.loss)
-        metrics = {"num-examples": result.num_examples, "train-loss": result.loss, "steps": result.steps, "num-train-cases": data.num_train_cases}
+        metrics = {"num-examples": data.num_train_patients, "train-loss": result.loss, "steps": result.steps}
         return self._trained_reply(metrics)
 
-    def _train_private(self, privacy, data: SiteData, seed: int, max_steps: int | None, epochs: int, progress) -> RecordDict:
-        """DP-SGD with the case as unit; stops for good once the next round would pass the budget."""
-        ins = self.instructions
+    def _dp_stream(self, reproducible: bool) -> KeyStream:
+        """The keystream of this message's DP randomness: keyed from OS entropy, or from the run seed
+        when the run asks for reproducible DP and this site allows it."""
+        if not reproducible:
+            return KeyStream(secure_key())
+        if not self.config.privacy.allow_insecure_reproducible:
+            raise SiteError(f"site {self.config.site}: the run asks for reproducible DP noise (dp-insecure-reproducible), which the coordinator could predict; "
+                            "this site does not allow it (privacy.allow_insecure_reproducible in its YAML)")
+        return KeyStream(reproducible_key(self._run_seed()))
+
+    def _train_private(self, privacy: PrivacySpec, data: SiteData, max_steps: int | None, epochs: int) -> RecordDict:
+        """DP-SGD with the patient as unit, spending from the study's ledger; no more training once the
+        next round would pass the budget. Every random draw comes from the DP keystream."""
+        reproducible = RunDPOptions.from_run_config(self.context.run_config).insecure_reproducible
+        stream = self._dp_stream(reproducible)
+        seed = stream.seed()
+        torch.manual_seed(seed)
+        with prefixed(NOT_PRIVATE, log.name) if reproducible else nullcontext():
+            return self._spend(privacy, data, max_steps, epochs, stream, seed, reproducible)
+
+    def _spend(self, privacy: PrivacySpec, data: SiteData, max_steps: int | None, epochs: int, stream: KeyStream, seed: int, reproducible: bool) -> RecordDict:
+        ins, site = self.instructions, self.config.site
         planned_rounds = int(self.context.run_config.get("num-server-rounds", ins.server_round))
         max_steps = privacy.local_steps or max_steps
         dp = resolve(privacy, data.num_train_patients, self.config.training.batch_size, lambda q: planned_rounds * steps_per_round(q, max_steps, epochs))
-        ledger = self._ledger()
         steps = steps_per_round(dp.sample_rate, max_steps, epochs)
-        exhausted = dp.budget is not None and ledger.epsilon_after(dp.noise_multiplier, dp.sample_rate, steps, dp.delta) > dp.budget
-        if exhausted:
-            log.warning("site %s round %d: privacy budget %g would be exceeded (spent %.3f); no more training, evaluation goes on", self.config.site, ins.server_round, dp.budget, ledger.epsilon(dp.delta))
-            return RecordDict({METRICS: MetricRecord({"num-examples": 0, "steps": 0, **dp_metrics(dp, ledger, True)}), SITE: self._identity()})
-        cases = data.patient_crops(dp.slices_per_case, np.random.default_rng(seed))
-        result = train_private(
-            self.model, self.config.modality, cases, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
-            steps=steps, dp=dp, ledger=ledger, seed=seed, on_step=progress,
-        )
-        self._keep_ledger(ledger)
+        with study_ledger(ledger_file(self.config.state_dir, ins.study)) as ledger:
+            if dp.budget is not None and ledger.epsilon_after(dp.noise_multiplier, dp.sample_rate, steps, dp.delta) > dp.budget:
+                log.warning("site %s round %d: privacy budget %g of study %s would be exceeded (spent %.3f); no more training, evaluation goes on", site, ins.server_round, dp.budget, ins.study, ledger.epsilon(dp.delta))
+                return RecordDict({METRICS: MetricRecord({"num-examples": 0, "steps": 0, **dp_metrics(dp, ledger, True, reproducible)}), SITE: self._identity()})
+            cases = data.patient_crops(dp.slices_per_case, np.random.default_rng(seed))
+            result = train_private(
+                self.model, self.config.modality, cases, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
+                steps=steps, dp=dp, ledger=ledger, stream=stream, proximal_mu=ins.proximal_mu, on_step=self._progress,
+            )
         # The training loss is a function of the private batch: it stays in the site's log.
-        log.info("site %s round %d: DP-SGD %d steps (%s), loss %.4f, epsilon spent %.3f", self.config.site, ins.server_round, steps, dp.describe(), result.loss, ledger.epsilon(dp.delta))
-        metrics = {"num-examples": steps * dp.cases_per_batch, "steps": steps, "num-train-cases": data.num_train_cases, **dp_metrics(dp, ledger, False)}
+        log.info("site %s round %d: DP-SGD %d steps (%s), loss %.4f, epsilon of study %s spent %.3f", site, ins.server_round, steps, dp.describe(), result.loss, ins.study, ledger.epsilon(dp.delta))
+        metrics = {"num-examples": dp.disclosed_patients, "steps": steps, **dp_metrics(dp, ledger, False, reproducible)}
         return self._trained_reply(metrics)
-
-    def _ledger_file(self) -> Path:
-        return self.config.cache_dir / f"privacy-ledger-run-{self.context.run_id}.json"
-
-    def _ledger(self) -> PrivacyLedger:
-        """This site's accountant for the run: in the node's state between messages, and on the site's
-        disk so that a restarted SuperNode does not spend the budget again."""
-        if PRIVACY in self.context.state.config_records:
-            return PrivacyLedger.from_json(str(self.context.state[PRIVACY][LEDGER]))
-        if self._ledger_file().is_file():
-            return PrivacyLedger.from_json(self._ledger_file().read_text())
-        return PrivacyLedger()
-
-    def _keep_ledger(self, ledger: PrivacyLedger) -> None:
-        self.context.state[PRIVACY] = ConfigRecord({LEDGER: ledger.to_json()})
-        path = self._ledger_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(ledger.to_json())
-        tmp.replace(path)
 
     def _trained_reply(self, metrics: dict) -> RecordDict:
         trained = select(self.model.state_dict(), groups=self.instructions.stage.trainable_groups)

@@ -3,7 +3,10 @@
 Lives in the library because both sides need it and neither may import the other. Values are plain
 Python types that fit Flower's ConfigRecord / MetricRecord; nothing here imports Flower.
 
-A message to a site holds an ArrayRecord ``arrays`` (weights to load) and a ConfigRecord ``config``
+A node's first message, and its first after an error, is a query (Flower's ``MessageType.QUERY``)
+with no content: the reply's ``site`` record tells the coordinator which site and modality the node
+is, so that no weights of another modality's encoder are ever sent to it.
+A train or evaluate message holds an ArrayRecord ``arrays`` (weights to load) and a ConfigRecord ``config``
 (the instructions below). A reply holds ``arrays`` (train only: the weights the site trained; absent when a
 site whose privacy budget is spent declines to train),
 ``metrics`` (scalars only) and ``site`` (the site's name and modality: sites are known by name).
@@ -20,7 +23,13 @@ from .schedule import Stage
 
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
 FULL_SYNC = -1  # base_version of a message that carries every weight the site needs
-NUM_EXAMPLES = "num-examples"  # the metric Flower's strategies weight a site's update by
+# The metric Flower's strategies weight a site's update by: its number of training patients, at a DP
+# site the disclosed (coarsened) count (fed_swinumamba.privacy.disclosed_patient_count).
+NUM_EXAMPLES = "num-examples"
+
+# A study: the runs whose privacy a site accounts together (one ledger per site and study). Its name
+# becomes a file name at the sites, so it is checked on both sides.
+_STUDY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 # Anything that looks like a file path (two or more components), in a message that leaves a site.
 _PATH = re.compile(r"(?:[A-Za-z]:)?[\\/]?(?:[\w.~-]+[\\/])+[\w.~-]+")
@@ -32,6 +41,13 @@ def redact_paths(message: str) -> str:
     A site's errors go to the coordinator's log; the paths stay in the site's own log.
     """
     return _PATH.sub("<path>", message)
+
+
+def check_study(name: str) -> str:
+    """``name`` if it is a valid study name (letters, digits, '.', '_', '-'; 100 at most; not starting with '.')."""
+    if not _STUDY.fullmatch(name):
+        raise ValueError(f"study name {name!r}: use 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,7 @@ class Instructions:
     foreign_model: str = ""
     # Site-level DP: clip the trained weights' distance from the global weights to this L2 norm (0: no).
     clipping_norm: float = 0.0
+    study: str = "default"  # the study whose privacy ledger a DP site spends from
 
     def to_config(self) -> dict:
         return {
@@ -70,6 +87,7 @@ class Instructions:
             "seed": self.seed,
             "foreign-model": self.foreign_model,
             "clipping-norm": self.clipping_norm,
+            "study": self.study,
         }
 
     @classmethod
@@ -87,6 +105,7 @@ class Instructions:
                 seed=int(config["seed"]),
                 foreign_model=str(config["foreign-model"]),
                 clipping_norm=float(config["clipping-norm"]),
+                study=check_study(str(config["study"])),
             )
         except KeyError as err:
             raise ValueError(f"round instructions lack the field {err}: coordinator and site run different versions of fed-swinumamba") from err

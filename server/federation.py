@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 
 from fed_swinumamba.checkpoint import Checkpoint
+from fed_swinumamba.logs import NOT_PRIVATE, prefixed
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
 from fed_swinumamba.pretrained import load_vmamba_checkpoint
@@ -32,14 +34,19 @@ from .validation import screen_updates
 
 log = logging.getLogger("fed_swinumamba.server")
 
+# What the weights of an averaging strategy count, as metrics.json and the report state it.
+PATIENT_WEIGHTS = ("each site's number of training patients; a site with DP-SGD sends its count rounded down to two "
+                   "significant digits (disclosed, outside its DP guarantee)")
+EQUAL_WEIGHTS = "equal weights (site-level DP)"
+
 
 @dataclass
 class SiteLink:
     """What the coordinator knows of a connected node: who it is and which global version it holds."""
 
     site: str | None = None
-    modality: str | None = None
-    version: int | None = None  # None: unknown, send everything
+    modality: str | None = None  # None: unknown, ask the node (a query) before sending it any weights
+    version: int | None = None  # None: unknown, send everything of its modality
 
 
 class Federation:
@@ -106,8 +113,8 @@ class Federation:
     # ------------------------------------------------------------------ messages
     def _payload(self, node: int, version: int) -> tuple[ArrayRecord, int]:
         """The weights ``node`` lacks to hold global ``version``, and the version it must hold already."""
-        link = self.links.setdefault(node, SiteLink())
-        modalities = None if link.modality is None else [link.modality]
+        link = self.links[node]
+        modalities = [link.modality]  # known (see _identify): never another site's encoder
         if link.version is None or link.version > version:
             weights, base = select(self.state, modalities=modalities), FULL_SYNC
         else:
@@ -119,7 +126,7 @@ class Federation:
         instructions = Instructions(
             server_round, self.s.schedule.stage_for_round(server_round), self.s.model_config, self.s.class_names, version, base,
             self.s.proximal_mu, self.s.local_steps, self.s.seed, foreign_model,
-            self.s.site_dp.clipping_norm if self.s.site_dp else 0.0,
+            self.s.site_dp.clipping_norm if self.s.site_dp else 0.0, self.s.study,
         )
         content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())})
         return Message(content=content, dst_node_id=node, message_type=message_type)
@@ -134,32 +141,53 @@ class Federation:
 
     def _exchange(self, nodes: list[int], server_round: int, version: int, message_type: str, sites: dict) -> list[Message]:
         """Send, wait up to the round timeout, record per site; return the successful replies."""
-        messages, bytes_down = self._messages(nodes, server_round, version, message_type)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.s.round_timeout))
-        answered, ok = set(), []
-        for reply in replies:
-            node = _addressee(reply, messages)
-            answered.add(node)
-            link = self.links.setdefault(node, SiteLink())
-            if reply.has_error():
-                link.version = None  # whatever it holds, resend everything next time
-                entry = sites.setdefault(self._site_key(node), {"modality": link.modality})
-                entry.setdefault("errors", []).append(f"{message_type}: {reply.error.reason}")
-                log.warning("round %d %s: site %s failed: %s", server_round, message_type, self._site_key(node), reply.error.reason)
-                continue
-            identity = reply.content[SITE]
-            link.site, link.modality = str(identity["site"]), str(identity["modality"])
+        messages, bytes_down = self._messages(self._identify(nodes, server_round, sites), server_round, version, message_type)
+        ok = []
+        for node, reply in self._replies(messages, server_round, message_type, sites):
+            link = self.links[node]
             link.version = version
             entry = sites.setdefault(link.site, {"modality": link.modality})
             entry["bytes_down"] = entry.get("bytes_down", 0) + bytes_down[node]
             entry["bytes_up"] = entry.get("bytes_up", 0) + (_nbytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0)
             ok.append(reply)
-        for node in set(nodes) - answered:
-            self.links.setdefault(node, SiteLink()).version = None
-            entry = sites.setdefault(self._site_key(node), {"modality": self.links[node].modality})
-            entry.setdefault("errors", []).append(f"{message_type}: no reply within {self.s.round_timeout:.0f} s")
-            log.warning("round %d %s: site %s did not reply within %.0f s", server_round, message_type, self._site_key(node), self.s.round_timeout)
         return ok
+
+    def _identify(self, nodes: list[int], server_round: int, sites: dict) -> list[int]:
+        """Those of ``nodes`` whose site and modality are known, after asking the others (a query holds
+        no weights): a node's first message, and its first after an error, must not carry any other
+        modality's encoder, which with one site per modality is another hospital's own weights."""
+        unknown = [n for n in nodes if self.links.setdefault(n, SiteLink()).modality is None]
+        if unknown:
+            queries = [Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            self._replies(queries, server_round, MessageType.QUERY, sites)
+        return [n for n in nodes if self.links[n].modality is not None]
+
+    def _replies(self, messages: list[Message], server_round: int, message_type: str, sites: dict) -> list[tuple[int, Message]]:
+        """Send ``messages``, wait up to the round timeout and learn each replying node's identity;
+        record every failure; return the (node, reply) pairs that succeeded."""
+        replies = list(self.grid.send_and_receive(messages, timeout=self.s.round_timeout))
+        answered, ok = set(), []
+        for reply in replies:
+            node = _addressee(reply, messages)
+            answered.add(node)
+            if reply.has_error():
+                self._failed(node, server_round, message_type, reply.error.reason, sites)
+                continue
+            identity, link = reply.content[SITE], self.links[node]
+            link.site, link.modality = str(identity["site"]), str(identity["modality"])
+            ok.append((node, reply))
+        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):
+            self._failed(node, server_round, message_type, f"no reply within {self.s.round_timeout:.0f} s", sites)
+        return ok
+
+    def _failed(self, node: int, server_round: int, message_type: str, reason: str, sites: dict) -> None:
+        """Note a node's failure. Whatever it holds, and whoever it is now (a restarted SuperNode may
+        play another site), is unknown: it is asked again, then sent everything of its modality."""
+        link = self.links.setdefault(node, SiteLink())
+        entry = sites.setdefault(self._site_key(node), {"modality": link.modality})
+        entry.setdefault("errors", []).append(f"{message_type}: {reason}")
+        log.warning("round %d %s: site %s failed: %s", server_round, message_type, self._site_key(node), reason)
+        link.modality, link.version = None, None
 
     def _site_key(self, node: int) -> str:
         link = self.links.get(node)
@@ -177,6 +205,12 @@ class Federation:
             time.sleep(1.0)
 
     def run(self) -> list[dict]:
+        if self.s.dp_reproducible:
+            log.warning("dp-insecure-reproducible=true: DP sites that allow it draw their noise and batches from the run seed, which this coordinator knows; their epsilon guarantees nothing")
+        with prefixed(NOT_PRIVATE, log.name, "server.aggregation") if self.s.dp_reproducible else nullcontext():
+            return self._run()
+
+    def _run(self) -> list[dict]:
         rng = random.Random(self.s.seed)
         version = self.start_round - 1
         for server_round in range(self.start_round, self.s.num_rounds + 1):
@@ -258,7 +292,9 @@ class Federation:
         if "epsilon" in m:
             entry["epsilon"] = float(m["epsilon"])
             entry["privacy"] = {k.removeprefix("dp-").replace("-", "_"): float(v) for k, v in m.items() if k.startswith("dp-")}
-            entry["privacy"]["unit"] = "case"
+            entry["privacy"]["unit"] = "patient"
+            if m["dp-reproducible"]:
+                entry["not_private"] = NOT_PRIVATE.rstrip(": ")
             if m["dp-budget-exhausted"]:
                 log.warning("site %s: privacy budget %.3g spent (epsilon %.3f); it no longer trains, only evaluates", entry.get("site", reply.content[SITE]["site"]), float(m["dp-budget"]), float(m["epsilon"]))
                 entry["privacy_budget_exhausted"] = True
@@ -266,6 +302,8 @@ class Federation:
 
     def _record(self, server_round: int, stage, sites: dict) -> None:
         entry = {"round": server_round, "stage": stage.index, "lr": stage.lr, "trainable_groups": list(stage.trainable_groups), "sites": sites}
+        if self.s.dp_reproducible:
+            entry["not_private"] = NOT_PRIVATE.rstrip(": ")
         if self.aggregator.site_dp:
             entry["site_dp"] = self.aggregator.site_dp.report()
         self.history.append(entry)
@@ -279,7 +317,10 @@ class Federation:
         self._write_metrics()
 
     def _write_metrics(self) -> None:
-        metrics = {"rounds": self.history, "config": self.s.run_config, "best_mean_dice": self.best if self.best >= 0 else None}
+        metrics = {"rounds": self.history, "config": self.s.run_config, "best_mean_dice": self.best if self.best >= 0 else None,
+                   "study": self.s.study, "weighting": EQUAL_WEIGHTS if self.s.site_dp else PATIENT_WEIGHTS}
+        if self.s.dp_reproducible:
+            metrics["not_private"] = NOT_PRIVATE.rstrip(": ")
         if self.cross_site:
             metrics["cross_site"] = self.cross_site
         tmp = self.out / "metrics.json.tmp"

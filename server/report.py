@@ -61,7 +61,7 @@ def plot_epsilon(metrics: dict, path: Path) -> Path:
     for site in _sites(rounds):
         xs, ys = _series(rounds, site, "epsilon")
         if xs:
-            ax.plot(xs, ys, marker="o", label=f"{site} (unit: case)")
+            ax.plot(xs, ys, marker="o", label=f"{site} (unit: patient)")
     federation = [(r["round"], r["site_dp"]["epsilon"]) for r in rounds if "site_dp" in r]
     if federation:
         ax.plot(*zip(*federation, strict=True), marker="s", color="black", label="federation (site-level DP, unit: site)")
@@ -135,6 +135,24 @@ def _final_table(metrics: dict, classes: list[str]) -> str:
     return _table(header, rows)
 
 
+# What a site's DP-SGD guarantee covers and what it does not (README, "Differential privacy").
+DP_COVERAGE = (
+    "What DP-SGD at a site covers: the unit is one training patient, adjacency is adding or removing one patient "
+    "(with all their images), at the delta in the table above, for the study named above over all its runs. Released "
+    "each round and covered: the site's trained weights and the DP scalars (epsilon, delta, noise multiplier, clip norm, "
+    "sample rate, steps). Not covered: the held-out patients' Dice and their count (evaluation replies), the disclosed "
+    "training-patient count (rounded down to two significant digits; it sets the sample rate and the aggregation weight), "
+    "the choice of the run's and the site's settings, and floating-point effects of the noise's representation."
+)
+
+
+def _not_private(metrics: dict) -> str | None:
+    """The warning of a run whose DP noise was reproducible (hence known to the coordinator), if any."""
+    marks = [metrics.get("not_private")] + [r.get("not_private") for r in metrics["rounds"]]
+    marks += [s.get("not_private") for r in metrics["rounds"] for s in r["sites"].values()]
+    return next((m for m in marks if m), None)
+
+
 def _site_dp_note(last_round: dict) -> str:
     p = last_round.get("site_dp")
     if not p:
@@ -158,7 +176,7 @@ def _cross_table(cross: dict) -> str:
 STYLE = """body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 td:first-child,th:first-child{text-align:left}th{background:#f0f0f0}img{max-width:100%}
-.meta{color:#555}"""
+.meta{color:#555}.warning{color:#b00}"""
 
 
 def write_report(out: str | Path) -> Path:
@@ -180,12 +198,18 @@ def write_report(out: str | Path) -> Path:
         sections += [f"<h2>Centralized baseline (round {last['round']})</h2>", _table(["site", "mean Dice"], rows)]
     if any("site_dp" in r or any("epsilon" in s for s in r["sites"].values()) for r in metrics["rounds"]):
         sections += ["<h2>Differential privacy</h2>", _site_dp_note(metrics["rounds"][-1]), _img(plot_epsilon(metrics, out / "epsilon_per_site.png"), "epsilon spent")]
+        if any("epsilon" in s for r in metrics["rounds"] for s in r["sites"].values()):
+            sections.append(f"<p>{html.escape(DP_COVERAGE)}</p>")
     if metrics.get("cross_site"):
         cross = metrics["cross_site"]
         sections += ["<h2>Cross-site evaluation</h2>", _img(plot_cross_site(cross, out / "cross_site.png"), "cross-site Dice"), _cross_table(cross)]
     sections += ["<h2>Communication</h2>", _img(plot_bytes(metrics, out / "bytes_per_round.png"), "bytes per round")]
     meta = (f"{len(metrics['rounds'])} rounds, strategy {html.escape(str(config.get('strategy', '?')))}, model "
-            f"{html.escape(str(config.get('model-variant', '?')))}, best mean Dice {_fmt(metrics.get('best_mean_dice'))}")
+            f"{html.escape(str(config.get('model-variant', '?')))}, best mean Dice {_fmt(metrics.get('best_mean_dice'))}"
+            f", study {html.escape(str(metrics.get('study', '?')))}; aggregation weights: {html.escape(str(metrics.get('weighting', '?')))}")
+    warning = _not_private(metrics)
+    if warning:
+        meta = f"<strong class='warning'>{html.escape(warning)}: the DP noise could be predicted from the run's seed; no epsilon of this run protects anyone.</strong><br>" + meta
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fed-swinumamba run report</title><style>{STYLE}</style></head>"
             f"<body><h1>fed-swinumamba run report</h1><p class='meta'>{meta}</p>{''.join(sections)}</body></html>")
     path = out / "report.html"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fed_swinumamba.dp_options import RunDPOptions
 from fed_swinumamba.model import ModelConfig
+from fed_swinumamba.protocol import check_study
 from fed_swinumamba.schedule import UnfreezingSchedule
 
 from .site_dp import SiteDPSettings
@@ -32,6 +35,7 @@ DEFAULTS = {
     "cross-site-eval": True,
     "local-steps": 0,
     "output-dir": "runs/latest",
+    "study": "",
     "resume": False,
     "seed": 0,
     "pretrained-checkpoint": "",
@@ -45,6 +49,7 @@ DEFAULTS = {
     "dp-local-steps": 0,
     "dp-frozen": "",
     "dp-lr-scale": 1.0,
+    "dp-insecure-reproducible": False,
     "site-dp-noise-multiplier": 0.0,
     "site-dp-clipping-norm": 0.1,
     "site-dp-delta": 1e-5,
@@ -70,6 +75,13 @@ def _names(value) -> tuple[str, ...]:
     return tuple(v.strip() for v in str(value).split(",") if v.strip())
 
 
+def default_study(output_dir: Path) -> str:
+    """The study of a run that names none: its output folder's name (``runs/liver`` -> ``liver``), so
+    that a resumed or repeated run into the same folder spends from the same privacy ledgers."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", output_dir.resolve().name).lstrip("._-")[:100]
+    return name or "default"
+
+
 @dataclass(frozen=True)
 class FederationSettings:
     num_rounds: int
@@ -88,10 +100,12 @@ class FederationSettings:
     cross_site_eval: bool
     local_steps: int
     output_dir: Path
+    study: str
     resume: bool
     seed: int
     pretrained_checkpoint: str
     site_dp: SiteDPSettings | None
+    dp_reproducible: bool  # dp-insecure-reproducible: DP sites draw noise and batches from the run seed: NOT private
     run_config: dict
 
     @classmethod
@@ -102,6 +116,8 @@ class FederationSettings:
         c = {**DEFAULTS, **dict(run_config)}
         if c["strategy"] not in STRATEGIES:
             raise ValueError(f"run config strategy must be one of {STRATEGIES}, got {c['strategy']!r}")
+        dp = RunDPOptions.from_run_config(c)  # a bad dp-* value stops the run before any site trains
+        output_dir = Path(str(c["output-dir"])).expanduser()
         class_names = _names(c["class-names"])
         model_config = ModelConfig(
             variant=c["model-variant"],
@@ -137,10 +153,12 @@ class FederationSettings:
             eval_interval=int(c["eval-interval"]),
             cross_site_eval=bool(c["cross-site-eval"]),
             local_steps=int(c["local-steps"]),
-            output_dir=Path(str(c["output-dir"])).expanduser(),
+            output_dir=output_dir,
+            study=check_study(str(c["study"])) if c["study"] else default_study(output_dir),
             resume=bool(c["resume"]),
             seed=int(c["seed"]),
             pretrained_checkpoint=str(c["pretrained-checkpoint"]),
             site_dp=SiteDPSettings.from_run_config(c),
+            dp_reproducible=dp.insecure_reproducible,
             run_config=c,
         )

@@ -48,6 +48,7 @@ def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus
         server_app.main(grid, context)
 
     client = ClientApp(mods=[as_hospital])
+    client.query()(client_app.query)
     client.train()(client_app.train)
     client.evaluate()(client_app.evaluate)
 

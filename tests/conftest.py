@@ -1,12 +1,15 @@
 """Fixtures and checks shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from fed_swinumamba.data import generate_phantoms, split_dataset
+from fed_swinumamba.data import generate_phantoms, load_site_config, split_dataset
 from fed_swinumamba.params import group_of
 from fed_swinumamba.protocol import ARRAYS, CONFIG, METRICS, SITE, Instructions
 
@@ -38,6 +41,24 @@ def three_sites(tmp_path_factory):
     return yamls
 
 
+def private_site(site_yaml: Path, folder: Path, **privacy) -> Path:
+    """A copy of ``site_yaml`` in ``folder`` with a DP section of its own (``privacy`` fields), its data where it was."""
+    text = re.sub(r"(?m)^  root: .*$", f"  root: {load_site_config(site_yaml).data.root}", site_yaml.read_text().split("privacy:")[0])
+    lines = "".join(f"  {k}: {v}\n" for k, v in {"enabled": "true", **privacy}.items())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"private_{site_yaml.stem}.yaml"
+    path.write_text(text + f"training:\n  cache_dir: {folder / 'cache'}\nprivacy:\n" + lines)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def site_state_home(tmp_path, monkeypatch):
+    """Sites keep their privacy ledgers under $XDG_DATA_HOME unless their YAML says otherwise: a test's
+    own folder, never the user's (and never another test's ledger of the same study)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    return tmp_path / "xdg-data"
+
+
 @pytest.fixture
 def task_identity(monkeypatch):
     """Messages are created inside a running Flower app, which knows its run and node; tests have none."""
@@ -48,14 +69,16 @@ def task_identity(monkeypatch):
 class ScriptedGrid:
     """A grid whose three sites answer at once: train replies move each sent weight by the site's step.
 
-    A site in ``offline`` answers no train message: the SuperLink's own error reply for a node that
-    stopped sending heartbeats comes instead.
+    Queries are answered with the site's name and modality (``modalities``, CT by default). A site in
+    ``offline`` answers no train message: the SuperLink's own error reply for a node that stopped
+    sending heartbeats comes instead.
     """
 
-    def __init__(self, steps: dict[str, float], num_examples: dict[str, int] | None = None, offline: tuple[str, ...] = ()):
+    def __init__(self, steps: dict[str, float], num_examples: dict[str, int] | None = None, offline: tuple[str, ...] = (), modalities: dict[str, str] | None = None):
         self.steps = steps  # site -> value added to every weight it trains (NaN: a diverged site)
         self.num_examples = num_examples or dict.fromkeys(steps, 10)
         self.offline = offline
+        self.modalities = modalities or dict.fromkeys(steps, "ct")
         self.nodes = {i + 1: site for i, site in enumerate(steps)}
         self.train_instructions: list[Instructions] = []
         self.sent: list[Message] = []
@@ -69,11 +92,13 @@ class ScriptedGrid:
             msg.metadata.__dict__["_message_id"] = f"m{i}"  # as a grid numbers what it pushes
             self.sent.append(msg)
             site = self.nodes[msg.metadata.dst_node_id]
-            identity = ConfigRecord({"site": site, "modality": "ct"})
+            identity = ConfigRecord({"site": site, "modality": self.modalities[site]})
             if msg.metadata.message_type == MessageType.TRAIN and site in self.offline:
                 replies.append(create_message_error_unavailable_res_message(msg.metadata, "node_unavail"))
                 continue
-            if msg.metadata.message_type == MessageType.TRAIN:
+            if msg.metadata.message_type == MessageType.QUERY:
+                content = RecordDict({SITE: identity})
+            elif msg.metadata.message_type == MessageType.TRAIN:
                 ins = Instructions.from_config(msg.content[CONFIG])
                 self.train_instructions.append(ins)
                 trained = {k: a.numpy() + np.float32(self.steps[site]) for k, a in msg.content[ARRAYS].items() if group_of(k) in ins.stage.trainable_groups}

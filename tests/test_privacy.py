@@ -1,4 +1,4 @@
-"""Differential privacy at a site: per-case clipping, noise, accounting across rounds and stages, budget."""
+"""Differential privacy at a site: per-patient clipping, noise, accounting across rounds and stages, budget."""
 
 import pytest
 import torch
@@ -7,13 +7,14 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
 from client.site import SiteRound
-from conftest import TINY
+from conftest import TINY, private_site
 from fed_swinumamba.data import load_site_config
 from fed_swinumamba.data.site_config import PrivacySpec
 from fed_swinumamba.model import ModelConfig, build_model
 from fed_swinumamba.privacy import DPConfig, PrivacyLedger, per_case_gradients, privacy_spec, resolve, train_private
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, Instructions
 from fed_swinumamba.schedule import UnfreezingSchedule
+from fed_swinumamba.secure_random import KeyStream, reproducible_key
 from fed_swinumamba.training import segmentation_loss, set_trainable
 from simulation.runner import run_federated_simulation
 
@@ -87,16 +88,13 @@ def _dp(noise=1.0, budget=None, sample_rate=0.5):
     return DPConfig(noise, 1.0, 1e-5, sample_rate, 3, 2, budget)
 
 
-def test_noise_depends_on_the_seed_and_epsilon_matches_an_independent_accountant():
-    def run(seed):
-        model, ledger = _tiny_model(), PrivacyLedger()
-        train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-3, steps=4, dp=_dp(), ledger=ledger, seed=seed)
-        return torch.cat([p.detach().flatten() for p in model.parameters()]), ledger
+def _stream(seed=0):
+    return KeyStream(reproducible_key(seed))
 
-    first, ledger = run(0)
-    again, _ = run(0)
-    other, _ = run(1)
-    assert torch.equal(first, again) and not torch.equal(first, other)
+
+def test_epsilon_matches_an_independent_accountant():
+    ledger = PrivacyLedger()
+    train_private(_tiny_model(), "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-3, steps=4, dp=_dp(), ledger=ledger, stream=_stream())
     independent = RDPAccountant()
     for _ in range(4):
         independent.step(noise_multiplier=1.0, sample_rate=0.5)
@@ -130,10 +128,10 @@ def test_dp_lr_scale_multiplies_the_step_and_comes_from_the_run_config_or_the_si
         model = _tiny_model()
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
         dp = DPConfig(1.0, 1.0, 1e-5, 0.5, 3, 2, None, lr_scale=lr_scale)
-        train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-3, steps=1, dp=dp, ledger=PrivacyLedger(), seed=0)
+        train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-3, steps=1, dp=dp, ledger=PrivacyLedger(), stream=_stream())
         return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
 
-    # Same seed: same batch, same noise. AdamW's step (and its decoupled weight decay) is linear in the rate.
+    # Same key: same batch, same noise. AdamW's step (and its decoupled weight decay) is linear in the rate.
     plain, scaled = first_step(1.0), first_step(2.5)
     assert plain.abs().max() > 0
     torch.testing.assert_close(scaled, 2.5 * plain, rtol=1e-4, atol=1e-9)
@@ -142,8 +140,9 @@ def test_dp_lr_scale_multiplies_the_step_and_comes_from_the_run_config_or_the_si
     assert privacy_spec(off, {"dp-epsilon": 8.0, "dp-lr-scale": 3.0}).lr_scale == 3.0
     assert privacy_spec(off, {"dp-epsilon": 8.0}).lr_scale == 1.0
     assert resolve(PrivacySpec(True, 8.0, lr_scale=2.0), 100, 8, lambda q: 10).lr_scale == 2.0
-    with pytest.raises(ValueError, match="dp-lr-scale"):
-        privacy_spec(off, {"dp-epsilon": 8.0, "dp-lr-scale": -1.0})
+    for bad in (-1.0, 0.0):  # 0 once became 1 silently
+        with pytest.raises(ValueError, match="run config dp-lr-scale must be a number > 0"):
+            privacy_spec(off, {"dp-epsilon": 8.0, "dp-lr-scale": bad})
 
 
 def test_frozen_groups_and_prefixes_are_not_trained_under_dp():
@@ -151,7 +150,7 @@ def test_frozen_groups_and_prefixes_are_not_trained_under_dp():
     frozen = ("stage4", "up_blocks.0.")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, sample_rate=0.5, cases_per_batch=3, slices_per_case=2, budget=None, frozen=frozen)
-    train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-2, steps=2, dp=dp, ledger=PrivacyLedger(), seed=0)
+    train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-2, steps=2, dp=dp, ledger=PrivacyLedger(), stream=_stream())
     for name, p in model.named_parameters():
         held = _group(name) == "stage4" or name.startswith("up_blocks.0.")
         assert torch.equal(p, before[name]) == held, name
@@ -163,12 +162,7 @@ def test_frozen_groups_and_prefixes_are_not_trained_under_dp():
 
 def _private_site(three_sites, tmp_path, **privacy):
     """The CT demo site with its own DP section."""
-    text = three_sites[0].read_text().split("privacy:")[0]
-    lines = "".join(f"  {k}: {v}\n" for k, v in {"enabled": "true", **privacy}.items())
-    root = load_site_config(three_sites[0]).data.root
-    path = tmp_path / "private_ct.yaml"
-    path.write_text(text.replace("root: ct_site", f"root: {root}") + f"training:\n  cache_dir: {tmp_path / 'cache'}\nprivacy:\n" + lines)
-    return path
+    return private_site(three_sites[0], tmp_path, **privacy)
 
 
 def _round(context, server_round, stage, model_config, state):
@@ -215,8 +209,8 @@ def test_epsilon_grows_across_rounds_and_a_stage_change_and_the_budget_stops_tra
             assert m["dp-budget-exhausted"] == 1 and ARRAYS not in reply and m["num-examples"] == 0
             assert m["epsilon"] == pytest.approx(epsilons[-1])
     assert all(b > a for a, b in zip(epsilons, epsilons[1:]))
-    # A restarted SuperNode (empty state) finds the ledger on the site's disk: the budget stays spent.
-    restarted = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={"num-server-rounds": 8})
+    # A restarted SuperNode (empty state) in another run finds the study's ledger on the site's disk: the budget stays spent.
+    restarted = Context(run_id=2, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={"num-server-rounds": 8})
     again = _round(restarted, last_round + 2, schedule.stage_for_round(last_round + 2), model_config, state)[METRICS]
     assert again["dp-budget-exhausted"] == 1 and again["epsilon"] == pytest.approx(epsilons[-1])
     assert schedule.stage_for_round(1).index != schedule.stage_for_round(3).index  # a stage change was crossed
@@ -253,7 +247,7 @@ def test_simulation_with_dp_epsilon_reports_epsilon_per_site_per_round(three_sit
         assert len(rnd["sites"]) == 3
         for name, site in rnd["sites"].items():
             assert 0 < site["epsilon"] <= 8.0 and site["epsilon"] > previous.get(name, 0.0)
-            assert site["privacy"]["unit"] == "case" and site["privacy"]["budget"] == 8.0
+            assert site["privacy"]["unit"] == "patient" and site["privacy"]["budget"] == 8.0 and site["num_examples"] == 3
             assert site["privacy"]["noise_multiplier"] > 0 and "train_loss" not in site and "dice" in site
             previous[name] = site["epsilon"]
     # The noise was derived from the budget for the planned rounds: running the plan spends it.

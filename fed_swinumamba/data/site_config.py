@@ -6,6 +6,7 @@ site can fix it without reading code. ``sites/template.yaml`` documents every fi
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ class TrainingSpec:
 
 
 # The numeric fields of a site's privacy section: real numbers, and whole counts.
-_PRIVACY_REALS = ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "lr_scale")
+_PRIVACY_REALS = ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "lr_scale", "study_budget")
 _PRIVACY_COUNTS = ("slices_per_case", "cases_per_batch", "local_steps")
 
 
@@ -63,15 +64,17 @@ class PrivacySpec:
     """DP-SGD at the site; the privacy unit is the case (patient): cases are sampled and clipped, not slices."""
 
     enabled: bool = False
-    target_epsilon: float | None = None  # total budget over the run; the noise is derived from it
+    target_epsilon: float | None = None  # budget of the study (all its runs); the noise is derived from it for this run
     noise_multiplier: float | None = None  # or given; then target_epsilon, if set, is only the budget
     max_grad_norm: float = 1.0  # clip norm of one case's gradient
-    delta: float | None = None  # None: min(1e-5, 1 / number of training cases)
+    delta: float | None = None  # None: min(1e-5, 1 / disclosed number of training patients)
     slices_per_case: int = 2  # random slices drawn from each sampled case per step
     cases_per_batch: int | None = None  # expected cases per Poisson batch; None: batch_size // slices_per_case
     local_steps: int | None = None  # DP steps per round; None: the run's local steps (larger DP batches need fewer)
     frozen: tuple[str, ...] = ()  # layer groups or parameter-name prefixes this site never trains under DP
     lr_scale: float = 1.0  # DP steps use the stage's learning rate times this (noisy, clipped steps often need more)
+    study_budget: float | None = None  # the most epsilon this site spends on one study over all its runs
+    allow_insecure_reproducible: bool = False  # honour the run config's dp-insecure-reproducible (tests only)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,11 @@ class SiteConfig:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    state_dir: Path | None = None  # what outlives runs (privacy ledgers); None: default_state_dir(site)
+
+    def __post_init__(self):
+        if self.state_dir is None:
+            object.__setattr__(self, "state_dir", default_state_dir(self.site))
 
     @property
     def cache_dir(self) -> Path:
@@ -99,6 +107,13 @@ class SiteConfig:
                 raise SiteConfigError(str(self.source), f"labels.{value}", f"class {name!r} is not one of the federation's classes {list(class_names)}")
             mapping[value] = class_names.index(name) + 1
         return mapping
+
+
+def default_state_dir(site: str) -> Path:
+    """``$XDG_DATA_HOME/fed_swinumamba/<site>`` (``~/.local/share/...``): kept apart from the data and
+    its cache, which may be wiped and rebuilt, because a privacy ledger must never be."""
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "fed_swinumamba" / site
 
 
 # ---------------------------------------------------------------------------- validation helpers
@@ -125,7 +140,7 @@ def _section(source: str, name: str, value: Any, known: set[str], required: set[
 
 def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path | None = None) -> SiteConfig:
     """Validate a parsed YAML mapping; relative data roots resolve against ``base_dir``."""
-    top = _section(source, "", raw, {"site", "modality", "data", "labels", "split", "preprocessing", "training", "privacy"}, {"site", "modality", "data", "labels"})
+    top = _section(source, "", raw, {"site", "modality", "data", "labels", "split", "preprocessing", "training", "privacy", "state_dir"}, {"site", "modality", "data", "labels"})
     site = _expect(source, "site", top["site"], str, "a name of letters, digits, '_' or '-'")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
         raise SiteConfigError(source, "site", f"must use only letters, digits, '_' or '-', got {site!r}")
@@ -204,7 +219,7 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
         raise SiteConfigError(source, "training.loader_workers", f"must be >= 0 (0: read in the training process), got {workers}")
     training = TrainingSpec(epochs, steps, batch, tuple(patch), pos, _expect(source, "training.augment", t.get("augment", True), bool, "true or false"), cache, workers)
 
-    p = _section(source, "privacy", top.get("privacy"), {"enabled", "frozen", *_PRIVACY_REALS, *_PRIVACY_COUNTS})
+    p = _section(source, "privacy", top.get("privacy"), {"enabled", "frozen", "allow_insecure_reproducible", *_PRIVACY_REALS, *_PRIVACY_COUNTS})
     numbers = {}
     for name in _PRIVACY_REALS + _PRIVACY_COUNTS:
         v = p.get(name)
@@ -219,9 +234,14 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     frozen = _expect(source, "privacy.frozen", p.get("frozen", []), list, "a list of layer groups or parameter-name prefixes")
     if not all(isinstance(f, str) and f for f in frozen):
         raise SiteConfigError(source, "privacy.frozen", f"must list layer groups or parameter-name prefixes, got {frozen!r}")
-    privacy = PrivacySpec(enabled, **numbers, frozen=tuple(frozen))
+    insecure = _expect(source, "privacy.allow_insecure_reproducible", p.get("allow_insecure_reproducible", False), bool, "true or false")
+    privacy = PrivacySpec(enabled, **numbers, frozen=tuple(frozen), allow_insecure_reproducible=insecure)
+    state_dir = top.get("state_dir")
+    state_dir = None if state_dir is None else Path(_expect(source, "state_dir", state_dir, str, "a folder path")).expanduser()
+    if state_dir is not None and not state_dir.is_absolute() and base_dir is not None:
+        state_dir = (base_dir / state_dir).resolve()
     data = DataSpec(root, fmt, axis, orientation and orientation.upper(), spacing, channel)
-    return SiteConfig(site, modality, data, labels, Path(source), split, pre, training, privacy)
+    return SiteConfig(site, modality, data, labels, Path(source), split, pre, training, privacy, state_dir)
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
