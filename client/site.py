@@ -8,7 +8,9 @@ Patient data stays here; what goes back is weights and scalar metrics only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 import zlib
 from contextlib import nullcontext
 from pathlib import Path
@@ -63,6 +65,14 @@ def site_config_path(context: Context) -> Path:
     raise SiteError("this node has no site config: start the SuperNode with --node-config \"site-config='/path/to/site.yaml'\"")
 
 
+def with_node_cache_dir(config: SiteConfig, context: Context) -> SiteConfig:
+    """The site config, its cache folder overridden by the SuperNode's node config ``cache-dir`` if given."""
+    if "cache-dir" not in context.node_config:
+        return config
+    cache_dir = Path(str(context.node_config["cache-dir"])).expanduser()
+    return dataclasses.replace(config, training=dataclasses.replace(config.training, cache_dir=cache_dir))
+
+
 def site_identity(config: SiteConfig) -> ConfigRecord:
     return ConfigRecord({"site": config.site, "modality": config.modality})
 
@@ -76,8 +86,10 @@ class SiteRound:
     """One message's worth of work at a site."""
 
     def __init__(self, content: RecordDict, context: Context):
+        self.started = time.perf_counter()
+        self.first_batch_s = float("nan")
         self.context = context
-        self.config = load_site_config(site_config_path(context))
+        self.config = with_node_cache_dir(load_site_config(site_config_path(context)), context)
         self.instructions = Instructions.from_config(content[CONFIG])
         model_config = self.instructions.model_config
         if self.config.modality not in model_config.modalities:
@@ -128,6 +140,9 @@ class SiteRound:
         return (ins.seed * 1_000_003 + ins.server_round * 7919 + zlib.crc32(self.config.site.encode())) % 2**31
 
     def _progress(self, step: int, loss: float) -> None:
+        if step == 1:
+            self.first_batch_s = time.perf_counter() - self.started
+            log.info("site %s round %d: first training step done %.1f s after the message arrived", self.config.site, self.instructions.server_round, self.first_batch_s)
         if step % 10 == 0:
             log.info("site %s round %d: step %d loss %.4f", self.config.site, self.instructions.server_round, step, loss)
 
@@ -147,7 +162,11 @@ class SiteRound:
             max_steps=max_steps, epochs=epochs, proximal_mu=ins.proximal_mu, on_step=self._progress,
         )
         log.info("site %s round %d: trained %d steps on %d examples, loss %.4f", self.config.site, ins.server_round, result.steps, result.num_examples, result.loss)
-        metrics = {"num-examples": data.num_train_patients, "train-loss": result.loss, "steps": result.steps}
+        # Timings only without DP: under DP they would tell the sizes of the private batches.
+        metrics = {
+            "num-examples": data.num_train_patients, "train-loss": result.loss, "steps": result.steps,
+            "first-batch-seconds": self.first_batch_s, "train-seconds": time.perf_counter() - self.started,
+        }
         return self._trained_reply(metrics)
 
     def _dp_stream(self, reproducible: bool) -> KeyStream:
@@ -198,10 +217,21 @@ class SiteRound:
         return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: self._identity()})
 
     def evaluate(self) -> RecordDict:
-        data = self._data()
-        result = evaluate_cases(self.model, self.config.modality, data.val_cases, self.instructions.class_names, self.config.training.patch_size)
-        metrics = {f"dice-{c}": v for c, v in result.dice.items()}
-        metrics.update({"dice-mean": result.dice_mean, "num-examples": result.num_cases})
-        model = f"{self.instructions.foreign_model}'s local model" if self.instructions.foreign_model else "global model"
-        log.info("site %s round %d: %s Dice %s", self.config.site, self.instructions.server_round, model, {k: round(v, 3) for k, v in metrics.items()})
+        """Scores of the model on the held-out cases: the instructions' first ``eval_cases`` (a fixed subset,
+        the same every round), or all of them."""
+        ins, data = self.instructions, self._data()
+        cases = data.val_cases[: ins.eval_cases] if ins.eval_cases else data.val_cases
+        result = evaluate_cases(self.model, self.config.modality, cases, ins.class_names, self.config.training.patch_size, ins.nsd_tolerance_mm)
+        metrics = {f"{score}-{c}": v for score in ("dice", "hd95", "nsd") for c, v in getattr(result, score).items()}
+        metrics.update({f"hd95-unbounded-{c}": n for c, n in result.hd95_unbounded.items()})
+        metrics.update({"dice-mean": result.dice_mean, "num-examples": result.num_cases, "num-val-cases": len(data.val_cases), "eval-seconds-per-case": result.seconds_per_case})
+        model = f"model {ins.foreign_model}" if ins.foreign_model else "global model"
+        log.info(
+            "site %s round %d: %s on %d of %d held-out cases (%.1f s per case): Dice %s, HD95 %s, NSD %s", self.config.site, ins.server_round, model, result.num_cases,
+            len(data.val_cases), result.seconds_per_case, _rounded(result.dice), _rounded(result.hd95), _rounded(result.nsd),
+        )
         return RecordDict({METRICS: MetricRecord(metrics), SITE: self._identity()})
+
+
+def _rounded(scores: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in scores.items()}

@@ -73,6 +73,8 @@ class Instructions:
     # Site-level DP: clip the trained weights' distance from the global weights to this L2 norm (0: no).
     clipping_norm: float = 0.0
     study: str = "default"  # the study whose privacy ledger a DP site spends from
+    eval_cases: int = 0  # held-out cases to score, the same ones every round (0: all)
+    nsd_tolerance_mm: tuple[float, ...] = (2.0,)  # surface Dice tolerance, one for all classes or one per class
 
     def to_config(self) -> dict:
         return {
@@ -88,6 +90,8 @@ class Instructions:
             "foreign-model": self.foreign_model,
             "clipping-norm": self.clipping_norm,
             "study": self.study,
+            "eval-cases": self.eval_cases,
+            "nsd-tolerance-mm": list(self.nsd_tolerance_mm),
         }
 
     @classmethod
@@ -106,6 +110,8 @@ class Instructions:
                 foreign_model=str(config["foreign-model"]),
                 clipping_norm=float(config["clipping-norm"]),
                 study=check_study(str(config["study"])),
+                eval_cases=int(config["eval-cases"]),
+                nsd_tolerance_mm=tuple(float(t) for t in config["nsd-tolerance-mm"]),
             )
         except KeyError as err:
             raise ValueError(f"round instructions lack the field {err}: coordinator and site run different versions of fed-swinumamba") from err

@@ -62,6 +62,7 @@ class Federation:
         self.history: list[dict] = []
         self.local_models: dict[str, dict[str, np.ndarray]] = {}
         self.cross_site: dict | None = None
+        self.final_evaluation: dict | None = None  # every held-out case, when the rounds scored a subset
         self.best = -1.0
         self.site_dp_state: dict | None = None  # the site-level DP accountant of a resumed run
         self.state, self.start_round = self._initial_state()
@@ -122,16 +123,18 @@ class Federation:
             weights, base = select(self.state, groups=groups, modalities=modalities), link.version
         return _arrays(weights), base
 
-    def _message(self, node: int, arrays: ArrayRecord, server_round: int, version: int, base: int, message_type: str, foreign_model: str = "") -> Message:
+    def _message(
+        self, node: int, arrays: ArrayRecord, server_round: int, version: int, base: int, message_type: str, foreign_model: str = "", full_split: bool = False
+    ) -> Message:
         instructions = Instructions(
             server_round, self.s.schedule.stage_for_round(server_round), self.s.model_config, self.s.class_names, version, base,
             self.s.proximal_mu, self.s.local_steps, self.s.seed, foreign_model,
-            self.s.site_dp.clipping_norm if self.s.site_dp else 0.0, self.s.study,
+            self.s.site_dp.clipping_norm if self.s.site_dp else 0.0, self.s.study, 0 if full_split else self.s.eval_cases, self.s.nsd_tolerance_mm,
         )
         content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())})
         return Message(content=content, dst_node_id=node, message_type=message_type)
 
-    def _messages(self, nodes: list[int], server_round: int, version: int, message_type: str) -> tuple[list[Message], dict[int, int]]:
+    def _messages(self, nodes: list[int], server_round: int, version: int, message_type: str, full_split: bool = False) -> tuple[list[Message], dict[int, int]]:
         messages, bytes_down = [], {}
         for node in nodes:
             arrays, base = self._payload(node, version)
@@ -139,9 +142,9 @@ class Federation:
             bytes_down[node] = _nbytes(arrays)
         return messages, bytes_down
 
-    def _exchange(self, nodes: list[int], server_round: int, version: int, message_type: str, sites: dict) -> list[Message]:
+    def _exchange(self, nodes: list[int], server_round: int, version: int, message_type: str, sites: dict, full_split: bool = False) -> list[Message]:
         """Send, wait up to the round timeout, record per site; return the successful replies."""
-        messages, bytes_down = self._messages(self._identify(nodes, server_round, sites), server_round, version, message_type)
+        messages, bytes_down = self._messages(self._identify(nodes, server_round, sites), server_round, version, message_type, full_split)
         ok = []
         for node, reply in self._replies(messages, server_round, message_type, sites):
             link = self.links[node]
@@ -238,16 +241,40 @@ class Federation:
                 log.warning("round %d: %d sites trained, fewer than min-train-sites=%d; global model unchanged", server_round, len(replies), self.s.min_train_sites)
             if server_round % self.s.eval_interval == 0 or server_round == self.s.num_rounds:
                 for reply in self._exchange(sorted(self.grid.get_node_ids()), server_round, version, MessageType.EVALUATE, sites):
-                    m = reply.content[METRICS]
-                    sites[reply.content[SITE]["site"]].update(
-                        dice={c: float(m[f"dice-{c}"]) for c in self.s.class_names}, dice_mean=float(m["dice-mean"]), num_val_cases=int(m["num-examples"])
-                    )
+                    sites[reply.content[SITE]["site"]].update(evaluation_entry(reply.content[METRICS], self.s.class_names))
             self._record(server_round, stage, sites)
+        if self.s.eval_cases and self.history and self.history[-1]["round"] == self.s.num_rounds:
+            self.final_evaluation = self._final_evaluation(self.s.num_rounds, version)
+            self._write_metrics()
         if self.s.cross_site_eval and not self.s.site_dp and self.local_models and self.history and self.history[-1]["round"] == self.s.num_rounds:
             self.cross_site = self._cross_site_evaluation(self.s.num_rounds, version)
             self._write_metrics()
         write_report(self.out)
         return self.history
+
+    def _final_evaluation(self, server_round: int, version: int) -> dict:
+        """The rounds scored ``eval-cases`` held-out cases per site; the final global model, and the best
+        checkpoint's model when it is another round's, are scored on every held-out case."""
+        sites: dict[str, dict] = {}
+        for reply in self._exchange(sorted(self.grid.get_node_ids()), server_round, version, MessageType.EVALUATE, sites, full_split=True):
+            sites[reply.content[SITE]["site"]].update(evaluation_entry(reply.content[METRICS], self.s.class_names))
+        result = {"global": {"round": server_round, "sites": sites}}
+        log.info("final global model on every held-out case:\n%s", dice_table(sites, self.s.class_names))
+        best = Checkpoint.load(self.out / "checkpoints" / "best.safetensors") if (self.out / "checkpoints" / "best.safetensors").is_file() else None
+        if best is not None and best.server_round != server_round:
+            state = {k: v.numpy() for k, v in best.state.items()}
+            name = f"best checkpoint (round {best.server_round})"
+            nodes = [n for n in sorted(self.grid.get_node_ids()) if self.links.get(n, SiteLink()).modality]
+            messages = [self._message(n, _arrays(select(state, modalities=[self.links[n].modality])), server_round, version, FULL_SYNC, MessageType.EVALUATE, name, full_split=True) for n in nodes]
+            best_sites = {}
+            for reply in self.grid.send_and_receive(messages, timeout=self.s.round_timeout):
+                if reply.has_error():
+                    log.warning("evaluation of the %s at %s failed: %s", name, self._site_key(_addressee(reply, messages)), reply.error.reason)
+                    continue
+                best_sites[str(reply.content[SITE]["site"])] = {"modality": str(reply.content[SITE]["modality"]), **evaluation_entry(reply.content[METRICS], self.s.class_names)}
+            result["best"] = {"round": best.server_round, "sites": best_sites}
+            log.info("%s on every held-out case:\n%s", name, dice_table(best_sites, self.s.class_names))
+        return result
 
     def _cross_site_evaluation(self, server_round: int, version: int) -> dict:
         """Every site's locally trained model (last round) evaluated on every site's held-out data.
@@ -287,8 +314,9 @@ class Federation:
         """Note a site's training metrics; False when it sent no update (its privacy budget is spent)."""
         m, entry = reply.content[METRICS], sites[reply.content[SITE]["site"]]
         entry["num_examples"] = int(m["num-examples"])
-        if "train-loss" in m:  # a DP site keeps its loss to itself
+        if "train-loss" in m:  # a DP site keeps its loss and timings to itself
             entry["train_loss"] = float(m["train-loss"])
+            entry["timing"] = {"first_batch_s": float(m["first-batch-seconds"]), "train_s": float(m["train-seconds"])}
         if "epsilon" in m:
             entry["epsilon"] = float(m["epsilon"])
             entry["privacy"] = {k.removeprefix("dp-").replace("-", "_"): float(v) for k, v in m.items() if k.startswith("dp-")}
@@ -323,20 +351,44 @@ class Federation:
             metrics["not_private"] = NOT_PRIVATE.rstrip(": ")
         if self.cross_site:
             metrics["cross_site"] = self.cross_site
+        if self.final_evaluation:
+            metrics["final_evaluation"] = self.final_evaluation
         tmp = self.out / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=1, default=str))
         tmp.replace(self.out / "metrics.json")
 
 
+def evaluation_entry(m, class_names) -> dict:
+    """A site's evaluation reply as metrics.json records it (per class: Dice, HD95 in mm, NSD)."""
+    return {
+        "dice": {c: float(m[f"dice-{c}"]) for c in class_names},
+        "hd95": {c: float(m[f"hd95-{c}"]) for c in class_names},
+        "nsd": {c: float(m[f"nsd-{c}"]) for c in class_names},
+        "hd95_unbounded": {c: int(m[f"hd95-unbounded-{c}"]) for c in class_names},
+        "dice_mean": float(m["dice-mean"]),
+        "num_val_cases": int(m["num-examples"]),
+        "held_out_cases": int(m["num-val-cases"]),
+        "eval_s_per_case": float(m["eval-seconds-per-case"]),
+    }
+
+
 def dice_table(sites: dict, class_names) -> str:
+    """Per site: Dice per class and its mean, HD95 (mm) and NSD per class, the cases scored, epsilon under DP."""
     private = any("epsilon" in s for s in sites.values())
-    header = f"{'site':<20}{'modality':<9}" + "".join(f"{c:>10}" for c in class_names) + f"{'mean':>8}" + (f"{'epsilon':>9}" if private else "")
+    header = (
+        f"{'site':<20}{'modality':<9}" + "".join(f"{'Dice ' + c:>12}" for c in class_names) + f"{'mean':>7}"
+        + "".join(f"{'HD95 ' + c:>12}" for c in class_names) + "".join(f"{'NSD ' + c:>11}" for c in class_names) + f"{'cases':>7}" + (f"{'epsilon':>9}" if private else "")
+    )
     lines = [header]
     for name, s in sorted(sites.items()):
         if "dice" in s:
             epsilon = (f"{s['epsilon']:>9.3f}" if "epsilon" in s else f"{'-':>9}") if private else ""
             notes = ("  budget spent" if s.get("privacy_budget_exhausted") else "") + ("  update rejected" if "rejected" in s else "")
-            lines.append(f"{name:<20}{s['modality'] or '?':<9}" + "".join(f"{s['dice'][c]:>10.3f}" for c in class_names) + f"{s['dice_mean']:>8.3f}" + epsilon + notes)
+            lines.append(
+                f"{name:<20}{s['modality'] or '?':<9}" + "".join(f"{s['dice'][c]:>12.3f}" for c in class_names) + f"{s['dice_mean']:>7.3f}"
+                + "".join(f"{s['hd95'][c]:>12.1f}" for c in class_names) + "".join(f"{s['nsd'][c]:>11.3f}" for c in class_names)
+                + f"{s['num_val_cases']:>4}/{s['held_out_cases']:<2}" + epsilon + notes
+            )
         else:
             lines.append(f"{name:<20}{s.get('modality') or '?':<9}  " + "; ".join(s.get("errors", ["not evaluated"])))
     return "\n".join(lines)

@@ -34,6 +34,8 @@ DEFAULTS = {
     "eval-interval": 1,
     "cross-site-eval": True,
     "local-steps": 0,
+    "eval-cases": 0,
+    "nsd-tolerance-mm": "2.0",
     "output-dir": "runs/latest",
     "study": "",
     "resume": False,
@@ -75,6 +77,19 @@ def _names(value) -> tuple[str, ...]:
     return tuple(v.strip() for v in str(value).split(",") if v.strip())
 
 
+def _non_negative(key: str, value: int) -> int:
+    if value < 0:
+        raise ValueError(f"run config {key} must be >= 0, got {value}")
+    return value
+
+
+def _tolerances(value, num_classes: int) -> tuple[float, ...]:
+    tolerances = tuple(float(v) for v in str(value).split(",") if v.strip())
+    if len(tolerances) not in (1, num_classes) or any(t < 0 for t in tolerances):
+        raise ValueError(f"run config nsd-tolerance-mm must be one tolerance in mm or one per class ({num_classes}), got {value!r}")
+    return tolerances
+
+
 def default_study(output_dir: Path) -> str:
     """The study of a run that names none: its output folder's name (``runs/liver`` -> ``liver``), so
     that a resumed or repeated run into the same folder spends from the same privacy ledgers."""
@@ -99,6 +114,8 @@ class FederationSettings:
     eval_interval: int
     cross_site_eval: bool
     local_steps: int
+    eval_cases: int  # held-out cases per site scored each round (0: all); all of them after the last round
+    nsd_tolerance_mm: tuple[float, ...]  # surface Dice tolerance: one for all classes or one per class
     output_dir: Path
     study: str
     resume: bool
@@ -153,6 +170,8 @@ class FederationSettings:
             eval_interval=int(c["eval-interval"]),
             cross_site_eval=bool(c["cross-site-eval"]),
             local_steps=int(c["local-steps"]),
+            eval_cases=_non_negative("eval-cases", int(c["eval-cases"])),
+            nsd_tolerance_mm=_tolerances(c["nsd-tolerance-mm"], len(class_names)),
             output_dir=output_dir,
             study=check_study(str(c["study"])) if c["study"] else default_study(output_dir),
             resume=bool(c["resume"]),

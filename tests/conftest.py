@@ -102,9 +102,10 @@ class ScriptedGrid:
                 ins = Instructions.from_config(msg.content[CONFIG])
                 self.train_instructions.append(ins)
                 trained = {k: a.numpy() + np.float32(self.steps[site]) for k, a in msg.content[ARRAYS].items() if group_of(k) in ins.stage.trainable_groups}
-                content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}), METRICS: MetricRecord({"num-examples": self.num_examples[site], "train-loss": 1.0}), SITE: identity})
+                content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}), METRICS: MetricRecord({"num-examples": self.num_examples[site], "train-loss": 1.0, "first-batch-seconds": 0.5, "train-seconds": 1.0}), SITE: identity})
             else:
-                content = RecordDict({METRICS: MetricRecord({"dice-organ": 0.5, "dice-lesion": 0.5, "dice-mean": 0.5, "num-examples": 1}), SITE: identity})
+                scores = {f"{score}-{c}": value for score, value in (("dice", 0.5), ("hd95", 3.0), ("nsd", 0.7), ("hd95-unbounded", 0)) for c in ("organ", "lesion")}
+                content = RecordDict({METRICS: MetricRecord({**scores, "dice-mean": 0.5, "num-examples": 1, "num-val-cases": 1, "eval-seconds-per-case": 0.1}), SITE: identity})
             metadata = Metadata(run_id=1, message_id=f"r{i}", src_node_id=msg.metadata.dst_node_id, dst_node_id=0, reply_to_message_id=f"m{i}", group_id="1", created_at=0.0, ttl=60.0, message_type=msg.metadata.message_type)
             replies.append(Message(content=content, metadata=metadata))
         return replies
