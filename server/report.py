@@ -119,13 +119,16 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _final_table(metrics: dict, classes: list[str]) -> str:
-    last = metrics["rounds"][-1]
-    private = any("epsilon" in s for s in last["sites"].values())
-    header = ["site", "modality", *classes, "mean"] + (["epsilon", "delta", "noise multiplier"] if private else []) + ["notes"]
+def _scores_table(sites: dict, classes: list[str]) -> str:
+    """Per site: Dice per class and its mean, HD95 (mm) and NSD per class, held-out cases scored; DP and notes."""
+    private = any("epsilon" in s for s in sites.values())
+    header = ["site", "modality", *(f"Dice {c}" for c in classes), "mean Dice", *(f"HD95 {c} (mm)" for c in classes), *(f"NSD {c}" for c in classes), "cases scored"]
+    header += (["epsilon", "delta", "noise multiplier"] if private else []) + ["notes"]
     rows = []
-    for name, s in sorted(last["sites"].items()):
+    for name, s in sorted(sites.items()):
         row = [name, s.get("modality") or "?", *(_fmt(s.get("dice", {}).get(c)) for c in classes), _fmt(s.get("dice_mean"))]
+        row += [*(_fmt(s.get("hd95", {}).get(c)) for c in classes), *(_fmt(s.get("nsd", {}).get(c)) for c in classes)]
+        row += [f"{s['num_val_cases']} of {s['held_out_cases']}" if "held_out_cases" in s else "–"]
         if private:
             p = s.get("privacy", {})
             row += [_fmt(s.get("epsilon")), f"{p['delta']:.1e}" if "delta" in p else "–", _fmt(p.get("noise_multiplier"))]
@@ -189,9 +192,14 @@ def write_report(out: str | Path) -> Path:
     classes = [c.strip() for c in str(config.get("class-names", "organ,lesion")).split(",") if c.strip()]
     sections = [
         "<h2>Dice per site over rounds</h2>", _img(plot_dice(metrics, out / "dice_per_site.png"), "Dice per site over rounds"),
-        f"<h2>Final round ({metrics['rounds'][-1]['round']}): Dice per class, global model</h2>", _final_table(metrics, classes),
+        f"<h2>Final round ({metrics['rounds'][-1]['round']}): scores per class, global model</h2>", _scores_table(metrics["rounds"][-1]["sites"], classes),
         "<h2>Mean Dice per round</h2>", _rounds_table(metrics),
     ]
+    final = metrics.get("final_evaluation")
+    if final:
+        sections += [f"<h2>Final global model (round {final['global']['round']}) on every held-out case</h2>", _scores_table(final["global"]["sites"], classes)]
+        if "best" in final:
+            sections += [f"<h2>Best checkpoint (round {final['best']['round']}) on every held-out case</h2>", _scores_table(final["best"]["sites"], classes)]
     if metrics.get("centralized"):
         last = metrics["centralized"][-1]
         rows = [[s, _fmt(v.get("dice_mean"))] for s, v in sorted(last["sites"].items())]
