@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -27,15 +28,19 @@ def simulation_run_config(sites: list[Path], out: Path, overrides: dict) -> dict
     return {**DEFAULTS, **overrides, "output-dir": str(out.resolve())}
 
 
-def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus_per_site: float = 1.0) -> dict:
-    """Run the federation in-process and return the metrics it wrote to ``out/metrics.json``."""
+def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus_per_site: int | None = None) -> dict:
+    """Run the federation in-process and return the metrics it wrote to ``out/metrics.json``.
+
+    Each site gets ``cpus_per_site`` cores (default: the machine's cores shared out, at least one).
+    """
     run_config = simulation_run_config(sites, out, overrides)
+    cpus_per_site = cpus_per_site or max(1, (os.cpu_count() or 1) // len(sites))
 
     def as_hospital(msg: Message, context: Context, call_next):
         """Virtual node i plays site i: give it the node config a real SuperNode would have."""
         site = sites[int(context.node_config["partition-id"])]
         node_config = {**context.node_config, "site-config": str(site.resolve())}
-        torch.set_num_threads(max(1, int(cpus_per_site)))  # sites share the cores: oversubscribed threads stall
+        torch.set_num_threads(cpus_per_site)  # sites share the cores: oversubscribed threads stall
         # The run config a SuperNode would receive with the run (DP and round settings are read at the site).
         ctx = Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=context.state, run_config={**context.run_config, **run_config})
         return call_next(msg, ctx)
