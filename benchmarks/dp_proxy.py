@@ -29,6 +29,7 @@ from fed_swinumamba.data.site_config import PrivacySpec
 from fed_swinumamba.model import ModelConfig, build_model
 from fed_swinumamba.params import partition_of
 from fed_swinumamba.privacy import PrivacyLedger, resolve, steps_per_round, train_private
+from fed_swinumamba.secure_random import KeyStream, secure_key
 from fed_swinumamba.schedule import UnfreezingSchedule
 from fed_swinumamba.training import evaluate_cases, train_local
 
@@ -101,7 +102,7 @@ def main() -> None:
             torch.manual_seed(seed)
             if dp:
                 cases = CaseCrops(d.train_dataset, dp.slices_per_case, seed)
-                train_private(model, site.modality, cases, groups=stage.trainable_groups, lr=stage.lr, steps=args.local_steps, dp=dp, ledger=ledger, seed=seed, on_step=progress)
+                train_private(model, site.modality, cases, groups=stage.trainable_groups, lr=stage.lr, steps=args.local_steps, dp=dp, ledger=ledger, stream=KeyStream(secure_key()), on_step=progress)
             else:
                 loader = DataLoader(d.train_dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
                 train_local(model, site.modality, loader, groups=stage.trainable_groups, lr=stage.lr, max_steps=args.local_steps)

@@ -274,3 +274,26 @@ def test_a_resumed_run_continues_the_study_s_epsilon_and_stops_at_the_same_round
     assert resumed[0] == pytest.approx(whole[0], rel=1e-9) and resumed[0] == pytest.approx([epsilon(steps * r) for r in (1, 2, 3, 3)], rel=1e-9)
     ledger = PrivacyLedger.from_json(ledger_file(load_site_config(yaml).state_dir, "killed").read_text())
     assert ledger.steps == 3 * steps  # one ledger for the study, across both runs
+
+
+# ------------------------------------------------------------------ where the ledger lives, which study it is
+def test_the_ledger_lives_in_the_site_s_state_dir_under_a_checked_study_name(three_sites, tmp_path, site_state_home):
+    assert load_site_config(three_sites[0]).state_dir == site_state_home / "fed_swinumamba" / "ct_site"
+    yaml = tmp_path / "site.yaml"
+    yaml.write_text(three_sites[0].read_text() + "state_dir: ledgers\nprivacy:\n  study_budget: 3.5\n")  # relative to the YAML
+    config = load_site_config(yaml)
+    assert config.state_dir == tmp_path / "ledgers" and config.privacy.study_budget == 3.5
+    assert ledger_file(config.state_dir, "liver-2025") == tmp_path / "ledgers" / "privacy" / "liver-2025.json"
+    for bad in ("../other_site", ".hidden", "a/b", ""):
+        with pytest.raises(ValueError, match="study name"):
+            ledger_file(config.state_dir, bad)
+    # The coordinator's default study is its output folder's name; a resumed run into it keeps it.
+    assert _settings(tmp_path / "runs" / "liver 2025").study == "liver-2025"
+    assert _settings(tmp_path / "x", study="ct-pilot").study == "ct-pilot"
+    with pytest.raises(ValueError, match="study name"):
+        _settings(tmp_path / "x", study="../escape")
+    # The site's own cap applies to run-config DP as well, and the smaller budget wins.
+    from fed_swinumamba.privacy import privacy_spec
+
+    spec = privacy_spec(config.privacy, {"dp-epsilon": 8.0})
+    assert resolve(spec, 3, 8, lambda q: 10).budget == 3.5
