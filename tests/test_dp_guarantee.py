@@ -19,13 +19,15 @@ from client import client_app
 from client.site import SiteError, SiteRound
 from conftest import TINY, private_site
 from fed_swinumamba.data import generate_phantoms, load_site_config, split_dataset
+from fed_swinumamba.data.site_config import PrivacySpec
 from fed_swinumamba.model import ModelConfig, build_model
 from fed_swinumamba.params import SHARED, partition_of
-from fed_swinumamba.privacy import DPConfig, KeyStreamDPOptimizer, PrivacyLedger, disclosed_patient_count, ledger_file, proximal_term, resolve, train_private
-from fed_swinumamba.data.site_config import PrivacySpec
+from fed_swinumamba.privacy import (
+    KeyStreamDPOptimizer, PrivacyLedger, disclosed_patient_count, ledger_file, privacy_spec, proximal_term, resolve, train_private,
+)
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, Instructions
 from fed_swinumamba.schedule import Stage
-from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
+from fed_swinumamba.secure_random import KeyStream, secure_key
 from server.federation import PATIENT_WEIGHTS, Federation
 from server.settings import FederationSettings
 from test_privacy import ALL_GROUPS, RandomCases, _tiny_model
@@ -85,7 +87,7 @@ def test_noise_per_coordinate_has_std_sigma_c_over_the_expected_batch_size():
         optimizer.zero_grad(set_to_none=True)
     noise = torch.stack(draws)
     assert noise.std().item() == pytest.approx(sigma * clip / batch, rel=0.01)
-    assert abs(noise.mean().item()) < 1e-3 * sigma * clip / batch * 10
+    assert abs(noise.mean().item()) < 0.005 * sigma * clip / batch  # about 7 standard errors over 2 M draws
     assert (noise.abs() > 2 * sigma * clip / batch).float().mean().item() == pytest.approx(0.0455, rel=0.02)  # Gaussian tails
     assert not torch.equal(noise[0], noise[1])  # a fresh draw every step
 
@@ -293,7 +295,5 @@ def test_the_ledger_lives_in_the_site_s_state_dir_under_a_checked_study_name(thr
     with pytest.raises(ValueError, match="study name"):
         _settings(tmp_path / "x", study="../escape")
     # The site's own cap applies to run-config DP as well, and the smaller budget wins.
-    from fed_swinumamba.privacy import privacy_spec
-
     spec = privacy_spec(config.privacy, {"dp-epsilon": 8.0})
     assert resolve(spec, 3, 8, lambda q: 10).budget == 3.5
