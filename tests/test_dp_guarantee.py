@@ -17,17 +17,17 @@ from opacus.accountants import RDPAccountant
 
 from client import client_app
 from client.site import SiteError, SiteRound
-from conftest import TINY, private_site
+from conftest import TINY, ScriptedGrid, private_site
 from fed_swinumamba.data import generate_phantoms, load_site_config, split_dataset
 from fed_swinumamba.data.site_config import PrivacySpec
 from fed_swinumamba.model import ModelConfig, build_model
 from fed_swinumamba.params import SHARED, partition_of
 from fed_swinumamba.privacy import (
-    KeyStreamDPOptimizer, PrivacyLedger, disclosed_patient_count, ledger_file, privacy_spec, proximal_term, resolve, train_private,
+    DPConfig, KeyStreamDPOptimizer, PrivacyLedger, disclosed_patient_count, ledger_file, privacy_spec, proximal_term, resolve, train_private,
 )
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, Instructions
 from fed_swinumamba.schedule import Stage
-from fed_swinumamba.secure_random import KeyStream, secure_key
+from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
 from server.federation import PATIENT_WEIGHTS, Federation
 from server.settings import FederationSettings
 from test_privacy import ALL_GROUPS, RandomCases, _tiny_model
@@ -128,6 +128,14 @@ def test_fedprox_proximal_gradient_is_added_to_the_privatised_one():
     param.grad = torch.full((3,), 0.25)  # the privatised gradient
     hook(None)
     torch.testing.assert_close(param.grad, torch.tensor([0.75, -0.75, 0.25]))
+
+    def trained(mu, steps):  # same key: same batches and noise; only the proximal term differs
+        model = _tiny_model()
+        train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-2, steps=steps, dp=DPConfig(1.0, 1.0, 1e-5, 0.5, 3, 2, None), ledger=PrivacyLedger(), stream=KeyStream(reproducible_key(0)), proximal_mu=mu)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(trained(0.0, 1), trained(5.0, 1))  # at the round's start w = w_start: no pull yet
+    assert not torch.equal(trained(0.0, 2), trained(5.0, 2))
     with pytest.raises(ValueError, match="run config dp-max-grad-norm must be a number > 0"):
         FederationSettings.from_run_config({"dp-epsilon": 8.0, "dp-max-grad-norm": 0})
 
@@ -297,3 +305,17 @@ def test_the_ledger_lives_in_the_site_s_state_dir_under_a_checked_study_name(thr
     # The site's own cap applies to run-config DP as well, and the smaller budget wins.
     spec = privacy_spec(config.privacy, {"dp-epsilon": 8.0})
     assert resolve(spec, 3, 8, lambda q: 10).budget == 3.5
+
+
+def test_a_reproducible_run_is_marked_not_private_in_every_log_line_and_metrics_entry(tmp_path, caplog):
+    settings = _settings(tmp_path, **{"num-server-rounds": 2, "dp-insecure-reproducible": True})
+    with caplog.at_level(logging.INFO, logger="fed_swinumamba.server"):
+        Federation(ScriptedGrid({"site_a": 0.01, "site_b": 0.02}), settings).run()
+    ours = [r.getMessage() for r in caplog.records if r.name == "fed_swinumamba.server"]
+    assert len(ours) > 4 and all("NOT PRIVATE" in line for line in ours)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["not_private"].startswith("NOT PRIVATE") and all(r["not_private"].startswith("NOT PRIVATE") for r in metrics["rounds"])
+    assert "NOT PRIVATE" in (tmp_path / "report.html").read_text()
+    caplog.clear()
+    Federation(ScriptedGrid({"site_a": 0.01}), _settings(tmp_path / "private", **{"num-server-rounds": 1})).run()
+    assert not any("NOT PRIVATE" in r.getMessage() for r in caplog.records)  # the marking ends with its run
