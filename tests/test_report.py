@@ -13,7 +13,7 @@ def _metrics():
     def site(modality, organ, lesion, epsilon=None, **extra):
         entry = {"modality": modality, "dice": {"organ": organ, "lesion": lesion}, "dice_mean": organ if math.isnan(lesion) else (organ + lesion) / 2, "bytes_up": 2**20, "bytes_down": 3 * 2**20, **extra}
         if epsilon is not None:
-            entry.update(epsilon=epsilon, privacy={"delta": 1e-5, "noise_multiplier": 1.234, "unit": "case"})
+            entry.update(epsilon=epsilon, privacy={"delta": 1e-5, "noise_multiplier": 1.234, "unit": "patient"})
         return entry
 
     rounds = [
