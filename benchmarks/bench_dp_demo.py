@@ -5,7 +5,8 @@ the sites' default batches of 8 slices and ``--local-steps``; with DP, Poisson b
 ``--cases-per-batch`` cases and the DP-only settings of ``--dp-set`` (e.g. fewer, larger steps and layers
 left untrained, a larger DP learning rate: ``dp-local-steps``, ``dp-frozen``, ``dp-slices-per-case``,
 ``dp-lr-scale``). Prints a Markdown table of each site's final mean foreground Dice and the DP/non-DP
-ratio (target >= 0.9).
+ratio (target >= 0.9). Every DP run is a study of its own (``bench-dp-<time>``): the sites' privacy ledgers
+outlive runs, and a rerun of one study would find its budget spent.
 
     python benchmarks/bench_dp_demo.py --cases 4000 --local-steps 20 --epsilon 8 --cases-per-batch 256 \
         --dp-set dp-local-steps=10 --dp-set dp-slices-per-case=1 --dp-set dp-frozen=stage4,up_blocks.0.,skips.3. \
@@ -28,7 +29,7 @@ def run_demo(out: Path, cases: int, local_steps: int, epsilon: float | None, cas
     cmd = [sys.executable, "-m", "simulation", "demo", "--out", str(out), "--cases", str(cases), "--set", f"local-steps={local_steps}"]
     cmd += [arg for kv in overrides for arg in ("--set", kv)]
     if epsilon is not None:
-        cmd += ["--dp-epsilon", str(epsilon), "--set", f"dp-cases-per-batch={cases_per_batch}"]
+        cmd += ["--dp-epsilon", str(epsilon), "--set", f"dp-cases-per-batch={cases_per_batch}", "--set", f"study=bench-dp-{time.time_ns()}"]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start

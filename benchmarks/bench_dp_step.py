@@ -32,6 +32,7 @@ def measure(size: str, mode: str, repeats: int) -> dict:
     from fed_swinumamba.model import ModelConfig, build_model
     from fed_swinumamba.params import LAYER_GROUPS
     from fed_swinumamba.privacy import DPConfig, PrivacyLedger, train_private
+    from fed_swinumamba.secure_random import KeyStream, secure_key
     from fed_swinumamba.training import segmentation_loss, set_trainable
 
     s = SIZES[size]
@@ -63,7 +64,7 @@ def measure(size: str, mode: str, repeats: int) -> dict:
         dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, sample_rate=1.0, cases_per_batch=n, slices_per_case=k, budget=None)
         for i in range(repeats + 1):
             start = time.perf_counter()
-            train_private(model, "ct", Cases(), groups=LAYER_GROUPS, lr=1e-4, steps=1, dp=dp, ledger=PrivacyLedger(), seed=i)
+            train_private(model, "ct", Cases(), groups=LAYER_GROUPS, lr=1e-4, steps=1, dp=dp, ledger=PrivacyLedger(), stream=KeyStream(secure_key()))
             times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times[1:]), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 

@@ -21,14 +21,15 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from fed_swinumamba.data import CaseCrops, SiteData, load_site_config, make_demo_sites
+from fed_swinumamba.data import SiteData, load_site_config, make_demo_sites
 from fed_swinumamba.data.site_config import PrivacySpec
 from fed_swinumamba.model import ModelConfig, build_model
 from fed_swinumamba.params import partition_of
 from fed_swinumamba.privacy import PrivacyLedger, resolve, steps_per_round, train_private
+from fed_swinumamba.secure_random import KeyStream, secure_key
 from fed_swinumamba.schedule import UnfreezingSchedule
 from fed_swinumamba.training import evaluate_cases, train_local
 
@@ -84,7 +85,7 @@ def main() -> None:
     schedule = UnfreezingSchedule(rounds_per_stage=args.rounds_per_stage, base_lr=args.lr, lr_decay=args.lr_decay)
     frozen = tuple(filter(None, args.frozen.split(",")))
     spec = PrivacySpec(True, args.epsilon, None, args.clip, None, args.slices_per_case, args.cases_per_batch, frozen=frozen, lr_scale=args.lr_scale)
-    dps = [resolve(spec, d.num_train_cases, 8, lambda q: args.rounds * steps_per_round(q, args.local_steps, 1)) if args.epsilon > 0 else None for d in data]
+    dps = [resolve(spec, d.num_train_patients, 8, lambda q: args.rounds * steps_per_round(q, args.local_steps, 1)) if args.epsilon > 0 else None for d in data]
     ledgers = [PrivacyLedger() for _ in modalities]
     start = time.perf_counter()
 
@@ -97,14 +98,12 @@ def main() -> None:
         for model, site, d, dp, ledger in zip(models, sites, data, dps, ledgers):
             model.load_state_dict({k: global_state[k] for k in model.state_dict()})
             seed = (args.seed * 1_000_003 + rnd * 7919 + zlib.crc32(site.site.encode())) % 2**31
-            d.train_dataset.transform.set_random_state(seed)
             torch.manual_seed(seed)
             if dp:
-                cases = CaseCrops(d.train_dataset, dp.slices_per_case, seed)
-                train_private(model, site.modality, cases, groups=stage.trainable_groups, lr=stage.lr, steps=args.local_steps, dp=dp, ledger=ledger, seed=seed, on_step=progress)
+                cases = d.patient_crops(dp.slices_per_case, np.random.default_rng(seed))
+                train_private(model, site.modality, cases, groups=stage.trainable_groups, lr=stage.lr, steps=args.local_steps, dp=dp, ledger=ledger, stream=KeyStream(secure_key()), on_step=progress)
             else:
-                loader = DataLoader(d.train_dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
-                train_local(model, site.modality, loader, groups=stage.trainable_groups, lr=stage.lr, max_steps=args.local_steps)
+                train_local(model, site.modality, d.training_batches(8, np.random.default_rng(seed)), groups=stage.trainable_groups, lr=stage.lr, max_steps=args.local_steps)
         global_state = average([{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models], modalities)
     train_s = time.perf_counter() - start
 
@@ -115,7 +114,7 @@ def main() -> None:
         result = evaluate_cases(model, site.modality, d.val_cases, ["organ", "lesion"], site.training.patch_size)
         row = {"dice": round(result.dice_mean, 3), "per_class": {k: round(v, 3) for k, v in result.dice.items()}}
         if dp:
-            row.update(noise=round(dp.noise_multiplier, 3), epsilon_spent=round(ledger.epsilon(dp.delta), 3), train_cases=d.num_train_cases)
+            row.update(noise=round(dp.noise_multiplier, 3), epsilon_spent=round(ledger.epsilon(dp.delta), 3), train_patients=d.num_train_patients)
         out["sites"][site.modality] = row
     print(json.dumps(out))
 

@@ -184,13 +184,13 @@ class SiteRound:
         next round would pass the budget. Every random draw comes from the DP keystream."""
         reproducible = RunDPOptions.from_run_config(self.context.run_config).insecure_reproducible
         stream = self._dp_stream(reproducible)
-        seed = stream.seed()
-        torch.manual_seed(seed)
         with prefixed(NOT_PRIVATE, log.name) if reproducible else nullcontext():
-            return self._spend(privacy, data, max_steps, epochs, stream, seed, reproducible)
+            return self._spend(privacy, data, max_steps, epochs, stream, reproducible)
 
-    def _spend(self, privacy: PrivacySpec, data: SiteData, max_steps: int | None, epochs: int, stream: KeyStream, seed: int, reproducible: bool) -> RecordDict:
+    def _spend(self, privacy: PrivacySpec, data: SiteData, max_steps: int | None, epochs: int, stream: KeyStream, reproducible: bool) -> RecordDict:
         ins, site = self.instructions, self.config.site
+        seed = stream.seed()  # slice choice, augmentation, PyTorch's generator: from the keystream too
+        torch.manual_seed(seed)
         planned_rounds = int(self.context.run_config.get("num-server-rounds", ins.server_round))
         max_steps = privacy.local_steps or max_steps
         dp = resolve(privacy, data.num_train_patients, self.config.training.batch_size, lambda q: planned_rounds * steps_per_round(q, max_steps, epochs))

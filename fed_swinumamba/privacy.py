@@ -208,10 +208,13 @@ class KeyStreamDPOptimizer(DPOptimizer):
         self.stream = stream
 
     def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
+        """One draw for all parameters (a handful of tensor operations per step, not per parameter)."""
+        params = self.params
+        sizes = [p.summed_grad.numel() for p in params]
+        noise = self.stream.normal((sum(sizes),), self.noise_multiplier * self.max_grad_norm, params[0].summed_grad.device)
+        for p, n in zip(params, noise.split(sizes), strict=True):
             _check_processed_flag(p.summed_grad)
-            p.grad = (p.summed_grad + self.stream.normal(p.summed_grad.shape, std, p.summed_grad.device)).view_as(p)
+            p.grad = (p.summed_grad + n.view_as(p.summed_grad)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 

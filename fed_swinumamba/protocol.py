@@ -66,7 +66,7 @@ class Instructions:
     base_version: int = FULL_SYNC
     proximal_mu: float = 0.0
     local_steps: int = 0  # 0: the site's own training settings decide
-    seed: int = 0  # the run's seed: with the round, fixes each site's shuffling and augmentation
+    seed: int = 0  # the run's seed: with the round, fixes a site's shuffling and augmentation without DP (never DP noise)
     # Cross-site evaluation: the arrays are another site's locally trained model (named here), to be
     # evaluated and forgotten; the site's copy of the global model stays as it is. "" = the global model.
     foreign_model: str = ""

@@ -208,9 +208,9 @@ class Federation:
             time.sleep(1.0)
 
     def run(self) -> list[dict]:
-        if self.s.dp_reproducible:
-            log.warning("dp-insecure-reproducible=true: DP sites that allow it draw their noise and batches from the run seed, which this coordinator knows; their epsilon guarantees nothing")
         with prefixed(NOT_PRIVATE, log.name, "server.aggregation") if self.s.dp_reproducible else nullcontext():
+            if self.s.dp_reproducible:
+                log.warning("DP sites that allow it draw their noise and batches from the run seed, which this coordinator knows; their epsilon guarantees nothing")
             return self._run()
 
     def _run(self) -> list[dict]:

@@ -13,7 +13,7 @@ def _metrics():
     def site(modality, organ, lesion, epsilon=None, **extra):
         entry = {"modality": modality, "dice": {"organ": organ, "lesion": lesion}, "dice_mean": organ if math.isnan(lesion) else (organ + lesion) / 2, "bytes_up": 2**20, "bytes_down": 3 * 2**20, **extra}
         if epsilon is not None:
-            entry.update(epsilon=epsilon, privacy={"delta": 1e-5, "noise_multiplier": 1.234, "unit": "case"})
+            entry.update(epsilon=epsilon, privacy={"delta": 1e-5, "noise_multiplier": 1.234, "unit": "patient"})
         return entry
 
     rounds = [
@@ -77,3 +77,18 @@ def test_report_shows_site_level_privacy(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "epsilon 1.432 at delta 1.0e-05 after 2 rounds" in page and "training stopped" in page
     assert Image.open(tmp_path / "epsilon_per_site.png").size[0] > 300
+
+
+def test_report_of_a_reproducible_dp_run_says_not_private_and_what_dp_covers(tmp_path):
+    metrics = _metrics()
+    metrics.update(not_private="NOT PRIVATE (dp-insecure-reproducible)", study="liver", weighting="each site's number of training patients")
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "NOT PRIVATE (dp-insecure-reproducible): the DP noise could be predicted" in page
+    assert "study liver; aggregation weights: each site&#x27;s number of training patients" in page
+    assert "the unit is one training patient, adjacency is adding or removing one patient" in page and "Not covered: the held-out" in page
+    del metrics["not_private"]
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    main(["report", str(tmp_path)])
+    assert "NOT PRIVATE" not in (tmp_path / "report.html").read_text()
