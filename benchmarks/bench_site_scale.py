@@ -129,18 +129,29 @@ class PeakMemory:
         return self.peak
 
 
-def loader_rate(site_yaml: Path, batches: int = 60) -> tuple[float, float]:
-    """Slices per second of the training loader (batches of 8) and its memory, in a fresh process."""
+def loader_rate(site_yaml: Path, batches: int = 60) -> tuple[float, float, float]:
+    """In a fresh process: slices per second of the training loader (batches of 8), seconds to open the site,
+    and the data pipeline's own peak memory (after the imports: opening, the batches, every held-out case read
+    as evaluation reads them)."""
     code = (
         "import resource, sys, time, numpy as np\n"
         "from fed_swinumamba.data import SiteData, load_site_config\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "t0 = time.perf_counter(); data = SiteData.from_config(load_site_config(sys.argv[1]), ['organ', 'lesion']); opened = time.perf_counter() - t0\n"
-        f"it = iter(data.training_batches(8, np.random.default_rng(0))); next(it); t = time.perf_counter()\n"
+        "it = iter(data.training_batches(8, np.random.default_rng(0))); next(it); t = time.perf_counter()\n"
         f"for _ in range({batches}): next(it)\n"
-        f"print(8 * {batches} / (time.perf_counter() - t), opened)\n"
+        f"rate = 8 * {batches} / (time.perf_counter() - t)\n"
+        "for case in data.val_cases: image, label = case.image_slices(), case.label_slices()\n"
+        "print(rate, opened, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(site_yaml)], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
-    return float(out[0]), float(out[1])
+    return float(out[0]), float(out[1]), float(out[2])
+
+
+def import_seconds() -> float:
+    """A SuperNode starts a fresh ClientApp process per message: the time to import it, before any site work."""
+    code = "import time; t = time.perf_counter(); import client.client_app; print(time.perf_counter() - t)"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()[-1])
 
 
 def run_round(site_yaml: Path, out: Path, local_steps: int, eval_cases: int) -> dict:
@@ -177,26 +188,26 @@ def main() -> None:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import sys; from fed_swinumamba.data import SiteData, load_site_config; SiteData.from_config(load_site_config(sys.argv[1]), ['organ', 'lesion'])", str(site_yaml)], check=True, cwd=ROOT)
         preprocess = time.perf_counter() - t
-        rate, opened = loader_rate(site_yaml)
+        rate, opened, pipeline_mb = loader_rate(site_yaml)
         run = run_round(site_yaml, out / f"run{n}", args.local_steps, args.eval_cases)
         row = {
             "cases": n, "preprocess_s": preprocess, "source_bytes": folder_bytes(out / f"site{n}"), "cache_bytes": folder_bytes(out / f"cache{n}"),
-            "open_s": opened, "loader_slices_per_s": rate, **run, "load_average": os.getloadavg(),
+            "open_s": opened, "loader_slices_per_s": rate, "pipeline_mb": pipeline_mb, "import_s": import_seconds(), **run, "load_average": os.getloadavg(),
         }
         results.append(row)
         print(json.dumps(row, default=str), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    print("| cases | peak RSS, largest process | message to first batch | train message | eval per case (round / final) | loader slices/s | steps consume slices/s | cache / source size |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| cases | peak RSS, largest process | ClientApp import + site opened | message to first batch | train message | eval per case (round / final) | loader slices/s | steps consume slices/s | data pipeline memory | cache / source size |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s, final = r["site"], r["final"] or {}
         timing = s.get("timing", {})
         consume = 8 * args.local_steps / max(timing.get("train_s", float("nan")) - timing.get("first_batch_s", 0.0), 1e-9)
         final_site = next(iter(final.get("sites", {}).values()), {}) if final else {}
         print(
-            f"| {r['cases']} | {r['peak_rss'] / 2**30:.2f} GiB | {timing.get('first_batch_s', float('nan')):.1f} s | {timing.get('train_s', float('nan')):.0f} s "
+            f"| {r['cases']} | {r['peak_rss'] / 2**30:.2f} GiB | {r['import_s']:.1f} s + {r['open_s']:.2f} s | {timing.get('first_batch_s', float('nan')):.1f} s | {timing.get('train_s', float('nan')):.0f} s "
             f"| {s.get('eval_s_per_case', float('nan')):.1f} s / {final_site.get('eval_s_per_case', float('nan')):.1f} s ({final_site.get('num_val_cases', '?')} cases) "
-            f"| {r['loader_slices_per_s']:.0f} | {consume:.0f} | {r['cache_bytes'] / r['source_bytes']:.2f} |"
+            f"| {r['loader_slices_per_s']:.0f} | {consume:.0f} | {r['pipeline_mb']:.0f} MB | {r['cache_bytes'] / r['source_bytes']:.2f} |"
         )
 
 

@@ -169,6 +169,11 @@ class SiteRound:
         }
         return self._trained_reply(metrics)
 
+    @staticmethod
+    def _dp_metrics(dp, ledger, exhausted: bool, reproducible: bool, data: SiteData) -> dict:
+        """The DP scalars of a reply, and whether the site's unit is a mapped patient or one file."""
+        return {**dp_metrics(dp, ledger, exhausted, reproducible), "dp-patients-mapped": int(data.patients_mapped)}
+
     def _dp_stream(self, reproducible: bool) -> KeyStream:
         """The keystream of this message's DP randomness: keyed from OS entropy, or from the run seed
         when the run asks for reproducible DP and this site allows it."""
@@ -198,7 +203,7 @@ class SiteRound:
         with study_ledger(ledger_file(self.config.state_dir, ins.study)) as ledger:
             if dp.budget is not None and ledger.epsilon_after(dp.noise_multiplier, dp.sample_rate, steps, dp.delta) > dp.budget:
                 log.warning("site %s round %d: privacy budget %g of study %s would be exceeded (spent %.3f); no more training, evaluation goes on", site, ins.server_round, dp.budget, ins.study, ledger.epsilon(dp.delta))
-                return RecordDict({METRICS: MetricRecord({"num-examples": 0, "steps": 0, **dp_metrics(dp, ledger, True, reproducible)}), SITE: self._identity()})
+                return RecordDict({METRICS: MetricRecord({"num-examples": 0, "steps": 0, **self._dp_metrics(dp, ledger, True, reproducible, data)}), SITE: self._identity()})
             cases = data.patient_crops(dp.slices_per_case, np.random.default_rng(seed))
             result = train_private(
                 self.model, self.config.modality, cases, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
@@ -206,7 +211,7 @@ class SiteRound:
             )
         # The training loss is a function of the private batch: it stays in the site's log.
         log.info("site %s round %d: DP-SGD %d steps (%s), loss %.4f, epsilon of study %s spent %.3f", site, ins.server_round, steps, dp.describe(), result.loss, ins.study, ledger.epsilon(dp.delta))
-        metrics = {"num-examples": dp.disclosed_patients, "steps": steps, **dp_metrics(dp, ledger, False, reproducible)}
+        metrics = {"num-examples": dp.disclosed_patients, "steps": steps, **self._dp_metrics(dp, ledger, False, reproducible, data)}
         return self._trained_reply(metrics)
 
     def _trained_reply(self, metrics: dict) -> RecordDict:

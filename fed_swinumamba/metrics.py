@@ -55,8 +55,7 @@ def _label_map(labels: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _per_class(tolerance: float | Sequence[float], num_foreground: int) -> list[float]:
-    tolerances = [float(tolerance)] if isinstance(tolerance, (int, float)) else [float(t) for t in tolerance]
-    tolerances = tolerances * num_foreground if len(tolerances) == 1 else tolerances  # one for every class
+    tolerances = [float(tolerance)] * num_foreground if isinstance(tolerance, (int, float)) else [float(t) for t in tolerance]
     if len(tolerances) != num_foreground or any(t < 0 for t in tolerances):
         raise ValueError(f"tolerance must be one non-negative number or one per foreground class ({num_foreground}), got {tolerance}")
     return tolerances

@@ -138,7 +138,7 @@ class Federation:
         messages, bytes_down = [], {}
         for node in nodes:
             arrays, base = self._payload(node, version)
-            messages.append(self._message(node, arrays, server_round, version, base, message_type))
+            messages.append(self._message(node, arrays, server_round, version, base, message_type, full_split=full_split))
             bytes_down[node] = _nbytes(arrays)
         return messages, bytes_down
 
@@ -320,7 +320,8 @@ class Federation:
         if "epsilon" in m:
             entry["epsilon"] = float(m["epsilon"])
             entry["privacy"] = {k.removeprefix("dp-").replace("-", "_"): float(v) for k, v in m.items() if k.startswith("dp-")}
-            entry["privacy"]["unit"] = "patient"
+            mapped = entry["privacy"].pop("patients_mapped", 1.0)
+            entry["privacy"]["unit"] = "patient" if mapped else "patient = one image file (the site maps no patients)"
             if m["dp-reproducible"]:
                 entry["not_private"] = NOT_PRIVATE.rstrip(": ")
             if m["dp-budget-exhausted"]:

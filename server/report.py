@@ -122,13 +122,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _scores_table(sites: dict, classes: list[str]) -> str:
     """Per site: Dice per class and its mean, HD95 (mm) and NSD per class, held-out cases scored; DP and notes."""
     private = any("epsilon" in s for s in sites.values())
-    header = ["site", "modality", *(f"Dice {c}" for c in classes), "mean Dice", *(f"HD95 {c} (mm)" for c in classes), *(f"NSD {c}" for c in classes), "cases scored"]
+    header = ["site", "modality", *(f"Dice {c}" for c in classes), "mean Dice", *(f"HD95 {c} (mm)" for c in classes), *(f"NSD {c}" for c in classes), "cases scored", "s per case"]
     header += (["epsilon", "delta", "noise multiplier"] if private else []) + ["notes"]
     rows = []
     for name, s in sorted(sites.items()):
         row = [name, s.get("modality") or "?", *(_fmt(s.get("dice", {}).get(c)) for c in classes), _fmt(s.get("dice_mean"))]
         row += [*(_fmt(s.get("hd95", {}).get(c)) for c in classes), *(_fmt(s.get("nsd", {}).get(c)) for c in classes)]
-        row += [f"{s['num_val_cases']} of {s['held_out_cases']}" if "held_out_cases" in s else "–"]
+        row += [f"{s['num_val_cases']} of {s['held_out_cases']}" if "held_out_cases" in s else "–", _fmt(s.get("eval_s_per_case"))]
         if private:
             p = s.get("privacy", {})
             row += [_fmt(s.get("epsilon")), f"{p['delta']:.1e}" if "delta" in p else "–", _fmt(p.get("noise_multiplier"))]

@@ -239,9 +239,14 @@ def test_only_weights_and_scalars_leave_a_site(deployment, first_run):
     for name, site in HOSPITALS.items():
         lines = [json.loads(line) for line in deployment.audit_log(name).read_text().splitlines()]
         replies = [line for line in lines if line["run_id"] == first_run["run_id"]]
-        assert sorted(r["message_type"] for r in replies) == [MessageType.EVALUATE] * 2 + [MessageType.TRAIN] * 2
+        identity = {"site": site, "modality": site.removeprefix("demo_")}
+        # the coordinator's first question: who is this node (before any weights are sent)
+        assert sorted(r["message_type"] for r in replies) == [MessageType.EVALUATE] * 2 + [MessageType.QUERY] + [MessageType.TRAIN] * 2
         for reply in replies:
-            assert_only_weights_and_scalars(reply["content"], parameter_names, {"site": site, "modality": site.removeprefix("demo_")})
+            if reply["message_type"] == MessageType.QUERY:
+                assert reply["content"] == {"site": {"type": "ConfigRecord", "values": identity}}
+            else:
+                assert_only_weights_and_scalars(reply["content"], parameter_names, identity)
 
 
 def test_the_coordinators_outputs_never_name_a_sites_files(deployment, first_run):
@@ -282,7 +287,7 @@ def crashes(deployment, tmp_path_factory):
 def test_a_hospital_killed_mid_round_rejoins_and_trains_on_the_whole_model(deployment, crashes):
     """Round 1 ends with the two others; in round 2 the restarted site gets every weight and trains."""
     first, second = crashes["before"]
-    crashed = f"node-{deployment.node_ids['hospital_a']}"  # it never answered in this run: known by its node only
+    crashed = "demo_ct"  # it answered the coordinator's identity query before it was killed mid-training
     assert set(first["sites"]) == {crashed, "demo_mri", "demo_us"}
     assert [e.split(":")[0] for e in first["sites"][crashed]["errors"]] == ["train"]
     assert all(first["sites"][s]["num_examples"] > 0 for s in ("demo_mri", "demo_us"))

@@ -108,3 +108,25 @@ def test_predict_applies_the_sites_geometry_and_writes_the_mask_back_on_the_inpu
     truth = np.asarray(nib.load(str(site.data.root / "labelsTr" / image_file.name)).dataobj)
     dice = _dice(np.asarray(written.dataobj), truth)
     assert dice[0] > 0.75  # nearest-neighbour 2x down and up again (0.83 here); the same mask left mirrored: 0.31
+
+
+def test_windows_of_one_constant_value_are_computed_once_with_the_same_logits():
+    """Air after the CT window is exactly 0: its windows go through the network once, with unchanged logits."""
+    from fed_swinumamba.training import once_per_constant_window
+
+    config = ModelConfig(modalities=("ct",), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    windows = torch.rand(6, 1, 32, 32)
+    windows[1], windows[3], windows[4] = 0.0, 0.0, 0.75  # two air windows and one of another constant
+    seen = []
+
+    def network(x):
+        seen.append(len(x))
+        return model(x, "ct")
+
+    with torch.inference_mode():
+        expected = model(windows, "ct")
+        got = once_per_constant_window(network)(windows)
+    assert seen == [5]  # 3 varied windows + 2 distinct constants
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,60 @@
+"""The coordinator's evaluation: a fixed subset of held-out cases per round, every case after the last round
+for the final and the best model, HD95 and NSD beside Dice."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import MessageType
+
+from conftest import TINY, ScriptedGrid
+from fed_swinumamba.checkpoint import Checkpoint
+from fed_swinumamba.protocol import ARRAYS, CONFIG, Instructions
+from server.federation import Federation
+from server.settings import FederationSettings
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def _settings(tmp_path, **overrides):
+    return FederationSettings.from_run_config({**TINY, "output-dir": str(tmp_path), "cross-site-eval": False, "rounds-per-stage": 1, **overrides})
+
+
+def test_rounds_score_a_subset_and_the_end_scores_every_held_out_case_of_the_final_and_best_models(tmp_path):
+    grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02})  # every evaluation scores 0.5: round 1 stays the best
+    Federation(grid, _settings(tmp_path, **{"num-server-rounds": 2, "eval-cases": 3, "nsd-tolerance-mm": "2,1"})).run()
+
+    evaluations = [(Instructions.from_config(m.content[CONFIG]), m) for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
+    assert [ins.eval_cases for ins, _ in evaluations] == [3] * 4 + [0] * 4  # 2 rounds x 2 sites, then the final and the best
+    assert all(ins.nsd_tolerance_mm == (2.0, 1.0) for ins, _ in evaluations)
+    best = [(ins, m) for ins, m in evaluations if ins.foreign_model]
+    assert [ins.foreign_model for ins, _ in best] == ["best checkpoint (round 1)"] * 2
+    round_1 = Checkpoint.load(tmp_path / "checkpoints" / "best.safetensors")
+    assert round_1.server_round == 1
+    for _, message in best:  # the weights sent are round 1's, not the final model's
+        sent = message.content[ARRAYS]
+        assert all(np.array_equal(sent[k].numpy(), round_1.state[k].numpy()) for k in sent.keys())
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    final = metrics["final_evaluation"]
+    assert final["global"]["round"] == 2 and final["best"]["round"] == 1
+    assert set(final["global"]["sites"]) == set(final["best"]["sites"]) == {"site_a", "site_b"}
+    site = metrics["rounds"][0]["sites"]["site_a"]
+    assert site["hd95"] == {"organ": 3.0, "lesion": 3.0} and site["nsd"] == {"organ": 0.7, "lesion": 0.7}
+    assert site["timing"] == {"first_batch_s": 0.5, "train_s": 1.0}
+    report = (tmp_path / "report.html").read_text()
+    assert "Best checkpoint (round 1) on every held-out case" in report and "HD95 organ (mm)" in report
+
+
+def test_without_a_subset_the_rounds_already_score_every_case(tmp_path):
+    grid = ScriptedGrid({"site_a": 0.01})
+    Federation(grid, _settings(tmp_path, **{"num-server-rounds": 1})).run()
+    evaluations = [Instructions.from_config(m.content[CONFIG]) for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
+    assert [ins.eval_cases for ins in evaluations] == [0]
+    assert "final_evaluation" not in json.loads((tmp_path / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("overrides", [{"eval-cases": -1}, {"nsd-tolerance-mm": "1,2,3"}, {"nsd-tolerance-mm": "-2"}])
+def test_bad_evaluation_settings_are_refused(tmp_path, overrides):
+    with pytest.raises(ValueError, match=next(iter(overrides))):
+        _settings(tmp_path, **overrides)
