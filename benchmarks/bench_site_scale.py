@@ -90,19 +90,21 @@ def folder_bytes(folder: Path) -> int:
 
 
 class PeakMemory:
-    """The largest peak RSS (VmHWM) of any process below ``root_pid``, sampled until stopped."""
+    """The peak RSS (VmHWM) of every process below ``root_pid``, by process name, sampled until stopped.
+
+    Ray's own processes map its shared-memory object store, so the site's process (``ray::ClientAppActor``)
+    and the run's driver are reported apart from them."""
 
     def __init__(self, root_pid: int):
-        self.root, self.peak, self.stop = root_pid, 0, threading.Event()
+        self.root, self.peaks, self.stop = root_pid, {}, threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
-    def _children(self) -> set[int]:
+    def _tree(self) -> set[int]:
         parents = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                parents[int(stat.parent.name)] = int(fields[1])
+                parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
         tree, grew = {self.root}, True
@@ -114,19 +116,19 @@ class PeakMemory:
 
     def _watch(self) -> None:
         while not self.stop.is_set():
-            for pid in self._children():
+            for pid in self._tree():
                 try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
-                except OSError:
+                    name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[:60]
+                    hwm = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:"))
+                except (OSError, StopIteration):
                     continue
+                self.peaks[name] = max(self.peaks.get(name, 0), hwm)
             time.sleep(0.2)
 
-    def done(self) -> int:
+    def done(self) -> dict[str, int]:
         self.stop.set()
         self.thread.join()
-        return self.peak
+        return self.peaks
 
 
 def loader_rate(site_yaml: Path, batches: int = 60) -> tuple[float, float, float]:
@@ -165,10 +167,12 @@ def run_round(site_yaml: Path, out: Path, local_steps: int, eval_cases: int) -> 
     memory = PeakMemory(proc.pid)
     if proc.wait() != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: see {out.parent / f'{out.name}.log'}")
-    peak = memory.done()
+    peaks = memory.done()
     metrics = json.loads((out / "metrics.json").read_text())
     site = next(iter(metrics["rounds"][0]["sites"].values()))
-    return {"peak_rss": peak, "wall": time.perf_counter() - started, "site": site, "final": metrics.get("final_evaluation")}
+    site_process = max(v for k, v in peaks.items() if "ClientAppActor" in k)
+    driver = peaks.get(sys.executable, 0)
+    return {"peak_rss_site": site_process, "peak_rss_driver": driver, "peaks": peaks, "wall": time.perf_counter() - started, "site": site, "final": metrics.get("final_evaluation")}
 
 
 def main() -> None:
@@ -197,7 +201,7 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row, default=str), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    print("| cases | peak RSS, largest process | ClientApp import + site opened | message to first batch | train message | eval per case (round / final) | loader slices/s | steps consume slices/s | data pipeline memory | cache / source size |")
+    print("| cases | peak RSS: site process / run driver | ClientApp import + site opened | message to first batch | train message | eval per case (round / final) | loader slices/s | steps consume slices/s | data pipeline memory | cache / source size |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s, final = r["site"], r["final"] or {}
@@ -205,7 +209,7 @@ def main() -> None:
         consume = 8 * args.local_steps / max(timing.get("train_s", float("nan")) - timing.get("first_batch_s", 0.0), 1e-9)
         final_site = next(iter(final.get("sites", {}).values()), {}) if final else {}
         print(
-            f"| {r['cases']} | {r['peak_rss'] / 2**30:.2f} GiB | {r['import_s']:.1f} s + {r['open_s']:.2f} s | {timing.get('first_batch_s', float('nan')):.1f} s | {timing.get('train_s', float('nan')):.0f} s "
+            f"| {r['cases']} | {r['peak_rss_site'] / 2**30:.2f} / {r['peak_rss_driver'] / 2**30:.2f} GiB | {r['import_s']:.1f} s + {r['open_s']:.2f} s | {timing.get('first_batch_s', float('nan')):.1f} s | {timing.get('train_s', float('nan')):.0f} s "
             f"| {s.get('eval_s_per_case', float('nan')):.1f} s / {final_site.get('eval_s_per_case', float('nan')):.1f} s ({final_site.get('num_val_cases', '?')} cases) "
             f"| {r['loader_slices_per_s']:.0f} | {consume:.0f} | {r['pipeline_mb']:.0f} MB | {r['cache_bytes'] / r['source_bytes']:.2f} |"
         )

@@ -111,7 +111,6 @@ def train_local(
     return TrainResult(total / steps, steps, examples)
 
 
-@torch.inference_mode()
 def once_per_constant_window(predict: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``predict`` over a batch of windows (N, C, h, w), running the network once per distinct value among
     the windows whose pixels all share one value (air after the CT window, padding): each window's logits
@@ -133,6 +132,7 @@ def once_per_constant_window(predict: Callable[[torch.Tensor], torch.Tensor]) ->
     return run
 
 
+@torch.inference_mode()
 def predict_slices(
     model: nn.Module, modality: str, slices: torch.Tensor | np.ndarray, roi_size: Sequence[int], sw_batch_size: int = 128, slices_per_pass: int = 8
 ) -> torch.Tensor:

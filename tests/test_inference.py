@@ -130,3 +130,16 @@ def test_windows_of_one_constant_value_are_computed_once_with_the_same_logits():
         got = once_per_constant_window(network)(windows)
     assert seen == [5]  # 3 varied windows + 2 distinct constants
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_prediction_keeps_no_autograd_graph():
+    """Inference runs without gradients: a graph kept over a volume's windows took 7 GB for 8 CT slices."""
+    from fed_swinumamba.training import predict_slices
+
+    config = ModelConfig(modalities=("ct",), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    model = build_model(config)
+    grad_modes = []
+    model.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    labels = predict_slices(model, "ct", torch.rand(3, 64, 64), (32, 32), sw_batch_size=4)
+    assert labels.shape == (3, 64, 64) and labels.dtype == torch.uint8
+    assert grad_modes and not any(grad_modes)

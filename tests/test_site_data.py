@@ -129,7 +129,7 @@ def test_site_data_items_and_on_disk_cache(ct_site, monkeypatch):
         raise AssertionError("a cached case was read again")
 
     monkeypatch.setattr(monai.transforms.LoadImaged, "__call__", no_reading)
-    assert SiteData.from_config(config, CLASSES).num_train_cases == 3  # served from the PersistentDataset cache
+    assert SiteData.from_config(config, CLASSES).num_train_cases == 3  # served from the site's cache, not read again
 
 
 def _rewrite(path: Path, fn) -> None:
