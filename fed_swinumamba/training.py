@@ -134,7 +134,7 @@ def once_per_constant_window(predict: Callable[[torch.Tensor], torch.Tensor]) ->
 
 @torch.inference_mode()
 def predict_slices(
-    model: nn.Module, modality: str, slices: torch.Tensor | np.ndarray, roi_size: Sequence[int], sw_batch_size: int = 128, slices_per_pass: int = 8
+    model: nn.Module, modality: str, slices: torch.Tensor | np.ndarray, roi_size: Sequence[int], sw_batch_size: int = 64, slices_per_pass: int = 8
 ) -> torch.Tensor:
     """Slice-wise sliding-window segmentation: slices (S, H, W) or (S, C, H, W) -> class indices (S, H, W) uint8.
 
