@@ -247,7 +247,8 @@ def test_simulation_with_dp_epsilon_reports_epsilon_per_site_per_round(three_sit
         assert len(rnd["sites"]) == 3
         for name, site in rnd["sites"].items():
             assert 0 < site["epsilon"] <= 8.0 and site["epsilon"] > previous.get(name, 0.0)
-            assert site["privacy"]["unit"] == "patient" and site["privacy"]["budget"] == 8.0 and site["num_examples"] == 3
+            # the phantom sites map no patients: each file is a patient, and the record says so
+            assert site["privacy"]["unit"] == "patient = one image file (the site maps no patients)" and site["privacy"]["budget"] == 8.0 and site["num_examples"] == 3
             assert site["privacy"]["noise_multiplier"] > 0 and "train_loss" not in site and "dice" in site
             previous[name] = site["epsilon"]
     # The noise was derived from the budget for the planned rounds: running the plan spends it.
