@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fed_swinumamba.checkpoint import Checkpoint
@@ -261,19 +261,28 @@ class Federation:
         log.info("final global model on every held-out case:\n%s", dice_table(sites, self.s.class_names))
         best = Checkpoint.load(self.out / "checkpoints" / "best.safetensors") if (self.out / "checkpoints" / "best.safetensors").is_file() else None
         if best is not None and best.server_round != server_round:
-            state = {k: v.numpy() for k, v in best.state.items()}
             name = f"best checkpoint (round {best.server_round})"
-            nodes = [n for n in sorted(self.grid.get_node_ids()) if self.links.get(n, SiteLink()).modality]
-            messages = [self._message(n, _arrays(select(state, modalities=[self.links[n].modality])), server_round, version, FULL_SYNC, MessageType.EVALUATE, name, full_split=True) for n in nodes]
-            best_sites = {}
-            for reply in self.grid.send_and_receive(messages, timeout=self.s.round_timeout):
-                if reply.has_error():
-                    log.warning("evaluation of the %s at %s failed: %s", name, self._site_key(_addressee(reply, messages)), reply.error.reason)
-                    continue
-                best_sites[str(reply.content[SITE]["site"])] = {"modality": str(reply.content[SITE]["modality"]), **evaluation_entry(reply.content[METRICS], self.s.class_names)}
+            replies = self._evaluate_elsewhere(name, {k: v.numpy() for k, v in best.state.items()}, server_round, version, full_split=True)
+            best_sites = {site: {"modality": modality, **evaluation_entry(m, self.s.class_names)} for site, (modality, m) in replies.items()}
             result["best"] = {"round": best.server_round, "sites": best_sites}
             log.info("%s on every held-out case:\n%s", name, dice_table(best_sites, self.s.class_names))
         return result
+
+    def _evaluate_elsewhere(self, name: str, weights: dict[str, np.ndarray], server_round: int, version: int, full_split: bool = False) -> dict[str, tuple[str, MetricRecord]]:
+        """A model other than the current global one (``name``) evaluated at every identified node with that
+        node's modality encoder, leaving the node's copy of the global model as it is: site -> (modality, metrics)."""
+        nodes = [n for n in sorted(self.grid.get_node_ids()) if self.links.get(n, SiteLink()).modality]
+        messages = [
+            self._message(n, _arrays(select(weights, modalities=[self.links[n].modality])), server_round, version, FULL_SYNC, MessageType.EVALUATE, name, full_split)
+            for n in nodes
+        ]
+        out = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.s.round_timeout):
+            if reply.has_error():
+                log.warning("evaluation of %s at %s failed: %s", name, self._site_key(_addressee(reply, messages)), reply.error.reason)
+                continue
+            out[str(reply.content[SITE]["site"])] = (str(reply.content[SITE]["modality"]), reply.content[METRICS])
+        return out
 
     def _cross_site_evaluation(self, server_round: int, version: int) -> dict:
         """Every site's locally trained model (last round) evaluated on every site's held-out data.
@@ -285,14 +294,8 @@ class Federation:
         final = self.history[-1]["sites"]
         dice = {"global": {site: s["dice"] for site, s in final.items() if "dice" in s}}
         dice_mean = {"global": {site: s["dice_mean"] for site, s in final.items() if "dice" in s}}
-        nodes = [n for n in sorted(self.grid.get_node_ids()) if self.links.get(n, SiteLink()).modality]
         for name, local in sorted(self.local_models.items()):
-            messages = [self._message(n, _arrays(select(local, modalities=[self.links[n].modality])), server_round, version, FULL_SYNC, MessageType.EVALUATE, name) for n in nodes]
-            for reply in self.grid.send_and_receive(messages, timeout=self.s.round_timeout):
-                if reply.has_error():
-                    log.warning("cross-site evaluation of %s's model at %s failed: %s", name, self._site_key(_addressee(reply, messages)), reply.error.reason)
-                    continue
-                m, site = reply.content[METRICS], str(reply.content[SITE]["site"])
+            for site, (_, m) in self._evaluate_elsewhere(name, local, server_round, version).items():
                 dice.setdefault(name, {})[site] = {c: float(m[f"dice-{c}"]) for c in self.s.class_names}
                 dice_mean.setdefault(name, {})[site] = float(m["dice-mean"])
         result = {"round": server_round, "models": list(dice), "sites": sorted(dice["global"]), "dice_mean": dice_mean, "dice": dice}
