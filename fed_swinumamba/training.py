@@ -81,7 +81,9 @@ def train_local(
     params = set_trainable(model, groups)
     if not params:
         raise ValueError(f"the stage trains no parameter (groups {list(groups)})")
-    optimizer = optimizer_factory(params) if optimizer_factory else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = (
+        optimizer_factory(params) if optimizer_factory else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    )
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     loss_fn = segmentation_loss(model)
     model.train()
@@ -134,12 +136,18 @@ def once_per_constant_window(predict: Callable[[torch.Tensor], torch.Tensor]) ->
 
 @torch.inference_mode()
 def predict_slices(
-    model: nn.Module, modality: str, slices: torch.Tensor | np.ndarray, roi_size: Sequence[int], sw_batch_size: int = 64, slices_per_pass: int = 8
+    model: nn.Module,
+    modality: str,
+    slices: torch.Tensor | np.ndarray,
+    roi_size: Sequence[int],
+    sw_batch_size: int = 16,
+    slices_per_pass: int = 8,
 ) -> torch.Tensor:
     """Slice-wise sliding-window segmentation: slices (S, H, W) or (S, C, H, W) -> class indices (S, H, W) uint8.
 
     ``slices_per_pass`` slices go through MONAI's sliding window together, their windows batched by
-    ``sw_batch_size`` (large batches run several times faster per window on a CPU), while the logits in
+    ``sw_batch_size`` (batches run faster per window than single windows on a CPU; 16 as fast as 64 with
+    the demo network, at half the memory: benchmarks/RESULTS.md), while the logits in
     memory stay a few slices' worth. Windows of one constant value are computed once per value.
     """
     model.eval()
@@ -206,6 +214,10 @@ def evaluate_cases(
     summary = site.summary()
     by_name = {name: summary[i] for i, name in enumerate(class_names, start=1)}
     return EvalResult(
-        {c: s.dice for c, s in by_name.items()}, {c: s.hd95 for c, s in by_name.items()}, {c: s.nsd for c, s in by_name.items()},
-        {c: s.hd95_unbounded for c, s in by_name.items()}, n, (time.perf_counter() - started) / n,
+        {c: s.dice for c, s in by_name.items()},
+        {c: s.hd95 for c, s in by_name.items()},
+        {c: s.nsd for c, s in by_name.items()},
+        {c: s.hd95_unbounded for c, s in by_name.items()},
+        n,
+        (time.perf_counter() - started) / n,
     )

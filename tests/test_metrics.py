@@ -55,7 +55,9 @@ def test_each_class_has_its_own_tolerance():
     prediction, truth = plates(label=1)
     prediction2, truth2 = plates(label=2)
     prediction[:, 2:4], truth[:, 2:4] = prediction2[:, 0:2], truth2[:, 0:2]  # the same plates, class 2, at y in 2..3
-    scores = case_scores(torch.as_tensor(prediction), torch.as_tensor(truth), num_classes=3, tolerance=[4.0, 3.5], spacing=PLATE_SPACING)
+    scores = case_scores(
+        torch.as_tensor(prediction), torch.as_tensor(truth), num_classes=3, tolerance=[4.0, 3.5], spacing=PLATE_SPACING
+    )
     assert scores[1].nsd == pytest.approx(18 / 20)
     assert scores[2].nsd == pytest.approx(16 / 20)  # sqrt(13) = 3.61 is outside 3.5 mm
     assert scores[1].hd95 == scores[2].hd95 == pytest.approx(5.0, rel=1e-6)
@@ -74,7 +76,9 @@ def test_hd95_nsd_and_dice_of_concentric_squares_in_2d():
     truth[3:6, 3:6] = 1
     prediction[2:7, 2:7] = 1
     scores = case_scores(prediction, truth, num_classes=2, tolerance=2.5, spacing=(1.0, 3.0))
-    assert scores[1] == ClassScores(dice=pytest.approx(9 / 17), hd95=pytest.approx(math.sqrt(10), rel=1e-6), nsd=pytest.approx(14 / 24))
+    assert scores[1] == ClassScores(
+        dice=pytest.approx(9 / 17), hd95=pytest.approx(math.sqrt(10), rel=1e-6), nsd=pytest.approx(14 / 24)
+    )
     # In pixels every side is one pixel off and the corners sqrt(2): HD95 = sqrt(2).
     assert case_scores(prediction, truth, num_classes=2, tolerance=2.5)[1].hd95 == pytest.approx(math.sqrt(2), rel=1e-6)
 
@@ -82,7 +86,9 @@ def test_hd95_nsd_and_dice_of_concentric_squares_in_2d():
 def test_identical_masks_score_perfectly():
     truth = np.zeros((5, 6, 7), np.int64)
     truth[1:4, 2:5, 1:6] = 1
-    assert case_scores(truth, truth.copy(), num_classes=2, tolerance=0.0, spacing=(3.0, 0.7, 0.7))[1] == ClassScores(1.0, 0.0, 1.0)
+    assert case_scores(truth, truth.copy(), num_classes=2, tolerance=0.0, spacing=(3.0, 0.7, 0.7))[1] == ClassScores(
+        1.0, 0.0, 1.0
+    )
 
 
 def test_a_class_in_one_mask_only_or_in_neither():
@@ -121,3 +127,24 @@ def test_rejects_inputs_it_cannot_score():
         case_scores(labels, labels, num_classes=3, tolerance=[1.0])
     with pytest.raises(TypeError, match="integer label map"):
         case_scores(labels.astype(np.float32), labels, num_classes=2, tolerance=1.0)
+
+
+def test_both_boundary_scores_equal_monais_own_functions_on_irregular_masks():
+    """One surface-distance pass gives what MONAI's HD95 and surface Dice compute separately."""
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    spacing = [0.8, 0.8, 2.5]
+    for _ in range(3):
+        truth = ndimage.binary_dilation(rng.random((40, 36, 12)) > 0.995, iterations=3)
+        prediction = ndimage.binary_dilation(truth, iterations=1) ^ (rng.random(truth.shape) > 0.97)
+        scores = case_scores(
+            prediction.astype(np.uint8), truth.astype(np.uint8), num_classes=2, tolerance=1.5, spacing=spacing
+        )[1]
+        y_pred, y = torch.from_numpy(prediction)[None, None].float(), torch.from_numpy(truth)[None, None].float()
+        hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)
+        nsd = compute_surface_dice(y_pred, y, class_thresholds=[1.5], include_background=True, spacing=spacing)
+        assert scores.hd95 == pytest.approx(float(hd95), rel=1e-6)
+        assert scores.nsd == pytest.approx(float(nsd), rel=1e-6)
+        assert 0 < scores.nsd < 1 and scores.hd95 > 0  # irregular masks: neither score is trivially 0 or 1
