@@ -1,17 +1,23 @@
 """Dice of the demo federation with DP-SGD (epsilon per site) beside the same run without DP.
 
-Runs ``python -m simulation demo`` twice with the same phantoms, network and rounds: without DP with
-the sites' default batches of 8 slices and ``--local-steps``; with DP, Poisson batches of
-``--cases-per-batch`` cases and the DP-only settings of ``--dp-set`` (e.g. fewer, larger steps and layers
-left untrained, a larger DP learning rate: ``dp-local-steps``, ``dp-frozen``, ``dp-slices-per-case``,
-``dp-lr-scale``). Prints a Markdown table of each site's final mean foreground Dice and the DP/non-DP
-ratio (target >= 0.9). Every DP run is a study of its own (``bench-dp-<time>``): the sites' privacy ledgers
-outlive runs, and a rerun of one study would find its budget spent.
+The phantoms are written once (``--data-seed``: the DP settings below were chosen on the seed-0 phantoms,
+so a result reported on another seed is on cases the settings never saw). Then, on those same sites and
+with the demo's run config, one run without DP (the sites' default batches of 8 slices, ``--local-steps``)
+and ``--draws`` DP runs per epsilon of ``--epsilons``: Poisson batches of ``--cases-per-batch`` cases and the
+DP-only settings of ``--dp-set`` (e.g. fewer, larger steps, layers left untrained, a larger DP learning
+rate: ``dp-local-steps``, ``dp-frozen``, ``dp-slices-per-case``, ``dp-lr-scale``). The DP runs share the run
+seed (initial weights, non-DP randomness) and differ only in their noise and sampling, which come from the
+OS's entropy: the draws' spread is the noise's. Every DP run is a study of its own (a site's privacy ledger
+outlives runs, and a rerun of one study would find its budget spent).
 
-    python benchmarks/bench_dp_demo.py --cases 4000 --local-steps 20 --epsilon 8 --cases-per-batch 256 \
-        --dp-set dp-local-steps=10 --dp-set dp-slices-per-case=1 --dp-set dp-frozen=stage4,up_blocks.0.,skips.3. \
-        --dp-set dp-lr-scale=4 --set eval-interval=6 --set cross-site-eval=false --out runs/bench_dp4000_lr4
-    # only the final Dice is compared
+Each run writes ``OUT/<run>/metrics.json``; a run whose file exists is not run again, so an interrupted
+benchmark continues where it stopped. Prints a Markdown table of each site's final mean foreground Dice
+(mean and range over the draws) and its ratio to the non-DP Dice (target >= 0.9).
+
+    python benchmarks/bench_dp_demo.py --cases 4000 --data-seed 100 --epsilons 4,8 --draws 3 \
+        --local-steps 20 --cases-per-batch 256 --dp-set dp-local-steps=10 --dp-set dp-slices-per-case=1 \
+        --dp-set dp-frozen=stage4,up_blocks.0.,skips.3. --dp-set dp-lr-scale=4 \
+        --set eval-interval=6 --set cross-site-eval=false --out runs/bench_dp_seed100
 """
 
 from __future__ import annotations
@@ -19,46 +25,124 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_RUN_CONFIG = tomllib.loads((ROOT / "simulation" / "demo.toml").read_text())
 
-def run_demo(out: Path, cases: int, local_steps: int, epsilon: float | None, cases_per_batch: int, overrides: list[str]) -> tuple[dict, float]:
-    cmd = [sys.executable, "-m", "simulation", "demo", "--out", str(out), "--cases", str(cases), "--set", f"local-steps={local_steps}"]
-    cmd += [arg for kv in overrides for arg in ("--set", kv)]
-    if epsilon is not None:
-        cmd += ["--dp-epsilon", str(epsilon), "--set", f"dp-cases-per-batch={cases_per_batch}", "--set", f"study=bench-dp-{time.time_ns()}"]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
-    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
+
+def run_once(out: Path, sites: list[Path], overrides: dict[str, object]) -> dict:
+    """One federated run on ``sites``, skipped when it has finished before; its metrics and wall time.
+
+    metrics.json is written every round, so the wall-time file, written at the end, marks a finished run;
+    an unfinished one is started again from nothing."""
+    wall = out / "wall_seconds.txt"
+    if not wall.is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "simulation", "run", "--sites", *map(str, sites), "--out", str(out)]
+        cmd += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+        started = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        wall.write_text(f"{time.perf_counter() - started:.0f}\n")
+    return json.loads((out / "metrics.json").read_text()) | {"wall_s": float(wall.read_text())}
+
+
+def _pairs(pairs: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in pairs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=64)
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the phantoms")
     parser.add_argument("--local-steps", type=int, default=20)
-    parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--epsilons", default="8", help="comma-separated epsilon per site")
+    parser.add_argument("--draws", type=int, default=1, help="DP runs per epsilon (independent noise)")
     parser.add_argument("--cases-per-batch", type=int, default=16, help="expected cases per DP batch")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_dp"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="run-config override for both runs")
-    parser.add_argument("--dp-set", dest="dp_overrides", action="append", default=[], metavar="KEY=VALUE", help="run-config override for the DP run only")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override for every run",
+    )
+    parser.add_argument(
+        "--dp-set",
+        dest="dp_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override for the DP runs only",
+    )
     args = parser.parse_args()
-    plain, plain_s = run_demo(args.out / "no_dp", args.cases, args.local_steps, None, args.cases_per_batch, args.overrides)
-    private, private_s = run_demo(args.out / "dp", args.cases, args.local_steps, args.epsilon, args.cases_per_batch, args.overrides + args.dp_overrides)
-    last_plain, last_private = plain["rounds"][-1]["sites"], private["rounds"][-1]["sites"]
-    rounds = len(plain["rounds"])
-    load = f"{os.getloadavg()[0]:.2f}"
-    print(f"Demo phantoms, {args.cases} cases per site, {rounds} rounds x {args.local_steps} local steps, DP batches of "
-          f"{args.cases_per_batch} expected cases, DP-only settings {args.dp_overrides or 'none'}; "
-          f"run time {plain_s:.0f} s without DP, {private_s:.0f} s with DP; load average {load} at the end.\n")
-    print("| site | Dice without DP | Dice with DP | ratio | epsilon spent | delta | noise multiplier | DP steps |")
-    print("|---|---|---|---|---|---|---|---|")
+    out = args.out.resolve()
+    if not (out / "sites").is_dir():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "simulation",
+                "demo-sites",
+                "--out",
+                str(out),
+                "--cases",
+                str(args.cases),
+                "--seed",
+                str(args.data_seed),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
+    sites = sorted((out / "sites").glob("*/*.yaml"))
+    common = DEMO_RUN_CONFIG | {"local-steps": args.local_steps} | _pairs(args.overrides)
+    plain = run_once(out / "no_dp", sites, common)
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    private: dict[float, list[dict]] = {e: [] for e in epsilons}
+    for draw in range(1, args.draws + 1):  # draw by draw, so that an interrupted benchmark has every epsilon
+        for eps in epsilons:
+            dp = (
+                common
+                | _pairs(args.dp_overrides)
+                | {
+                    "dp-epsilon": eps,
+                    "dp-cases-per-batch": args.cases_per_batch,
+                    "study": f"bench-dp-eps{eps:g}-draw{draw}-{time.time_ns()}",
+                }
+            )
+            private[eps].append(run_once(out / f"dp_eps{eps:g}_draw{draw}", sites, dp))
+    report(args, plain, private)
+
+
+def report(args: argparse.Namespace, plain: dict, private: dict[float, list[dict]]) -> None:
+    last_plain = plain["rounds"][-1]["sites"]
+    print(
+        f"Demo phantoms (seed {args.data_seed}), {args.cases} cases per site, {len(plain['rounds'])} rounds x {args.local_steps} local steps; "
+        f"DP batches of {args.cases_per_batch} expected cases, DP-only settings {args.dp_overrides or 'none'}. "
+        f"Run time {plain['wall_s']:.0f} s without DP; load average {os.getloadavg()[0]:.2f} at the end.\n"
+    )
+    print(
+        "| site | epsilon | draws | Dice without DP | Dice with DP: mean (min - max) | ratio of the mean | epsilon spent | noise multiplier | DP steps | DP run time (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for site in sorted(last_plain):
-        a, b = last_plain[site]["dice_mean"], last_private[site]["dice_mean"]
-        p = last_private[site]["privacy"]
-        print(f"| {site} | {a:.3f} | {b:.3f} | {b / a:.2f} | {last_private[site]['epsilon']:.3f} | {p['delta']:.0e} | {p['noise_multiplier']:.3f} | {p['steps']:.0f} |")
+        a = last_plain[site]["dice_mean"]
+        for eps, runs in private.items():
+            finals = [r["rounds"][-1]["sites"][site] for r in runs]
+            dice = [f["dice_mean"] for f in finals]
+            mean = sum(dice) / len(dice)
+            p = finals[0]["privacy"]
+            wall = sum(r["wall_s"] for r in runs) / len(runs)
+            print(
+                f"| {site} | {eps:g} | {len(dice)} | {a:.3f} | {mean:.3f} ({min(dice):.3f} - {max(dice):.3f}) | {mean / a:.2f} | "
+                f"{max(f['epsilon'] for f in finals):.3f} | {p['noise_multiplier']:.3f} | {p['steps']:.0f} | {wall:.0f} |"
+            )
 
 
 if __name__ == "__main__":
