@@ -24,7 +24,14 @@ import torch
 
 SIZES = {
     "demo": {"dims": (16, 32, 64, 128), "depths": (1, 1, 2, 1), "stem_width": 16, "image": 64, "cases": 4, "slices": 2},
-    "full": {"dims": (96, 192, 384, 768), "depths": (2, 2, 9, 2), "stem_width": 48, "image": 224, "cases": 2, "slices": 1},
+    "full": {
+        "dims": (96, 192, 384, 768),
+        "depths": (2, 2, 9, 2),
+        "stem_width": 48,
+        "image": 224,
+        "cases": 2,
+        "slices": 1,
+    },
 }
 
 
@@ -61,12 +68,33 @@ def measure(size: str, mode: str, repeats: int) -> dict:
             times.append(time.perf_counter() - start)
     else:
         # Sample rate 1: every case in every batch, so both modes see exactly the same slices.
-        dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, sample_rate=1.0, cases_per_batch=n, slices_per_case=k, budget=None)
-        for i in range(repeats + 1):
+        dp = DPConfig(
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            delta=1e-5,
+            sample_rate=1.0,
+            cases_per_batch=n,
+            slices_per_case=k,
+            budget=None,
+        )
+        for _ in range(repeats + 1):
             start = time.perf_counter()
-            train_private(model, "ct", Cases(), groups=LAYER_GROUPS, lr=1e-4, steps=1, dp=dp, ledger=PrivacyLedger(), stream=KeyStream(secure_key()))
+            train_private(
+                model,
+                "ct",
+                Cases(),
+                groups=LAYER_GROUPS,
+                lr=1e-4,
+                steps=1,
+                dp=dp,
+                ledger=PrivacyLedger(),
+                stream=KeyStream(secure_key()),
+            )
             times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times[1:]), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {
+        "seconds": statistics.median(times[1:]),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
 def main() -> None:
@@ -80,13 +108,20 @@ def main() -> None:
         return
     results = {}
     for mode in ("plain", "dp"):
-        out = subprocess.run([sys.executable, __file__, "--size", args.size, "--repeats", str(args.repeats), "--child", mode], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--size", args.size, "--repeats", str(args.repeats), "--child", mode],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     s = SIZES[args.size]
     load = f"{os.getloadavg()[0]:.2f}"
-    print(f"| {args.size} ({s['image']}x{s['image']}, {s['cases']} cases x {s['slices']} slices) | {results['plain']['seconds']:.3f} s | "
-          f"{results['dp']['seconds']:.3f} s | {results['dp']['seconds'] / results['plain']['seconds']:.2f}x | "
-          f"{results['plain']['peak_rss_gib']:.2f} GiB | {results['dp']['peak_rss_gib']:.2f} GiB | {load} |")
+    print(
+        f"| {args.size} ({s['image']}x{s['image']}, {s['cases']} cases x {s['slices']} slices) | {results['plain']['seconds']:.3f} s | "
+        f"{results['dp']['seconds']:.3f} s | {results['dp']['seconds'] / results['plain']['seconds']:.2f}x | "
+        f"{results['plain']['peak_rss_gib']:.2f} GiB | {results['dp']['peak_rss_gib']:.2f} GiB | {load} |"
+    )
 
 
 if __name__ == "__main__":

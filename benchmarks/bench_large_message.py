@@ -89,7 +89,9 @@ def _round_trip(grid: Grid, node: int, arrays: dict, pids: dict[str, int]) -> di
     for pid in pids.values():
         _reset_peak(pid)
     start = time.perf_counter()
-    (message_id,) = grid.push_messages([Message(RecordDict({"arrays": record}), dst_node_id=node, message_type=MessageType.TRAIN)])
+    (message_id,) = grid.push_messages(
+        [Message(RecordDict({"arrays": record}), dst_node_id=node, message_type=MessageType.TRAIN)]
+    )
     while not (replies := list(grid.pull_messages([message_id]))):
         time.sleep(0.05)
     seconds = time.perf_counter() - start
@@ -98,7 +100,14 @@ def _round_trip(grid: Grid, node: int, arrays: dict, pids: dict[str, int]) -> di
     back = reply.content["arrays"]
     assert set(back.keys()) == set(arrays) and all(back[k].numpy().shape == v.shape for k, v in arrays.items())
     peaks = {name: _peak_rss_mib(pid) for name, pid in pids.items()}
-    return {"seconds": seconds, "peak_rss_mib": {**peaks, "clientapp": float(reply.content["metrics"]["peak-rss-mib"]), "serverapp": _peak_mib()}}
+    return {
+        "seconds": seconds,
+        "peak_rss_mib": {
+            **peaks,
+            "clientapp": float(reply.content["metrics"]["peak-rss-mib"]),
+            "serverapp": _peak_mib(),
+        },
+    }
 
 
 @server_app.main()
@@ -151,7 +160,16 @@ def _deploy(work: Path, in_memory: bool):
     subprocess.run(["flwr", "supernode", "register", str(public), CONNECTION], check=True, capture_output=True)
     site = work / "site.yaml"  # the SuperNode needs one; the echo ClientApp reads no data
     site.write_text("site: bench_site\nmodality: ct\n")
-    node, _ = start_and_join(lambda: start_supernode(site, work / "keys" / "bench_site", certs.ca_certificate, f"127.0.0.1:{port}", work / "supernodes", free_port()))
+    node, _ = start_and_join(
+        lambda: start_supernode(
+            site,
+            work / "keys" / "bench_site",
+            certs.ca_certificate,
+            f"127.0.0.1:{port}",
+            work / "supernodes",
+            free_port(),
+        )
+    )
     return superlink, node
 
 
@@ -173,8 +191,12 @@ def _probe_write_lock(database: Path, waits: list[float], done: threading.Event,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--in-memory", action="store_true", help="run the SuperLink without its database (the deployment uses one)")
-    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument(
+        "--in-memory", action="store_true", help="run the SuperLink without its database (the deployment uses one)"
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this folder and keep it (default: a temporary one)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from fed_swinumamba.deployment import CONNECTION, stop
@@ -193,7 +215,9 @@ def main() -> None:
     lock_waits: list[float] = []
     probed = threading.Event()
     if not args.in_memory:
-        threading.Thread(target=_probe_write_lock, args=(work / "superlink.db", lock_waits, probed), daemon=True).start()
+        threading.Thread(
+            target=_probe_write_lock, args=(work / "superlink.db", lock_waits, probed), daemon=True
+        ).start()
     try:
         pids = json.dumps({"superlink": superlink.pid, "supernode": node.pid})
         config = f"shapes='{work / 'shapes.json'}' result='{work / 'result.json'}' pids='{pids}' repeats={args.repeats}"
@@ -202,8 +226,10 @@ def main() -> None:
         print(f"benchmark run: {status}; SuperLink log {superlink.log_file}")
         _report(json.loads((work / "result.json").read_text()), shapes, not args.in_memory)
         if lock_waits:
-            print(f"\nlongest wait for the database's write lock: {max(lock_waits):.2f} s ({len(lock_waits)} probes); "
-                  f"SuperExec {'still running' if superexec_pids(superlink.pid) else 'gone'} after the run")
+            print(
+                f"\nlongest wait for the database's write lock: {max(lock_waits):.2f} s ({len(lock_waits)} probes); "
+                f"SuperExec {'still running' if superexec_pids(superlink.pid) else 'gone'} after the run"
+            )
     finally:
         probed.set()
         stop(node.pid)
@@ -214,14 +240,21 @@ def main() -> None:
 
 def _report(results: dict, shapes: dict, database: bool) -> None:
     parameters = sum(int(np.prod(s)) for s in shapes.values())
-    print(f"\n{parameters / 1e6:.2f} M parameters ({len(shapes)} tensors, {parameters * 4 / 2**20:.0f} MiB float32) each way; "
-          f"SuperLink state {'in its SQLite database' if database else 'in memory'}; "
-          f"load average (1 min) {results['load_before'][0]:.1f} before, {results['load_after'][0]:.1f} after\n")
-    print("| message | round trips ok | round trip (s), median [min-max] | SuperLink peak RSS | SuperNode peak RSS | ClientApp peak RSS | ServerApp peak RSS |")
+    print(
+        f"\n{parameters / 1e6:.2f} M parameters ({len(shapes)} tensors, {parameters * 4 / 2**20:.0f} MiB float32) each way; "
+        f"SuperLink state {'in its SQLite database' if database else 'in memory'}; "
+        f"load average (1 min) {results['load_before'][0]:.1f} before, {results['load_after'][0]:.1f} after\n"
+    )
+    print(
+        "| message | round trips ok | round trip (s), median [min-max] | SuperLink peak RSS | SuperNode peak RSS | ClientApp peak RSS | ServerApp peak RSS |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in ("empty", "full"):
         runs = [r for r in results[name] if "error" not in r]
-        print(f"| {name} | {len(runs)} of {len(results[name])} | " + (_timing_and_memory(runs) if runs else "- | - | - | - | - |"))
+        print(
+            f"| {name} | {len(runs)} of {len(results[name])} | "
+            + (_timing_and_memory(runs) if runs else "- | - | - | - | - |")
+        )
         for failure in (r["error"] for r in results[name] if "error" in r):
             print(f"|   failed: {failure[:200]} |")
 
@@ -229,8 +262,10 @@ def _report(results: dict, shapes: dict, database: bool) -> None:
 def _timing_and_memory(runs: list[dict]) -> str:
     seconds = sorted(r["seconds"] for r in runs)
     peak = {k: max(r["peak_rss_mib"][k] for r in runs) for k in runs[0]["peak_rss_mib"]}
-    return (f"{np.median(seconds):.2f} [{seconds[0]:.2f}-{seconds[-1]:.2f}] | {peak['superlink']:.0f} MiB | {peak['supernode']:.0f} MiB | "
-            f"{peak['clientapp']:.0f} MiB | {peak['serverapp']:.0f} MiB |")
+    return (
+        f"{np.median(seconds):.2f} [{seconds[0]:.2f}-{seconds[-1]:.2f}] | {peak['superlink']:.0f} MiB | {peak['supernode']:.0f} MiB | "
+        f"{peak['clientapp']:.0f} MiB | {peak['serverapp']:.0f} MiB |"
+    )
 
 
 if __name__ == "__main__":

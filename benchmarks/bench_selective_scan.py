@@ -123,17 +123,31 @@ def worker(impl: str, shape: tuple[int, ...], repeats: int, interface: str | Non
             runs[name].append(step(fn))
     if impl == "ref":
         runs["ref"].append(first)
-    timing = {name: {"fwd_s": statistics.median(r[0] for r in rs), "bwd_s": statistics.median(r[1] for r in rs),
-                     "total_s": statistics.median(sum(r) for r in rs), "runs": len(rs)} for name, rs in runs.items()}
-    return {**timing, "peak_mib": peak_mib, "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-            "others_cpu": others_cpu_share(start)}
+    timing = {
+        name: {
+            "fwd_s": statistics.median(r[0] for r in rs),
+            "bwd_s": statistics.median(r[1] for r in rs),
+            "total_s": statistics.median(sum(r) for r in rs),
+            "runs": len(rs),
+        }
+        for name, rs in runs.items()
+    }
+    return {
+        **timing,
+        "peak_mib": peak_mib,
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "others_cpu": others_cpu_share(start),
+    }
 
 
 def _on_path(fn, path: str):
     """fn on one of our CPU paths (native kernel / PyTorch), chosen per call through FED_SWINUMAMBA_SCAN."""
+
     def run(**kwargs):
         os.environ["FED_SWINUMAMBA_SCAN"] = path
         return fn(**kwargs)
+
     return run
 
 
@@ -186,7 +200,9 @@ def write_section(text: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=5, help="timed fwd+bwd runs of each of our paths (the reference runs once)")
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="timed fwd+bwd runs of each of our paths (the reference runs once)"
+    )
     ap.add_argument("--mamba-path", help="selective_scan_interface.py, or a directory (e.g. unpacked sdist) holding it")
     ap.add_argument("--no-reference", action="store_true", help="time only our two paths")
     ap.add_argument("--no-write", action="store_true", help=f"print only; do not update {RESULTS.name}")
@@ -200,9 +216,12 @@ def main() -> int:
 
     interface = None if args.no_reference else find_interface(args.mamba_path)
     if interface is None:
-        print("Timing only our paths: mamba-ssm's selective_scan_interface.py not found or not wanted (install the "
-              "source without CUDA: MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation "
-              "mamba-ssm, or pass --mamba-path to an unpacked sdist).", file=sys.stderr)
+        print(
+            "Timing only our paths: mamba-ssm's selective_scan_interface.py not found or not wanted (install the "
+            "source without CUDA: MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation "
+            "mamba-ssm, or pass --mamba-path to an unpacked sdist).",
+            file=sys.stderr,
+        )
         ref_name = None
     else:
         version = re.search(r"__version__ = [\"']([^\"']+)", (interface.parents[1] / "__init__.py").read_text())
@@ -213,7 +232,10 @@ def main() -> int:
     rows = []
     for shape in SHAPES:
         ours = run_worker("ours", shape, args.repeats, None)
-        print(f"{shape}: native {ours['native']['total_s']:.3f} s, PyTorch path {ours['torch']['total_s']:.3f} s", flush=True)
+        print(
+            f"{shape}: native {ours['native']['total_s']:.3f} s, PyTorch path {ours['torch']['total_s']:.3f} s",
+            flush=True,
+        )
         ref = None
         if interface is not None:
             print("timing the reference once ...", flush=True)
@@ -221,25 +243,35 @@ def main() -> int:
         rows.append((shape, ref, ours))
     load = (*load, *os.getloadavg())
 
-    header = ("| b, d, n, l, groups | native fwd+bwd (s) [fwd / bwd] | PyTorch path fwd+bwd (s) [fwd / bwd] "
-              "| native vs PyTorch path | native peak (MiB) | reference fwd+bwd (s) | native vs reference "
-              "| reference peak (MiB) | CPU used by other processes (ours / ref) |")
+    header = (
+        "| b, d, n, l, groups | native fwd+bwd (s) [fwd / bwd] | PyTorch path fwd+bwd (s) [fwd / bwd] "
+        "| native vs PyTorch path | native peak (MiB) | reference fwd+bwd (s) | native vs reference "
+        "| reference peak (MiB) | CPU used by other processes (ours / ref) |"
+    )
     lines = [header, "|" + "---|" * 9]
     for shape, ref, ours in rows:
         nat, tor = ours["native"], ours["torch"]
-        ref_cells = (f"{ref['total_s']:.2f} | {ref['total_s'] / nat['total_s']:.0f}x | {ref['peak_mib']:.0f}"
-                     if ref else "not run | | ")
+        ref_cells = (
+            f"{ref['total_s']:.2f} | {ref['total_s'] / nat['total_s']:.0f}x | {ref['peak_mib']:.0f}"
+            if ref
+            else "not run | | "
+        )
         ref_cpu = f"{ref['others_cpu']:.0%}" if ref else "-"
-        lines.append(f"| {', '.join(map(str, shape))} | {nat['total_s']:.3f} [{nat['fwd_s']:.3f} / {nat['bwd_s']:.3f}] "
-                     f"| {tor['total_s']:.3f} [{tor['fwd_s']:.3f} / {tor['bwd_s']:.3f}] "
-                     f"| {tor['total_s'] / nat['total_s']:.1f}x | {ours['peak_mib']:.0f} | {ref_cells} "
-                     f"| {ours['others_cpu']:.0%} / {ref_cpu} |")
+        lines.append(
+            f"| {', '.join(map(str, shape))} | {nat['total_s']:.3f} [{nat['fwd_s']:.3f} / {nat['bwd_s']:.3f}] "
+            f"| {tor['total_s']:.3f} [{tor['fwd_s']:.3f} / {tor['bwd_s']:.3f}] "
+            f"| {tor['total_s'] / nat['total_s']:.1f}x | {ours['peak_mib']:.0f} | {ref_cells} "
+            f"| {ours['others_cpu']:.0%} / {ref_cpu} |"
+        )
     table = "\n".join(lines)
     print(table)
 
     torch_version, threads = rows[0][2]["torch_version"], rows[0][2]["threads"]
-    versus = f", vs {ref_name} (source executed from the installed package, not imported)" if ref_name else (
-        " (mamba-ssm's reference not run this time)")
+    versus = (
+        f", vs {ref_name} (source executed from the installed package, not imported)"
+        if ref_name
+        else (" (mamba-ssm's reference not run this time)")
+    )
     section = f"""{SECTION}
 
 `fed_swinumamba.ops.selective_scan` on CPU, native kernel and PyTorch path{versus}, forward + backward,

@@ -77,8 +77,12 @@ def make_site(out: Path, source: Path, n: int) -> Path:
             if not (root / folder / f.name).exists():
                 os.link(f, root / folder / f.name)
     config = {
-        "site": f"chest_ct_{n}", "modality": "ct", "data": {"root": str(root)}, "labels": {1: "organ", 2: "lesion"},
-        "split": {"val_fraction": 0.1, "seed": 0}, "training": {"cache_dir": str(out / f"cache{n}"), "loader_workers": 1},
+        "site": f"chest_ct_{n}",
+        "modality": "ct",
+        "data": {"root": str(root)},
+        "labels": {1: "organ", 2: "lesion"},
+        "split": {"val_fraction": 0.1, "seed": 0},
+        "training": {"cache_dir": str(out / f"cache{n}"), "loader_workers": 1},
     }
     path = out / f"site{n}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -119,7 +123,11 @@ class PeakMemory:
             for pid in self._tree():
                 try:
                     name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[:60]
-                    hwm = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:"))
+                    hwm = next(
+                        int(line.split()[1]) * 1024
+                        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("VmHWM:")
+                    )
                 except (OSError, StopIteration):
                     continue
                 self.peaks[name] = max(self.peaks.get(name, 0), hwm)
@@ -146,21 +154,44 @@ def loader_rate(site_yaml: Path, batches: int = 60) -> tuple[float, float, float
         "for case in data.val_cases: image, label = case.image_slices(), case.label_slices()\n"
         "print(rate, opened, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(site_yaml)], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(site_yaml)], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
     return float(out[0]), float(out[1]), float(out[2])
 
 
 def import_seconds() -> float:
     """A SuperNode starts a fresh ClientApp process per message: the time to import it, before any site work."""
     code = "import time; t = time.perf_counter(); import client.client_app; print(time.perf_counter() - t)"
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()[-1])
+    return float(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+        ).stdout.split()[-1]
+    )
 
 
 def run_round(site_yaml: Path, out: Path, local_steps: int, eval_cases: int) -> dict:
     cmd = [
-        sys.executable, "-m", "simulation", "run", "--sites", str(site_yaml), "--rounds", "1", "--out", str(out),
-        "--set", f"local-steps={local_steps}", "--set", f"eval-cases={eval_cases}", "--set", "cross-site-eval=false",
-        "--set", "round-timeout=7200", "--set", "lr=0.002",
+        sys.executable,
+        "-m",
+        "simulation",
+        "run",
+        "--sites",
+        str(site_yaml),
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        "--set",
+        f"local-steps={local_steps}",
+        "--set",
+        f"eval-cases={eval_cases}",
+        "--set",
+        "cross-site-eval=false",
+        "--set",
+        "round-timeout=7200",
+        "--set",
+        "lr=0.002",
     ]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(out.parent / f"{out.name}.log", "w"))
@@ -172,14 +203,23 @@ def run_round(site_yaml: Path, out: Path, local_steps: int, eval_cases: int) -> 
     site = next(iter(metrics["rounds"][0]["sites"].values()))
     site_process = max(v for k, v in peaks.items() if "ClientAppActor" in k)
     driver = peaks.get(sys.executable, 0)
-    return {"peak_rss_site": site_process, "peak_rss_driver": driver, "peaks": peaks, "wall": time.perf_counter() - started, "site": site, "final": metrics.get("final_evaluation")}
+    return {
+        "peak_rss_site": site_process,
+        "peak_rss_driver": driver,
+        "peaks": peaks,
+        "wall": time.perf_counter() - started,
+        "site": site,
+        "final": metrics.get("final_evaluation"),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,50,200")
     parser.add_argument("--local-steps", type=int, default=20)
-    parser.add_argument("--eval-cases", type=int, default=2, help="held-out cases scored in the round (all of them at the end)")
+    parser.add_argument(
+        "--eval-cases", type=int, default=2, help="held-out cases scored in the round (all of them at the end)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_site_scale")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -190,23 +230,44 @@ def main() -> None:
     for n in sizes:
         site_yaml = make_site(out, source, n)
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import sys; from fed_swinumamba.data import SiteData, load_site_config; SiteData.from_config(load_site_config(sys.argv[1]), ['organ', 'lesion'])", str(site_yaml)], check=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from fed_swinumamba.data import SiteData, load_site_config; SiteData.from_config(load_site_config(sys.argv[1]), ['organ', 'lesion'])",
+                str(site_yaml),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
         preprocess = time.perf_counter() - t
         rate, opened, pipeline_mb = loader_rate(site_yaml)
         run = run_round(site_yaml, out / f"run{n}", args.local_steps, args.eval_cases)
         row = {
-            "cases": n, "preprocess_s": preprocess, "source_bytes": folder_bytes(out / f"site{n}"), "cache_bytes": folder_bytes(out / f"cache{n}"),
-            "open_s": opened, "loader_slices_per_s": rate, "pipeline_mb": pipeline_mb, "import_s": import_seconds(), **run, "load_average": os.getloadavg(),
+            "cases": n,
+            "preprocess_s": preprocess,
+            "source_bytes": folder_bytes(out / f"site{n}"),
+            "cache_bytes": folder_bytes(out / f"cache{n}"),
+            "open_s": opened,
+            "loader_slices_per_s": rate,
+            "pipeline_mb": pipeline_mb,
+            "import_s": import_seconds(),
+            **run,
+            "load_average": os.getloadavg(),
         }
         results.append(row)
         print(json.dumps(row, default=str), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    print("| cases | peak RSS: site process / run driver | ClientApp import + site opened | message to first batch | train message | eval per case (round / final) | loader slices/s | steps consume slices/s | data pipeline memory | cache / source size |")
+    print(
+        "| cases | peak RSS: site process / run driver | ClientApp import + site opened | message to first batch | train message | eval per case (round / final) | loader slices/s | steps consume slices/s | data pipeline memory | cache / source size |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         s, final = r["site"], r["final"] or {}
         timing = s.get("timing", {})
-        consume = 8 * args.local_steps / max(timing.get("train_s", float("nan")) - timing.get("first_batch_s", 0.0), 1e-9)
+        consume = (
+            8 * args.local_steps / max(timing.get("train_s", float("nan")) - timing.get("first_batch_s", 0.0), 1e-9)
+        )
         final_site = next(iter(final.get("sites", {}).values()), {}) if final else {}
         print(
             f"| {r['cases']} | {r['peak_rss_site'] / 2**30:.2f} / {r['peak_rss_driver'] / 2**30:.2f} GiB | {r['import_s']:.1f} s + {r['open_s']:.2f} s | {timing.get('first_batch_s', float('nan')):.1f} s | {timing.get('train_s', float('nan')):.0f} s "

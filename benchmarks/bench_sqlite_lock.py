@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_large_message import ROOT, _full_size_shapes, _probe_write_lock
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.object_store.sql_object_store import SqlObjectStore
 from flwr.supercore.task_identity import TaskIdentity
-
-from bench_large_message import ROOT, _full_size_shapes, _probe_write_lock
 
 
 def _full_size_message() -> Message:
@@ -51,12 +50,18 @@ def main() -> None:
     waits: list[float] = []
     done = threading.Event()
     threading.Thread(target=_probe_write_lock, args=(database, waits, done, 0.05), daemon=True).start()
-    print(f"{len(contents)} objects, {sum(map(len, contents.values())) / 2**20:.0f} MiB; load average (1 min) {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"{len(contents)} objects, {sum(map(len, contents.values())) / 2**20:.0f} MiB; load average (1 min) {os.getloadavg()[0]:.1f}\n"
+    )
     print("| step | transactions | seconds | longest wait of another writer |")
     print("|---|---|---|---|")
     steps = (
         ("preregister the tree", 1, lambda: store.preregister(1, tree)),
-        ("put each object", len(contents), lambda: [store.put(object_id, content) for object_id, content in contents.items()]),
+        (
+            "put each object",
+            len(contents),
+            lambda: [store.put(object_id, content) for object_id, content in contents.items()],
+        ),
         ("delete the tree", 1, lambda: store.delete(message.object_id)),
     )
     for name, transactions, step in steps:

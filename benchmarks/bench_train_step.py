@@ -64,9 +64,15 @@ def measure(variant: str, repeats: int, threads: int) -> dict:
         for scan_path, t in times.items():
             t.append(timed_step(scan_path))
     wall, cpu = ({p: statistics.median(x[i] for x in t) for p, t in times.items()} for i in (0, 1))
-    paths = {p: {"step_s": round(wall[p], 3), "cpu_s": round(cpu[p], 3),
-                 "scan_share": round(1 - wall["standin"] / wall[p], 3),
-                 "cpu_scan_share": round(1 - cpu["standin"] / cpu[p], 3)} for p in ("native", "torch")}
+    paths = {
+        p: {
+            "step_s": round(wall[p], 3),
+            "cpu_s": round(cpu[p], 3),
+            "scan_share": round(1 - wall["standin"] / wall[p], 3),
+            "cpu_scan_share": round(1 - cpu["standin"] / cpu[p], 3),
+        }
+        for p in ("native", "torch")
+    }
     return {
         "variant": variant,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
@@ -96,8 +102,19 @@ def main() -> None:
     load = os.getloadavg()
     for variant in ("swin_umamba", "swin_umamba_d"):
         out = subprocess.run(
-            [sys.executable, __file__, "--child", variant, "--repeats", str(args.repeats), "--threads", str(args.threads)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
@@ -119,8 +136,10 @@ def main() -> None:
     for r in rows:
         for path, name in (("native", "native kernel"), ("torch", "PyTorch path")):
             p = r[path]
-            table.append(f"| {r['variant']} | {r['params_M']} M | {r['peak_rss_GiB']} GiB | {name} | {p['step_s']} s "
-                         f"| {100 * p['scan_share']:.1f} % | {p['cpu_s']} s | {100 * p['cpu_scan_share']:.1f} % |")
+            table.append(
+                f"| {r['variant']} | {r['params_M']} M | {r['peak_rss_GiB']} GiB | {name} | {p['step_s']} s "
+                f"| {100 * p['scan_share']:.1f} % | {p['cpu_s']} s | {100 * p['cpu_scan_share']:.1f} % |"
+            )
     text = "\n".join(table)
     print(text)
     if args.write:

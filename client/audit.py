@@ -24,7 +24,10 @@ def describe(content: RecordDict) -> dict:
     described = {}
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
-            described[name] = {"type": "ArrayRecord", "arrays": {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in record.items()}}
+            described[name] = {
+                "type": "ArrayRecord",
+                "arrays": {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in record.items()},
+            }
         elif isinstance(record, (MetricRecord, ConfigRecord)):
             described[name] = {"type": type(record).__name__, "values": dict(record)}
         else:
@@ -50,5 +53,10 @@ def audit_replies(msg: Message, context: Context, call_next) -> Message:
             audit.write(json.dumps(entry, default=str) + "\n")
     except OSError:
         log.exception("could not write the audit log; the reply is withheld")
-        return Message(error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "the site could not write its audit log; reply withheld"), reply_to=msg)
+        return Message(
+            error=Error(
+                ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "the site could not write its audit log; reply withheld"
+            ),
+            reply_to=msg,
+        )
     return reply

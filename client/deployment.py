@@ -29,12 +29,19 @@ def make_site_key(folder: Path, name: str) -> tuple[Path, Path]:
     """Write ``folder/NAME`` (private, mode 600) and ``folder/NAME.pub``; never overwrite a key."""
     private, public = folder / name, folder / f"{name}.pub"
     if private.exists() or public.exists():
-        raise FileExistsError(f"{private} or {public} exists already: a registered key must not be replaced by accident")
+        raise FileExistsError(
+            f"{private} or {public} exists already: a registered key must not be replaced by accident"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private.touch(mode=0o600)
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        + f" {name}\n".encode()
+    )
     return private, public
 
 
@@ -48,7 +55,14 @@ def node_config(site_config: Path, audit_log: Path | None = None) -> str:
     return " ".join(f"{key}='{path}'" for key, path in paths.items())
 
 
-def supernode_command(site_config: Path, private_key: Path, ca_certificate: Path, superlink: str, runtime_port: int, audit_log: Path | None = None) -> list[str]:
+def supernode_command(
+    site_config: Path,
+    private_key: Path,
+    ca_certificate: Path,
+    superlink: str,
+    runtime_port: int,
+    audit_log: Path | None = None,
+) -> list[str]:
     """``flower-supernode`` over TLS (checked against the coordinator's CA), authenticated by its key."""
     return [
         "flower-supernode",
@@ -60,7 +74,16 @@ def supernode_command(site_config: Path, private_key: Path, ca_certificate: Path
     ]  # fmt: skip
 
 
-def start_supernode(site_config: Path, private_key: Path, ca_certificate: Path, superlink: str, state_dir: Path, runtime_port: int = RUNTIME_PORT, audit_log: Path | None = None, env: dict | None = None) -> Background:
+def start_supernode(
+    site_config: Path,
+    private_key: Path,
+    ca_certificate: Path,
+    superlink: str,
+    state_dir: Path,
+    runtime_port: int = RUNTIME_PORT,
+    audit_log: Path | None = None,
+    env: dict | None = None,
+) -> Background:
     """Start the SuperNode in the background; log and PID in ``state_dir/supernode-KEYNAME.*``."""
     if not site_config.is_file():  # the SuperNode itself would only find out at the first round
         raise FileNotFoundError(f"no site config at {site_config}")
@@ -68,7 +91,9 @@ def start_supernode(site_config: Path, private_key: Path, ca_certificate: Path, 
     return start_background(command, state_dir, f"supernode-{private_key.name}", env)
 
 
-def start_and_join(start: Callable[[], Background], timeout: float = 120.0, pause: float = 5.0) -> tuple[Background, bool]:
+def start_and_join(
+    start: Callable[[], Background], timeout: float = 120.0, pause: float = 5.0
+) -> tuple[Background, bool]:
     """``start()`` a SuperNode and wait until the SuperLink admits it; False: still trying to connect.
 
     A SuperNode restarted right after a crash is refused while the SuperLink still counts the old
@@ -85,6 +110,12 @@ def start_and_join(start: Callable[[], Background], timeout: float = 120.0, paus
             return process, False
         output = process.output()
         if REFUSED not in output or time.monotonic() + pause > deadline:
-            hint = "\nThe SuperLink refused the node: is its public key registered (flwr supernode register)?" if REFUSED in output else ""
-            raise SuperNodeRefused(f"the SuperNode exited without joining; {process.log_file} ends with:\n{last_lines(output)}{hint}")
+            hint = (
+                "\nThe SuperLink refused the node: is its public key registered (flwr supernode register)?"
+                if REFUSED in output
+                else ""
+            )
+            raise SuperNodeRefused(
+                f"the SuperNode exited without joining; {process.log_file} ends with:\n{last_lines(output)}{hint}"
+            )
         time.sleep(pause)

@@ -20,14 +20,21 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
-from fed_swinumamba.data import SiteData, demo_site, load_site_config
+from fed_swinumamba.data import SiteData, load_site_config
 from fed_swinumamba.data.site_config import PrivacySpec, SiteConfig
-from fed_swinumamba.dp_options import RunDPOptions
 from fed_swinumamba.logs import NOT_PRIVATE, prefixed
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
-from fed_swinumamba.privacy import dp_metrics, ledger_file, privacy_spec, resolve, steps_per_round, study_ledger, train_private
-from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions
+from fed_swinumamba.privacy import (
+    dp_record,
+    ledger_file,
+    privacy_spec,
+    resolve,
+    steps_per_round,
+    study_ledger,
+    train_private,
+)
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, EvalReply, Instructions, TrainReply
 from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
 from fed_swinumamba.training import evaluate_cases, train_local
 
@@ -56,13 +63,18 @@ def site_config_path(context: Context) -> Path:
     """The site's YAML, from the SuperNode's node config ``site-config``.
 
     A virtual node of Flower's simulation engine (``flwr run .``) has none; it plays the built-in demo
-    site of its partition id, generated under the run config's ``demo-data`` folder.
+    site of its partition id, generated once in the user's data folder (a site's own setting, never
+    the coordinator's).
     """
     if "site-config" in context.node_config:
         return Path(str(context.node_config["site-config"])).expanduser()
-    if "partition-id" in context.node_config and context.run_config.get("demo-data"):
-        return demo_site(str(context.run_config["demo-data"]), int(context.node_config["partition-id"]))
-    raise SiteError("this node has no site config: start the SuperNode with --node-config \"site-config='/path/to/site.yaml'\"")
+    if "partition-id" in context.node_config:
+        from fed_swinumamba.simulated.demo import default_demo_root, demo_site  # only a simulated node gets here
+
+        return demo_site(default_demo_root(), int(context.node_config["partition-id"]))
+    raise SiteError(
+        "this node has no site config: start the SuperNode with --node-config \"site-config='/path/to/site.yaml'\""
+    )
 
 
 def with_node_cache_dir(config: SiteConfig, context: Context) -> SiteConfig:
@@ -93,9 +105,13 @@ class SiteRound:
         self.instructions = Instructions.from_config(content[CONFIG])
         model_config = self.instructions.model_config
         if self.config.modality not in model_config.modalities:
-            raise SiteError(f"site {self.config.site}: modality {self.config.modality!r} is not in this federation's {list(model_config.modalities)}")
+            raise SiteError(
+                f"site {self.config.site}: modality {self.config.modality!r} is not in this federation's {list(model_config.modalities)}"
+            )
         # The site builds only its own modality's encoder.
-        self.model_config = type(model_config).from_dict({**model_config.to_dict(), "modalities": [self.config.modality]})
+        self.model_config = type(model_config).from_dict(
+            {**model_config.to_dict(), "modalities": [self.config.modality]}
+        )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model(self.model_config).to(self.device)
         self._sync(content[ARRAYS])
@@ -112,17 +128,23 @@ class SiteRound:
         else:
             held = int(state[CONFIG][GLOBAL_VERSION]) if CONFIG in state.config_records else None
             if held != ins.base_version or GLOBAL_WEIGHTS not in state.array_records:
-                raise SiteError(f"site {self.config.site}: holds global version {held}, the update is for version {ins.base_version}; a full resend is needed")
+                raise SiteError(
+                    f"site {self.config.site}: holds global version {held}, the update is for version {ins.base_version}; a full resend is needed"
+                )
             weights = state[GLOBAL_WEIGHTS]
             for k, v in own.items():
                 weights[k] = v
         expected = self.model.state_dict()
         missing = set(expected) - set(weights.keys())
         if missing:
-            raise SiteError(f"site {self.config.site}: the coordinator's model lacks {len(missing)} tensors of this site's network, e.g. {sorted(missing)[:3]}; model configs differ")
+            raise SiteError(
+                f"site {self.config.site}: the coordinator's model lacks {len(missing)} tensors of this site's network, e.g. {sorted(missing)[:3]}; model configs differ"
+            )
         for name, tensor in expected.items():
             if tuple(weights[name].shape) != tuple(tensor.shape):
-                raise SiteError(f"site {self.config.site}: the coordinator's {name} has shape {tuple(weights[name].shape)}, this site's network {tuple(tensor.shape)}; model configs differ")
+                raise SiteError(
+                    f"site {self.config.site}: the coordinator's {name} has shape {tuple(weights[name].shape)}, this site's network {tuple(tensor.shape)}; model configs differ"
+                )
         self.model.load_state_dict(weights.to_torch_state_dict(), strict=True)
         state[GLOBAL_WEIGHTS] = weights
         state[CONFIG] = ConfigRecord({GLOBAL_VERSION: ins.version})
@@ -142,37 +164,57 @@ class SiteRound:
     def _progress(self, step: int, loss: float) -> None:
         if step == 1:
             self.first_batch_s = time.perf_counter() - self.started
-            log.info("site %s round %d: first training step done %.1f s after the message arrived", self.config.site, self.instructions.server_round, self.first_batch_s)
+            log.info(
+                "site %s round %d: first training step done %.1f s after the message arrived",
+                self.config.site,
+                self.instructions.server_round,
+                self.first_batch_s,
+            )
         if step % 10 == 0:
-            log.info("site %s round %d: step %d loss %.4f", self.config.site, self.instructions.server_round, step, loss)
+            log.info(
+                "site %s round %d: step %d loss %.4f", self.config.site, self.instructions.server_round, step, loss
+            )
 
     def train(self) -> RecordDict:
         ins, training = self.instructions, self.config.training
         data = self._data()
         max_steps = ins.local_steps or training.local_steps or None
         epochs = training.local_epochs or 1
-        privacy = privacy_spec(self.config.privacy, self.context.run_config)
+        privacy = privacy_spec(self.config.privacy, ins.dp)
         if privacy.enabled:
             return self._train_private(privacy, data, max_steps, epochs)
         # Same run seed, round and site -> same batches and augmentations: reruns reproduce.
         seed = self._run_seed()
         torch.manual_seed(seed)
         result = train_local(
-            self.model, self.config.modality, data.training_batches(training.batch_size, np.random.default_rng(seed)), groups=ins.stage.trainable_groups, lr=ins.stage.lr,
-            max_steps=max_steps, epochs=epochs, proximal_mu=ins.proximal_mu, on_step=self._progress,
+            self.model,
+            self.config.modality,
+            data.training_batches(training.batch_size, np.random.default_rng(seed)),
+            groups=ins.stage.trainable_groups,
+            lr=ins.stage.lr,
+            max_steps=max_steps,
+            epochs=epochs,
+            proximal_mu=ins.proximal_mu,
+            on_step=self._progress,
         )
-        log.info("site %s round %d: trained %d steps on %d examples, loss %.4f", self.config.site, ins.server_round, result.steps, result.num_examples, result.loss)
+        log.info(
+            "site %s round %d: trained %d steps on %d examples, loss %.4f",
+            self.config.site,
+            ins.server_round,
+            result.steps,
+            result.num_examples,
+            result.loss,
+        )
         # Timings only without DP: under DP they would tell the sizes of the private batches.
-        metrics = {
-            "num-examples": data.num_train_patients, "train-loss": result.loss, "steps": result.steps,
-            "first-batch-seconds": self.first_batch_s, "train-seconds": time.perf_counter() - self.started,
-        }
-        return self._trained_reply(metrics)
-
-    @staticmethod
-    def _dp_metrics(dp, ledger, exhausted: bool, reproducible: bool, data: SiteData) -> dict:
-        """The DP scalars of a reply, and whether the site's unit is a mapped patient or one file."""
-        return {**dp_metrics(dp, ledger, exhausted, reproducible), "dp-patients-mapped": int(data.patients_mapped)}
+        return self._trained_reply(
+            TrainReply(
+                data.num_train_patients,
+                result.steps,
+                result.loss,
+                self.first_batch_s,
+                time.perf_counter() - self.started,
+            )
+        )
 
     def _dp_stream(self, reproducible: bool) -> KeyStream:
         """The keystream of this message's DP randomness: keyed from OS entropy, or from the run seed
@@ -180,62 +222,131 @@ class SiteRound:
         if not reproducible:
             return KeyStream(secure_key())
         if not self.config.privacy.allow_insecure_reproducible:
-            raise SiteError(f"site {self.config.site}: the run asks for reproducible DP noise (dp-insecure-reproducible), which the coordinator could predict; "
-                            "this site does not allow it (privacy.allow_insecure_reproducible in its YAML)")
+            raise SiteError(
+                f"site {self.config.site}: the run asks for reproducible DP noise (dp-insecure-reproducible), which the coordinator could predict; "
+                "this site does not allow it (privacy.allow_insecure_reproducible in its YAML)"
+            )
         return KeyStream(reproducible_key(self._run_seed()))
 
     def _train_private(self, privacy: PrivacySpec, data: SiteData, max_steps: int | None, epochs: int) -> RecordDict:
         """DP-SGD with the patient as unit, spending from the study's ledger; no more training once the
         next round would pass the budget. Every random draw comes from the DP keystream."""
-        reproducible = RunDPOptions.from_run_config(self.context.run_config).insecure_reproducible
+        reproducible = self.instructions.dp.insecure_reproducible
         stream = self._dp_stream(reproducible)
         with prefixed(NOT_PRIVATE, log.name) if reproducible else nullcontext():
             return self._spend(privacy, data, max_steps, epochs, stream, reproducible)
 
-    def _spend(self, privacy: PrivacySpec, data: SiteData, max_steps: int | None, epochs: int, stream: KeyStream, reproducible: bool) -> RecordDict:
+    def _spend(
+        self,
+        privacy: PrivacySpec,
+        data: SiteData,
+        max_steps: int | None,
+        epochs: int,
+        stream: KeyStream,
+        reproducible: bool,
+    ) -> RecordDict:
         ins, site = self.instructions, self.config.site
         seed = stream.seed()  # slice choice, augmentation, PyTorch's generator: from the keystream too
         torch.manual_seed(seed)
-        planned_rounds = int(self.context.run_config.get("num-server-rounds", ins.server_round))
+        planned_rounds = max(ins.planned_rounds, ins.server_round)
         max_steps = privacy.local_steps or max_steps
-        dp = resolve(privacy, data.num_train_patients, self.config.training.batch_size, lambda q: planned_rounds * steps_per_round(q, max_steps, epochs))
+        dp = resolve(
+            privacy,
+            data.num_train_patients,
+            self.config.training.batch_size,
+            lambda q: planned_rounds * steps_per_round(q, max_steps, epochs),
+        )
         steps = steps_per_round(dp.sample_rate, max_steps, epochs)
         with study_ledger(ledger_file(self.config.state_dir, ins.study)) as ledger:
-            if dp.budget is not None and ledger.epsilon_after(dp.noise_multiplier, dp.sample_rate, steps, dp.delta) > dp.budget:
-                log.warning("site %s round %d: privacy budget %g of study %s would be exceeded (spent %.3f); no more training, evaluation goes on", site, ins.server_round, dp.budget, ins.study, ledger.epsilon(dp.delta))
-                return RecordDict({METRICS: MetricRecord({"num-examples": 0, "steps": 0, **self._dp_metrics(dp, ledger, True, reproducible, data)}), SITE: self._identity()})
+            if (
+                dp.budget is not None
+                and ledger.epsilon_after(dp.noise_multiplier, dp.sample_rate, steps, dp.delta) > dp.budget
+            ):
+                log.warning(
+                    "site %s round %d: privacy budget %g of study %s would be exceeded (spent %.3f); no more training, evaluation goes on",
+                    site,
+                    ins.server_round,
+                    dp.budget,
+                    ins.study,
+                    ledger.epsilon(dp.delta),
+                )
+                spent = TrainReply(0, 0, dp=dp_record(dp, ledger, True, reproducible, data.patients_mapped))
+                return RecordDict({METRICS: MetricRecord(spent.to_metrics()), SITE: self._identity()})
             cases = data.patient_crops(dp.slices_per_case, np.random.default_rng(seed))
             result = train_private(
-                self.model, self.config.modality, cases, groups=ins.stage.trainable_groups, lr=ins.stage.lr,
-                steps=steps, dp=dp, ledger=ledger, stream=stream, proximal_mu=ins.proximal_mu, on_step=self._progress,
+                self.model,
+                self.config.modality,
+                cases,
+                groups=ins.stage.trainable_groups,
+                lr=ins.stage.lr,
+                steps=steps,
+                dp=dp,
+                ledger=ledger,
+                stream=stream,
+                proximal_mu=ins.proximal_mu,
+                on_step=self._progress,
             )
         # The training loss is a function of the private batch: it stays in the site's log.
-        log.info("site %s round %d: DP-SGD %d steps (%s), loss %.4f, epsilon of study %s spent %.3f", site, ins.server_round, steps, dp.describe(), result.loss, ins.study, ledger.epsilon(dp.delta))
-        metrics = {"num-examples": dp.disclosed_patients, "steps": steps, **self._dp_metrics(dp, ledger, False, reproducible, data)}
-        return self._trained_reply(metrics)
+        log.info(
+            "site %s round %d: DP-SGD %d steps (%s), loss %.4f, epsilon of study %s spent %.3f",
+            site,
+            ins.server_round,
+            steps,
+            dp.describe(),
+            result.loss,
+            ins.study,
+            ledger.epsilon(dp.delta),
+        )
+        return self._trained_reply(
+            TrainReply(
+                dp.disclosed_patients, steps, dp=dp_record(dp, ledger, False, reproducible, data.patients_mapped)
+            )
+        )
 
-    def _trained_reply(self, metrics: dict) -> RecordDict:
+    def _trained_reply(self, reply: TrainReply) -> RecordDict:
         trained = select(self.model.state_dict(), groups=self.instructions.stage.trainable_groups)
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in trained.items()})
         if self.instructions.clipping_norm > 0:
             arrays = clip_update(arrays, self.context.state[GLOBAL_WEIGHTS], self.instructions.clipping_norm)
-        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: self._identity()})
+        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(reply.to_metrics()), SITE: self._identity()})
 
     def evaluate(self) -> RecordDict:
         """Scores of the model on the held-out cases: the instructions' first ``eval_cases`` (a fixed subset,
         the same every round), or all of them."""
         ins, data = self.instructions, self._data()
         cases = data.val_cases[: ins.eval_cases] if ins.eval_cases else data.val_cases
-        result = evaluate_cases(self.model, self.config.modality, cases, ins.class_names, self.config.training.patch_size, ins.nsd_tolerance_mm)
-        metrics = {f"{score}-{c}": v for score in ("dice", "hd95", "nsd") for c, v in getattr(result, score).items()}
-        metrics.update({f"hd95-unbounded-{c}": n for c, n in result.hd95_unbounded.items()})
-        metrics.update({"dice-mean": result.dice_mean, "num-examples": result.num_cases, "num-val-cases": len(data.val_cases), "eval-seconds-per-case": result.seconds_per_case})
+        result = evaluate_cases(
+            self.model,
+            self.config.modality,
+            cases,
+            ins.class_names,
+            self.config.training.patch_size,
+            ins.nsd_tolerance_mm,
+        )
+        reply = EvalReply(
+            result.dice,
+            result.hd95,
+            result.nsd,
+            result.hd95_unbounded,
+            result.dice_mean,
+            result.num_cases,
+            len(data.val_cases),
+            result.seconds_per_case,
+        )
         model = f"model {ins.foreign_model}" if ins.foreign_model else "global model"
         log.info(
-            "site %s round %d: %s on %d of %d held-out cases (%.1f s per case): Dice %s, HD95 %s, NSD %s", self.config.site, ins.server_round, model, result.num_cases,
-            len(data.val_cases), result.seconds_per_case, _rounded(result.dice), _rounded(result.hd95), _rounded(result.nsd),
+            "site %s round %d: %s on %d of %d held-out cases (%.1f s per case): Dice %s, HD95 %s, NSD %s",
+            self.config.site,
+            ins.server_round,
+            model,
+            result.num_cases,
+            len(data.val_cases),
+            result.seconds_per_case,
+            _rounded(result.dice),
+            _rounded(result.hd95),
+            _rounded(result.nsd),
         )
-        return RecordDict({METRICS: MetricRecord(metrics), SITE: self._identity()})
+        return RecordDict({METRICS: MetricRecord(reply.to_metrics()), SITE: self._identity()})
 
 
 def _rounded(scores: dict[str, float]) -> dict[str, float]:

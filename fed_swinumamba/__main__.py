@@ -1,6 +1,6 @@
 """Command line of the library.
 
-    python -m fed_swinumamba predict --checkpoint CKPT --modality ct|mri|us --input PATH --output PATH [--site-config YAML]
+python -m fed_swinumamba predict --checkpoint CKPT --modality ct|mri|us --input PATH --output PATH [--site-config YAML]
 """
 
 from __future__ import annotations
@@ -13,14 +13,22 @@ from .inference import Segmenter, predict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fed_swinumamba", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fed_swinumamba", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="segment a NIfTI file, a PNG image, or a folder of them")
-    p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint of a run (e.g. runs/demo/checkpoints/best.safetensors)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .safetensors checkpoint of a run (e.g. runs/demo/checkpoints/best.safetensors)",
+    )
     p.add_argument("--modality", choices=MODALITIES, required=True)
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--output", required=True, help="the mask file, or a folder for the masks of a folder")
-    p.add_argument("--site-config", help="a site YAML: its preprocessing, slice axis, patch size and label values are used")
+    p.add_argument(
+        "--site-config", help="a site YAML: its preprocessing, slice axis, patch size and label values are used"
+    )
     p.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:

@@ -2,7 +2,8 @@
 
 A checkpoint holds the global weights and, in the safetensors metadata, everything needed to use or
 resume them without any other file: the model config, the class names, the round and stage, and the
-run configuration.
+run configuration. A coordinator's ``latest`` checkpoint also holds its aggregation state (server-optimiser
+moments), as tensors named ``server-state/...``, apart from the model's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from .model import ModelConfig, build_model
 
 _META_KEY = "fed_swinumamba"
+_SERVER_STATE = "server-state/"
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Checkpoint:
     server_round: int = 0
     stage: int = 0
     extra: dict = field(default_factory=dict)  # run config, metrics of the round, ...
+    server_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the coordinator's aggregation state
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (a crash mid-write never leaves a truncated checkpoint behind)."""
@@ -42,7 +45,9 @@ class Checkpoint:
             "extra": self.extra,
         }
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state.items()}, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state.items()}
+        tensors |= {_SERVER_STATE + k: v.detach().contiguous().cpu() for k, v in self.server_state.items()}
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
         os.replace(tmp, path)
         return path
 
@@ -58,9 +63,22 @@ class Checkpoint:
         except (SafetensorError, OSError) as err:
             raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
         if raw is None:
-            raise ValueError(f"checkpoint {path} has no fed_swinumamba metadata (model config, classes); was it written by this project?")
+            raise ValueError(
+                f"checkpoint {path} has no fed_swinumamba metadata (model config, classes); was it written by this project?"
+            )
         meta = json.loads(raw)
-        return cls(state, ModelConfig.from_dict(meta["model_config"]), tuple(meta["class_names"]), meta["round"], meta["stage"], meta.get("extra", {}))
+        server_state = {
+            k.removeprefix(_SERVER_STATE): state.pop(k) for k in [k for k in state if k.startswith(_SERVER_STATE)]
+        }
+        return cls(
+            state,
+            ModelConfig.from_dict(meta["model_config"]),
+            tuple(meta["class_names"]),
+            meta["round"],
+            meta["stage"],
+            meta.get("extra", {}),
+            server_state,
+        )
 
     def build_model(self) -> torch.nn.Module:
         """The network with these weights (strict: every parameter must be in the checkpoint)."""

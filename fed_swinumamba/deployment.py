@@ -47,7 +47,9 @@ def start_background(command: list[str], state_dir: Path, name: str, env: dict |
     env = {**os.environ, **(env or {}), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     with log_file.open("ab") as log:
         start = log.tell()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
     pid_file.write_text(f"{process.pid}\n")
     return Background(process.pid, pid_file, log_file, start)
 

@@ -51,23 +51,40 @@ class Segmenter:
     ):
         available = checkpoint.model_config.modalities
         if modality not in available:
-            raise ValueError(f"{source}: has no encoder for modality {modality!r}; it was trained for {', '.join(available)}")
+            raise ValueError(
+                f"{source}: has no encoder for modality {modality!r}; it was trained for {', '.join(available)}"
+            )
         config = ModelConfig.from_dict({**checkpoint.model_config.to_dict(), "modalities": [modality]})
         self.model = build_model(config)
         own = self.model.state_dict()
         self.model.load_state_dict({k: v for k, v in checkpoint.state.items() if k in own}, strict=True)
         self.model.to(device).eval()
         data = data or DataSpec(root=Path("."))
-        self.modality, self.slice_axis, self.channel, self.roi_size = modality, data.slice_axis, data.channel, tuple(roi_size)
+        self.modality, self.slice_axis, self.channel, self.roi_size = (
+            modality,
+            data.slice_axis,
+            data.channel,
+            tuple(roi_size),
+        )
         # Class index -> value written to the mask (the site's own label values when known).
-        self.lut = torch.as_tensor(label_values if label_values is not None else range(config.num_classes), dtype=torch.int64)
+        self.lut = torch.as_tensor(
+            label_values if label_values is not None else range(config.num_classes), dtype=torch.int64
+        )
         self.load = LoadImaged("image", image_only=True, ensure_channel_first=True)
         self.geometry = Compose(geometry(data.orientation, data.spacing, keys=("image",)))
-        self.invert = Invertd("mask", transform=self.geometry, orig_keys="image", nearest_interp=True) if self.geometry.transforms else None
-        self.intensity = intensity_transform(modality, preprocessing if preprocessing is not None else DEFAULT_PREPROCESSING[modality])
+        self.invert = (
+            Invertd("mask", transform=self.geometry, orig_keys="image", nearest_interp=True)
+            if self.geometry.transforms
+            else None
+        )
+        self.intensity = intensity_transform(
+            modality, preprocessing if preprocessing is not None else DEFAULT_PREPROCESSING[modality]
+        )
 
     @classmethod
-    def from_files(cls, checkpoint: str | Path, modality: str, site_config: str | Path | None = None, device: str = "cpu") -> Segmenter:
+    def from_files(
+        cls, checkpoint: str | Path, modality: str, site_config: str | Path | None = None, device: str = "cpu"
+    ) -> Segmenter:
         ckpt = Checkpoint.load(checkpoint)
         if site_config is None:
             return cls(ckpt, modality, source=str(checkpoint), device=device)
@@ -80,8 +97,14 @@ class Segmenter:
             if index:
                 values[index] = value
         return cls(
-            ckpt, modality, source=str(checkpoint), preprocessing=site.preprocessing, data=site.data,
-            roi_size=site.training.patch_size, label_values=values, device=device,
+            ckpt,
+            modality,
+            source=str(checkpoint),
+            preprocessing=site.preprocessing,
+            data=site.data,
+            roi_size=site.training.patch_size,
+            label_values=values,
+            device=device,
         )
 
     def _one_channel(self, image: MetaTensor, path: str | Path) -> MetaTensor:
@@ -90,7 +113,9 @@ class Segmenter:
         if str(path).lower().endswith(PNG_SUFFIXES):  # an RGB(A) rendering of a grey frame, as in training
             return image[:3].mean(dim=0, keepdim=True)
         if self.channel is None or self.channel >= image.shape[0]:
-            raise ValueError(f"{path}: image has {image.shape[0]} channels; give a site config whose data.channel says which to use")
+            raise ValueError(
+                f"{path}: image has {image.shape[0]} channels; give a site config whose data.channel says which to use"
+            )
         return image[self.channel : self.channel + 1]
 
     def segment(self, path: str | Path) -> np.ndarray:
@@ -130,4 +155,7 @@ def predict(segmenter: Segmenter, source: str | Path, target: str | Path, progre
     files = sorted(p for p in source.iterdir() if p.is_file() and _is_image(p))
     if not files:
         raise FileNotFoundError(f"input folder {source} holds no NIfTI (.nii, .nii.gz) or PNG image")
-    return [segmenter.predict_file(f, target / f.name) for f in tqdm(files, desc="segmenting", unit="image", disable=not progress)]
+    return [
+        segmenter.predict_file(f, target / f.name)
+        for f in tqdm(files, desc="segmenting", unit="image", disable=not progress)
+    ]

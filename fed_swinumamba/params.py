@@ -61,7 +61,9 @@ def check_groups(groups: Iterable[str]) -> tuple[str, ...]:
     return tuple(g for g in LAYER_GROUPS if g in groups)
 
 
-def select(params: Mapping[str, T], *, groups: Iterable[str] | None = None, modalities: Iterable[str] | None = None) -> dict[str, T]:
+def select(
+    params: Mapping[str, T], *, groups: Iterable[str] | None = None, modalities: Iterable[str] | None = None
+) -> dict[str, T]:
     """The entries of ``params`` in the given layer groups, keeping shared ones and those of ``modalities``.
 
     ``modalities=None`` keeps every modality's encoder; ``groups=None`` keeps every group.

@@ -24,7 +24,7 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from .data.site_config import PrivacySpec
 from .dp_options import RunDPOptions
-from .protocol import check_study
+from .protocol import DPRecord, check_study
 from .secure_random import KeyStream
 from .training import TrainResult, segmentation_loss, set_trainable
 
@@ -65,17 +65,18 @@ class DPConfig:
 
     def describe(self) -> str:
         budget = "none" if self.budget is None else f"{self.budget:g}"
-        return (f"unit {UNIT}, noise {self.noise_multiplier:.3f}, clip {self.max_grad_norm:g}, delta {self.delta:.2e}, "
-                f"sample rate {self.sample_rate:.3f}, lr x{self.lr_scale:g}, study budget {budget}")
+        return (
+            f"unit {UNIT}, noise {self.noise_multiplier:.3f}, clip {self.max_grad_norm:g}, delta {self.delta:.2e}, "
+            f"sample rate {self.sample_rate:.3f}, lr x{self.lr_scale:g}, study budget {budget}"
+        )
 
 
-def privacy_spec(site: PrivacySpec, run_config: Mapping) -> PrivacySpec:
-    """The site's own privacy section if it enables DP; otherwise the run config's (``dp-*`` keys).
+def privacy_spec(site: PrivacySpec, run: RunDPOptions) -> PrivacySpec:
+    """The site's own privacy section if it enables DP; otherwise the run's DP request (``dp-*`` keys).
 
     The site's lifetime budget per study and its consent to reproducible noise stay the site's own
     either way: the coordinator can change neither.
     """
-    run = RunDPOptions.from_run_config(run_config)
     if site.enabled or not run.enabled:
         return site
     return PrivacySpec(
@@ -127,9 +128,26 @@ def resolve(spec: PrivacySpec, num_cases: int, batch_size: int, planned_steps: C
     delta = spec.delta or min(1e-5, 1.0 / disclosed)
     noise = spec.noise_multiplier
     if noise is None:
-        noise = get_noise_multiplier(target_epsilon=spec.target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=planned_steps(sample_rate), accountant="rdp")
+        noise = get_noise_multiplier(
+            target_epsilon=spec.target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=planned_steps(sample_rate),
+            accountant="rdp",
+        )
     budgets = [b for b in (spec.target_epsilon, spec.study_budget) if b is not None]
-    return DPConfig(noise, spec.max_grad_norm, delta, sample_rate, cases_per_batch, k, min(budgets, default=None), spec.frozen, spec.lr_scale, disclosed)
+    return DPConfig(
+        noise,
+        spec.max_grad_norm,
+        delta,
+        sample_rate,
+        cases_per_batch,
+        k,
+        min(budgets, default=None),
+        spec.frozen,
+        spec.lr_scale,
+        disclosed,
+    )
 
 
 class PrivacyLedger:
@@ -211,7 +229,9 @@ class KeyStreamDPOptimizer(DPOptimizer):
         """One draw for all parameters (a handful of tensor operations per step, not per parameter)."""
         params = self.params
         sizes = [p.summed_grad.numel() for p in params]
-        noise = self.stream.normal((sum(sizes),), self.noise_multiplier * self.max_grad_norm, params[0].summed_grad.device)
+        noise = self.stream.normal(
+            (sum(sizes),), self.noise_multiplier * self.max_grad_norm, params[0].summed_grad.device
+        )
         for p, n in zip(params, noise.split(sizes), strict=True):
             _check_processed_flag(p.summed_grad)
             p.grad = (p.summed_grad + n.view_as(p.summed_grad)).view_as(p)
@@ -310,20 +330,20 @@ def train_private(
     return TrainResult(total / sampled if sampled else float("nan"), steps, sampled)
 
 
-def dp_metrics(dp: DPConfig, ledger: PrivacyLedger, exhausted: bool, reproducible: bool) -> dict[str, float]:
-    """The scalars a site reports about its privacy: the study's spent epsilon and the mechanism's
-    parameters (all functions of the disclosed patient count and the settings, none of the data)."""
-    metrics = {
-        "epsilon": ledger.epsilon(dp.delta),
-        "dp-disclosed-patients": dp.disclosed_patients,
-        "dp-reproducible": int(reproducible),
-        "dp-delta": dp.delta,
-        "dp-noise-multiplier": dp.noise_multiplier,
-        "dp-max-grad-norm": dp.max_grad_norm,
-        "dp-sample-rate": dp.sample_rate,
-        "dp-steps": ledger.steps,
-        "dp-budget-exhausted": int(exhausted),
-    }
-    if dp.budget is not None:
-        metrics["dp-budget"] = dp.budget
-    return metrics
+def dp_record(
+    dp: DPConfig, ledger: PrivacyLedger, exhausted: bool, reproducible: bool, patients_mapped: bool
+) -> DPRecord:
+    """What a site reports about its privacy: the study's spent epsilon and the mechanism's parameters."""
+    return DPRecord(
+        epsilon=ledger.epsilon(dp.delta),
+        disclosed_patients=dp.disclosed_patients,
+        delta=dp.delta,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        sample_rate=dp.sample_rate,
+        steps=ledger.steps,
+        budget=dp.budget,
+        budget_exhausted=exhausted,
+        reproducible=reproducible,
+        patients_mapped=patients_mapped,
+    )

@@ -18,6 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from .dp_options import RunDPOptions
 from .model import ModelConfig
 from .schedule import Stage
 
@@ -46,7 +47,9 @@ def redact_paths(message: str) -> str:
 def check_study(name: str) -> str:
     """``name`` if it is a valid study name (letters, digits, '.', '_', '-'; 100 at most; not starting with '.')."""
     if not _STUDY.fullmatch(name):
-        raise ValueError(f"study name {name!r}: use 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise ValueError(
+            f"study name {name!r}: use 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return name
 
 
@@ -66,7 +69,9 @@ class Instructions:
     base_version: int = FULL_SYNC
     proximal_mu: float = 0.0
     local_steps: int = 0  # 0: the site's own training settings decide
-    seed: int = 0  # the run's seed: with the round, fixes a site's shuffling and augmentation without DP (never DP noise)
+    seed: int = (
+        0  # the run's seed: with the round, fixes a site's shuffling and augmentation without DP (never DP noise)
+    )
     # Cross-site evaluation: the arrays are another site's locally trained model (named here), to be
     # evaluated and forgotten; the site's copy of the global model stays as it is. "" = the global model.
     foreign_model: str = ""
@@ -75,6 +80,8 @@ class Instructions:
     study: str = "default"  # the study whose privacy ledger a DP site spends from
     eval_cases: int = 0  # held-out cases to score, the same ones every round (0: all)
     nsd_tolerance_mm: tuple[float, ...] = (2.0,)  # surface Dice tolerance, one for all classes or one per class
+    planned_rounds: int = 1  # rounds of the run: a DP site derives its noise for a target epsilon from them
+    dp: RunDPOptions = RunDPOptions()  # the run's DP-SGD request, for a site without a privacy section of its own
 
     def to_config(self) -> dict:
         return {
@@ -92,6 +99,8 @@ class Instructions:
             "study": self.study,
             "eval-cases": self.eval_cases,
             "nsd-tolerance-mm": list(self.nsd_tolerance_mm),
+            "planned-rounds": self.planned_rounds,
+            **self.dp.to_config(),
         }
 
     @classmethod
@@ -112,6 +121,153 @@ class Instructions:
                 study=check_study(str(config["study"])),
                 eval_cases=int(config["eval-cases"]),
                 nsd_tolerance_mm=tuple(float(t) for t in config["nsd-tolerance-mm"]),
+                planned_rounds=int(config["planned-rounds"]),
+                dp=RunDPOptions.from_config(config),
             )
         except KeyError as err:
-            raise ValueError(f"round instructions lack the field {err}: coordinator and site run different versions of fed-swinumamba") from err
+            raise ValueError(
+                f"round instructions lack the field {err}: coordinator and site run different versions of fed-swinumamba"
+            ) from err
+
+
+# ---------------------------------------------------------------------------------------------- replies
+# Metric names of the replies, defined here only: sites write them, the coordinator reads them.
+
+
+@dataclass(frozen=True)
+class DPRecord:
+    """What a DP site reports of its privacy: the study's spent epsilon and the mechanism's parameters,
+    all functions of the disclosed patient count and the settings, none of the data."""
+
+    epsilon: float
+    disclosed_patients: int
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int  # DP steps the study has taken at this site
+    budget: float | None
+    budget_exhausted: bool
+    reproducible: bool  # noise from the run seed: NOT private
+    patients_mapped: bool  # False: each image file counts as one patient
+
+    _FIELDS = ("disclosed-patients", "delta", "noise-multiplier", "max-grad-norm", "sample-rate", "steps")
+
+    def to_metrics(self) -> dict[str, float]:
+        metrics = {
+            "epsilon": self.epsilon,
+            "dp-reproducible": int(self.reproducible),
+            "dp-budget-exhausted": int(self.budget_exhausted),
+            "dp-patients-mapped": int(self.patients_mapped),
+        }
+        metrics.update({f"dp-{name}": getattr(self, name.replace("-", "_")) for name in self._FIELDS})
+        return metrics | ({"dp-budget": self.budget} if self.budget is not None else {})
+
+    @classmethod
+    def from_metrics(cls, m) -> DPRecord:
+        return cls(
+            epsilon=float(m["epsilon"]),
+            disclosed_patients=int(m["dp-disclosed-patients"]),
+            delta=float(m["dp-delta"]),
+            noise_multiplier=float(m["dp-noise-multiplier"]),
+            max_grad_norm=float(m["dp-max-grad-norm"]),
+            sample_rate=float(m["dp-sample-rate"]),
+            steps=int(m["dp-steps"]),
+            budget=float(m["dp-budget"]) if "dp-budget" in m else None,
+            budget_exhausted=bool(m["dp-budget-exhausted"]),
+            reproducible=bool(m["dp-reproducible"]),
+            patients_mapped=bool(m["dp-patients-mapped"]),
+        )
+
+    def record(self) -> dict:
+        """As metrics.json states it."""
+        privacy = {name.replace("-", "_"): float(getattr(self, name.replace("-", "_"))) for name in self._FIELDS}
+        privacy |= {"budget_exhausted": float(self.budget_exhausted), "reproducible": float(self.reproducible)}
+        privacy |= {"budget": self.budget} if self.budget is not None else {}
+        privacy["unit"] = "patient" if self.patients_mapped else "patient = one image file (the site maps no patients)"
+        return privacy
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A site's training scalars. ``num_patients`` is the aggregation weight: its training patients (a DP
+    site: the disclosed, coarsened count). A DP site keeps its loss and timings to itself (they are
+    functions of the private batches); one whose budget is spent sends no weights and 0 steps."""
+
+    num_patients: int
+    steps: int
+    train_loss: float | None = None
+    first_batch_s: float | None = None
+    train_s: float | None = None
+    dp: DPRecord | None = None
+
+    def to_metrics(self) -> dict[str, float]:
+        metrics = {NUM_EXAMPLES: self.num_patients, "steps": self.steps}
+        if self.train_loss is not None:
+            metrics |= {
+                "train-loss": self.train_loss,
+                "first-batch-seconds": self.first_batch_s,
+                "train-seconds": self.train_s,
+            }
+        return metrics | (self.dp.to_metrics() if self.dp else {})
+
+    @classmethod
+    def from_metrics(cls, m) -> TrainReply:
+        timed = "train-loss" in m
+        return cls(
+            int(m[NUM_EXAMPLES]),
+            int(m["steps"]),
+            float(m["train-loss"]) if timed else None,
+            float(m["first-batch-seconds"]) if timed else None,
+            float(m["train-seconds"]) if timed else None,
+            DPRecord.from_metrics(m) if "epsilon" in m else None,
+        )
+
+
+@dataclass(frozen=True)
+class EvalReply:
+    """A site's scores of one model on its held-out cases, per foreground class name (see fed_swinumamba.metrics)."""
+
+    dice: dict[str, float]
+    hd95: dict[str, float]  # mm; the mean over the cases where both masks have the class
+    nsd: dict[str, float]
+    hd95_unbounded: dict[str, int]  # cases where only one of truth and prediction has the class
+    dice_mean: float
+    cases_scored: int
+    held_out_cases: int
+    seconds_per_case: float
+
+    def to_metrics(self) -> dict[str, float]:
+        metrics = {f"{score}-{c}": v for score in ("dice", "hd95", "nsd") for c, v in getattr(self, score).items()}
+        metrics |= {f"hd95-unbounded-{c}": n for c, n in self.hd95_unbounded.items()}
+        return metrics | {
+            "dice-mean": self.dice_mean,
+            NUM_EXAMPLES: self.cases_scored,
+            "num-val-cases": self.held_out_cases,
+            "eval-seconds-per-case": self.seconds_per_case,
+        }
+
+    @classmethod
+    def from_metrics(cls, m, class_names) -> EvalReply:
+        per_class = {score: {c: float(m[f"{score}-{c}"]) for c in class_names} for score in ("dice", "hd95", "nsd")}
+        return cls(
+            **per_class,
+            hd95_unbounded={c: int(m[f"hd95-unbounded-{c}"]) for c in class_names},
+            dice_mean=float(m["dice-mean"]),
+            cases_scored=int(m[NUM_EXAMPLES]),
+            held_out_cases=int(m["num-val-cases"]),
+            seconds_per_case=float(m["eval-seconds-per-case"]),
+        )
+
+    def record(self) -> dict:
+        """As metrics.json states it."""
+        return {
+            "dice": self.dice,
+            "hd95": self.hd95,
+            "nsd": self.nsd,
+            "hd95_unbounded": self.hd95_unbounded,
+            "dice_mean": self.dice_mean,
+            "num_val_cases": self.cases_scored,
+            "held_out_cases": self.held_out_cases,
+            "eval_s_per_case": self.seconds_per_case,
+        }

@@ -48,7 +48,9 @@ class KeyStream:
     def _words(self, purpose: int, count: int) -> np.ndarray:
         """``count`` uniform 64-bit words of a keystream used for nothing else."""
         self._draws += 1
-        nonce = bytes(4) + purpose.to_bytes(4, "little") + self._draws.to_bytes(8, "little")  # 32-bit counter first (RFC 7539)
+        nonce = (
+            bytes(4) + purpose.to_bytes(4, "little") + self._draws.to_bytes(8, "little")
+        )  # 32-bit counter first (RFC 7539)
         encryptor = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
         return np.frombuffer(encryptor.update(bytes(8 * count)), dtype=np.uint64)
 
@@ -57,7 +59,9 @@ class KeyStream:
         """64-bit words -> doubles in [0, 1) with 53 random bits each."""
         return torch.from_numpy((words >> np.uint64(11)).view(np.int64)).to(torch.float64).mul_(_UNIT)
 
-    def normal(self, shape: torch.Size | tuple[int, ...], std: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    def normal(
+        self, shape: torch.Size | tuple[int, ...], std: float, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """Gaussian noise N(0, std^2) of ``shape`` (float32, on ``device``), by the Box-Muller transform.
 
         A pair of draws takes a 53-bit uniform for its radius (computed in float64: the largest draw is
@@ -67,7 +71,9 @@ class KeyStream:
         count = math.prod(shape)
         pairs = (count + 1) // 2
         words = self._words(_NOISE, pairs + (pairs + 1) // 2)
-        radius = torch.log1p(self._unit(words[:pairs]).to(device).neg_()).mul_(-2.0 * std * std).sqrt_().to(torch.float32)
+        radius = (
+            torch.log1p(self._unit(words[:pairs]).to(device).neg_()).mul_(-2.0 * std * std).sqrt_().to(torch.float32)
+        )
         turns = torch.from_numpy((words[pairs:].view(np.uint32)[:pairs] >> np.uint32(8)).view(np.int32)).to(device)
         angle = turns.to(torch.float32).mul_(2.0 * math.pi / 2**24)
         return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count].view(shape)

@@ -65,7 +65,7 @@ def make_ca(folder: Path, hosts: Sequence[str] = (), days: int = 825) -> Certifi
     """
     certs = Certificates(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fed-swinumamba coordinator CA")])
     ca_cert = (
@@ -77,7 +77,9 @@ def make_ca(folder: Path, hosts: Sequence[str] = (), days: int = 825) -> Certifi
     server_key = ec.generate_private_key(ec.SECP384R1())
     names = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))
     server_cert = (
-        _certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]), ca_name, server_key.public_key(), now, days)
+        _certificate(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]), ca_name, server_key.public_key(), now, days
+        )
         .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -90,7 +92,9 @@ def make_ca(folder: Path, hosts: Sequence[str] = (), days: int = 825) -> Certifi
     return certs
 
 
-def _certificate(subject: x509.Name, issuer: x509.Name, public_key, now: datetime.datetime, days: int) -> x509.CertificateBuilder:
+def _certificate(
+    subject: x509.Name, issuer: x509.Name, public_key, now: datetime.datetime, days: int
+) -> x509.CertificateBuilder:
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -111,7 +115,9 @@ def _general_name(host: str) -> x509.GeneralName:
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.touch(mode=0o600)
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 def superlink_command(certs: Certificates, database: Path, host: str, port: int) -> list[str]:
@@ -132,14 +138,18 @@ def superlink_command(certs: Certificates, database: Path, host: str, port: int)
     ]  # fmt: skip
 
 
-def start_superlink(certs: Certificates, state_dir: Path, host: str = "127.0.0.1", port: int = SUPERLINK_PORT, env: dict | None = None) -> Background:
+def start_superlink(
+    certs: Certificates, state_dir: Path, host: str = "127.0.0.1", port: int = SUPERLINK_PORT, env: dict | None = None
+) -> Background:
     """Start the SuperLink in the background (database, log and PID in ``state_dir``); return once it listens.
 
     Registered SuperNodes and past runs live in ``state_dir/superlink.db``: a restarted SuperLink
     still knows its hospitals.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    process = start_background(superlink_command(certs, state_dir / "superlink.db", host, port), state_dir, "superlink", env)
+    process = start_background(
+        superlink_command(certs, state_dir / "superlink.db", host, port), state_dir, "superlink", env
+    )
     if not wait_for_output(process, "Uvicorn running on", timeout=120):
         raise RuntimeError(f"the SuperLink exited; {process.log_file} ends with:\n{last_lines(process.output())}")
     return process
@@ -159,13 +169,15 @@ def superexec_pids(superlink_pid: int) -> list[int]:
 
 def write_connection(address: str, ca_certificate: Path, name: str = CONNECTION) -> Path:
     """Add (or replace) SuperLink connection ``name`` in the flwr CLI's config.toml (under $FLWR_HOME)."""
-    write_superlink_connection(SuperLinkConnection(name=name, address=address, root_certificates=str(ca_certificate.resolve())))
+    write_superlink_connection(
+        SuperLinkConnection(name=name, address=address, root_certificates=str(ca_certificate.resolve()))
+    )
     return get_flwr_home() / "config.toml"
 
 
 def loopback_address(host: str, port: int) -> str:
     """Where this machine reaches a SuperLink bound to ``host``: a bind-all address means the loopback one."""
-    return f"{ {'0.0.0.0': '127.0.0.1', '::': '[::1]'}.get(host, host)}:{port}"
+    return f"{ {'0.0.0.0': '127.0.0.1', '::': '[::1]'}.get(host, host) }:{port}"
 
 
 def _flwr_json(*args: str) -> tuple[dict | None, str]:
@@ -176,7 +188,7 @@ def _flwr_json(*args: str) -> tuple[dict | None, str]:
     """
     done = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True)
     try:
-        answer = json.loads(done.stdout[done.stdout.index("{"):])
+        answer = json.loads(done.stdout[done.stdout.index("{") :])
     except ValueError:
         answer = {}
     return (answer if done.returncode == 0 and answer.get("success") else None), done.stdout + done.stderr
@@ -184,7 +196,9 @@ def _flwr_json(*args: str) -> tuple[dict | None, str]:
 
 def submit_run(app: Path, connection: str = CONNECTION, run_config: Sequence[str] = ()) -> int:
     """``flwr run APP CONNECTION``: the SuperLink builds a run from the app; returns its run ID."""
-    answer, output = _flwr_json("run", str(app), connection, *[arg for value in run_config for arg in ("--run-config", value)])
+    answer, output = _flwr_json(
+        "run", str(app), connection, *[arg for value in run_config for arg in ("--run-config", value)]
+    )
     if answer is None:
         raise RuntimeError(f"flwr run failed:\n{output}")
     return int(answer["run-id"])
@@ -197,7 +211,9 @@ def run_status(run_id: int, connection: str = CONNECTION) -> str:
     return answer["runs"][0]["status"] if answer else "unknown"
 
 
-def wait_until_started(run_id: int, connection: str = CONNECTION, timeout: float = START_TIMEOUT, poll: float = 2.0) -> str:
+def wait_until_started(
+    run_id: int, connection: str = CONNECTION, timeout: float = START_TIMEOUT, poll: float = 2.0
+) -> str:
     """The run's status once it is no longer pending; RuntimeError once it has been pending ``timeout`` s.
 
     The SuperLink's SuperExec starts a pending run's ServerApp within seconds, but Flower 1.42's SuperExec
@@ -208,7 +224,11 @@ def wait_until_started(run_id: int, connection: str = CONNECTION, timeout: float
     while (status := run_status(run_id, connection)) in ("pending", "unknown"):
         if time.monotonic() > deadline:
             stopped = subprocess.run(["flwr", "stop", str(run_id), connection], capture_output=True).returncode == 0
-            cause = "the SuperLink does not answer" if status == "unknown" else "the SuperLink's SuperExec, which starts ServerApps, is not running"
+            cause = (
+                "the SuperLink does not answer"
+                if status == "unknown"
+                else "the SuperLink's SuperExec, which starts ServerApps, is not running"
+            )
             raise RuntimeError(
                 f"run {run_id} is still {status} after {timeout:.0f} s: {cause}. "
                 + (f"Run {run_id} was stopped. " if stopped else f"Stop it with: flwr stop {run_id} {connection}. ")
@@ -219,7 +239,13 @@ def wait_until_started(run_id: int, connection: str = CONNECTION, timeout: float
     return status
 
 
-def follow_run(run_id: int, connection: str = CONNECTION, poll: float = 5.0, patience: int = 3, start_timeout: float = START_TIMEOUT) -> str:
+def follow_run(
+    run_id: int,
+    connection: str = CONNECTION,
+    poll: float = 5.0,
+    patience: int = 3,
+    start_timeout: float = START_TIMEOUT,
+) -> str:
     """Print the run's log as it comes; return its final status (``unknown``: the SuperLink is gone).
 
     The log stream can end before the run does (the SuperLink's database busy under load), so the
@@ -229,7 +255,9 @@ def follow_run(run_id: int, connection: str = CONNECTION, poll: float = 5.0, pat
     wait_until_started(run_id, connection, start_timeout)
     subprocess.run(["flwr", "log", str(run_id), connection, "--stream"])
     failures = 0
-    while (status := run_status(run_id, connection)) in ACTIVE_RUN_STATUSES or (status == "unknown" and failures < patience):
+    while (status := run_status(run_id, connection)) in ACTIVE_RUN_STATUSES or (
+        status == "unknown" and failures < patience
+    ):
         failures = failures + 1 if status == "unknown" else 0
         time.sleep(poll)
     return status

@@ -19,7 +19,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-
 def _fmt(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
@@ -30,7 +29,11 @@ def _sites(rounds: list[dict]) -> list[str]:
 
 def _stage_changes(rounds: list[dict]) -> list[tuple[int, int]]:
     """(round, stage) where a new stage starts."""
-    return [(r["round"], r["stage"]) for prev, r in zip([None, *rounds], rounds) if prev is None or prev["stage"] != r["stage"]]
+    return [
+        (r["round"], r["stage"])
+        for prev, r in zip([None, *rounds], rounds)
+        if prev is None or prev["stage"] != r["stage"]
+    ]
 
 
 def _series(rounds: list[dict], site: str, key: str) -> tuple[list[int], list[float]]:
@@ -46,7 +49,12 @@ def plot_dice(metrics: dict, path: Path) -> Path:
         line = ax.plot(*_series(rounds, site, "dice_mean"), marker="o", label=f"{site} (federated)")[0]
         colors[site] = line.get_color()
     for site in _sites(metrics.get("centralized") or []):
-        ax.plot(*_series(metrics["centralized"], site, "dice_mean"), linestyle="--", color=colors.get(site), label=f"{site} (centralized)")
+        ax.plot(
+            *_series(metrics["centralized"], site, "dice_mean"),
+            linestyle="--",
+            color=colors.get(site),
+            label=f"{site} (centralized)",
+        )
     for r, stage in _stage_changes(rounds)[1:]:
         ax.axvline(r - 0.5, color="grey", linestyle=":", linewidth=1)
         ax.text(r - 0.45, 0.02, f"stage {stage}", rotation=90, color="grey", fontsize=8, va="bottom")
@@ -64,7 +72,9 @@ def plot_epsilon(metrics: dict, path: Path) -> Path:
             ax.plot(xs, ys, marker="o", label=f"{site} (unit: patient)")
     federation = [(r["round"], r["site_dp"]["epsilon"]) for r in rounds if "site_dp" in r]
     if federation:
-        ax.plot(*zip(*federation, strict=True), marker="s", color="black", label="federation (site-level DP, unit: site)")
+        ax.plot(
+            *zip(*federation, strict=True), marker="s", color="black", label="federation (site-level DP, unit: site)"
+        )
     ax.set(xlabel="round", ylabel="epsilon spent (RDP accountant)", title="Privacy spent")
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -92,7 +102,15 @@ def plot_cross_site(cross: dict, path: Path) -> Path:
     ax.set_yticks(range(len(models)), [f"{m} model" for m in models])
     for i, row in enumerate(values):
         for j, v in enumerate(row):
-            ax.text(j, i, _fmt(v), ha="center", va="center", color="white" if not math.isnan(v) and v < 0.6 else "black", fontsize=9)
+            ax.text(
+                j,
+                i,
+                _fmt(v),
+                ha="center",
+                va="center",
+                color="white" if not math.isnan(v) and v < 0.6 else "black",
+                fontsize=9,
+            )
     ax.set(xlabel="evaluated at site (held-out data)", title=f"Cross-site mean Dice (round {cross['round']})")
     fig.colorbar(image, ax=ax, fraction=0.04)
     return _save(fig, path)
@@ -122,17 +140,40 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _scores_table(sites: dict, classes: list[str]) -> str:
     """Per site: Dice per class and its mean, HD95 (mm) and NSD per class, held-out cases scored; DP and notes."""
     private = any("epsilon" in s for s in sites.values())
-    header = ["site", "modality", *(f"Dice {c}" for c in classes), "mean Dice", *(f"HD95 {c} (mm)" for c in classes), *(f"NSD {c}" for c in classes), "cases scored", "s per case"]
+    header = [
+        "site",
+        "modality",
+        *(f"Dice {c}" for c in classes),
+        "mean Dice",
+        *(f"HD95 {c} (mm)" for c in classes),
+        *(f"NSD {c}" for c in classes),
+        "cases scored",
+        "s per case",
+    ]
     header += (["epsilon", "delta", "noise multiplier"] if private else []) + ["notes"]
     rows = []
     for name, s in sorted(sites.items()):
-        row = [name, s.get("modality") or "?", *(_fmt(s.get("dice", {}).get(c)) for c in classes), _fmt(s.get("dice_mean"))]
+        row = [
+            name,
+            s.get("modality") or "?",
+            *(_fmt(s.get("dice", {}).get(c)) for c in classes),
+            _fmt(s.get("dice_mean")),
+        ]
         row += [*(_fmt(s.get("hd95", {}).get(c)) for c in classes), *(_fmt(s.get("nsd", {}).get(c)) for c in classes)]
-        row += [f"{s['num_val_cases']} of {s['held_out_cases']}" if "held_out_cases" in s else "–", _fmt(s.get("eval_s_per_case"))]
+        row += [
+            f"{s['num_val_cases']} of {s['held_out_cases']}" if "held_out_cases" in s else "–",
+            _fmt(s.get("eval_s_per_case")),
+        ]
         if private:
             p = s.get("privacy", {})
-            row += [_fmt(s.get("epsilon")), f"{p['delta']:.1e}" if "delta" in p else "–", _fmt(p.get("noise_multiplier"))]
-        notes = list(s.get("errors", [])) + (["privacy budget spent: no longer trains"] if s.get("privacy_budget_exhausted") else [])
+            row += [
+                _fmt(s.get("epsilon")),
+                f"{p['delta']:.1e}" if "delta" in p else "–",
+                _fmt(p.get("noise_multiplier")),
+            ]
+        notes = list(s.get("errors", [])) + (
+            ["privacy budget spent: no longer trains"] if s.get("privacy_budget_exhausted") else []
+        )
         notes += [f"update rejected: {s['rejected']}"] if "rejected" in s else []
         rows.append(row + ["; ".join(notes)])
     return _table(header, rows)
@@ -160,19 +201,30 @@ def _site_dp_note(last_round: dict) -> str:
     p = last_round.get("site_dp")
     if not p:
         return ""
-    budget = "no limit" if p["budget"] is None else f"budget {p['budget']:.3f}" + (", spent: training stopped" if p["budget_exhausted"] else "")
-    return (f"<p>Site-level DP (unit: a whole site): epsilon {p['epsilon']:.3f} at delta {p['delta']:.1e} after {p['releases']} rounds, "
-            f"noise multiplier {p['noise_multiplier']:.3f}, clipping norm {p['clipping_norm']:.3g}, {budget}.</p>")
+    budget = (
+        "no limit"
+        if p["budget"] is None
+        else f"budget {p['budget']:.3f}" + (", spent: training stopped" if p["budget_exhausted"] else "")
+    )
+    return (
+        f"<p>Site-level DP (unit: a whole site): epsilon {p['epsilon']:.3f} at delta {p['delta']:.1e} after {p['releases']} rounds, "
+        f"noise multiplier {p['noise_multiplier']:.3f}, clipping norm {p['clipping_norm']:.3g}, {budget}.</p>"
+    )
 
 
 def _rounds_table(metrics: dict) -> str:
     sites = _sites(metrics["rounds"])
-    rows = [[str(r["round"]), str(r["stage"]), *(_fmt(r["sites"].get(s, {}).get("dice_mean")) for s in sites)] for r in metrics["rounds"]]
+    rows = [
+        [str(r["round"]), str(r["stage"]), *(_fmt(r["sites"].get(s, {}).get("dice_mean")) for s in sites)]
+        for r in metrics["rounds"]
+    ]
     return _table(["round", "stage", *sites], rows)
 
 
 def _cross_table(cross: dict) -> str:
-    rows = [[f"{m} model", *(_fmt(cross["dice_mean"].get(m, {}).get(s)) for s in cross["sites"])] for m in cross["models"]]
+    rows = [
+        [f"{m} model", *(_fmt(cross["dice_mean"].get(m, {}).get(s)) for s in cross["sites"])] for m in cross["models"]
+    ]
     return _table(["model \\ evaluated at", *cross["sites"]], rows)
 
 
@@ -191,35 +243,59 @@ def write_report(out: str | Path) -> Path:
     config = metrics.get("config", {})
     classes = [c.strip() for c in str(config.get("class-names", "organ,lesion")).split(",") if c.strip()]
     sections = [
-        "<h2>Dice per site over rounds</h2>", _img(plot_dice(metrics, out / "dice_per_site.png"), "Dice per site over rounds"),
-        f"<h2>Final round ({metrics['rounds'][-1]['round']}): scores per class, global model</h2>", _scores_table(metrics["rounds"][-1]["sites"], classes),
-        "<h2>Mean Dice per round</h2>", _rounds_table(metrics),
+        "<h2>Dice per site over rounds</h2>",
+        _img(plot_dice(metrics, out / "dice_per_site.png"), "Dice per site over rounds"),
+        f"<h2>Final round ({metrics['rounds'][-1]['round']}): scores per class, global model</h2>",
+        _scores_table(metrics["rounds"][-1]["sites"], classes),
+        "<h2>Mean Dice per round</h2>",
+        _rounds_table(metrics),
     ]
     final = metrics.get("final_evaluation")
     if final:
-        sections += [f"<h2>Final global model (round {final['global']['round']}) on every held-out case</h2>", _scores_table(final["global"]["sites"], classes)]
+        sections += [
+            f"<h2>Final global model (round {final['global']['round']}) on every held-out case</h2>",
+            _scores_table(final["global"]["sites"], classes),
+        ]
         if "best" in final:
-            sections += [f"<h2>Best checkpoint (round {final['best']['round']}) on every held-out case</h2>", _scores_table(final["best"]["sites"], classes)]
+            sections += [
+                f"<h2>Best checkpoint (round {final['best']['round']}) on every held-out case</h2>",
+                _scores_table(final["best"]["sites"], classes),
+            ]
     if metrics.get("centralized"):
         last = metrics["centralized"][-1]
         rows = [[s, _fmt(v.get("dice_mean"))] for s, v in sorted(last["sites"].items())]
         sections += [f"<h2>Centralized baseline (round {last['round']})</h2>", _table(["site", "mean Dice"], rows)]
     if any("site_dp" in r or any("epsilon" in s for s in r["sites"].values()) for r in metrics["rounds"]):
-        sections += ["<h2>Differential privacy</h2>", _site_dp_note(metrics["rounds"][-1]), _img(plot_epsilon(metrics, out / "epsilon_per_site.png"), "epsilon spent")]
+        sections += [
+            "<h2>Differential privacy</h2>",
+            _site_dp_note(metrics["rounds"][-1]),
+            _img(plot_epsilon(metrics, out / "epsilon_per_site.png"), "epsilon spent"),
+        ]
         if any("epsilon" in s for r in metrics["rounds"] for s in r["sites"].values()):
             sections.append(f"<p>{html.escape(DP_COVERAGE)}</p>")
     if metrics.get("cross_site"):
         cross = metrics["cross_site"]
-        sections += ["<h2>Cross-site evaluation</h2>", _img(plot_cross_site(cross, out / "cross_site.png"), "cross-site Dice"), _cross_table(cross)]
+        sections += [
+            "<h2>Cross-site evaluation</h2>",
+            _img(plot_cross_site(cross, out / "cross_site.png"), "cross-site Dice"),
+            _cross_table(cross),
+        ]
     sections += ["<h2>Communication</h2>", _img(plot_bytes(metrics, out / "bytes_per_round.png"), "bytes per round")]
-    meta = (f"{len(metrics['rounds'])} rounds, strategy {html.escape(str(config.get('strategy', '?')))}, model "
-            f"{html.escape(str(config.get('model-variant', '?')))}, best mean Dice {_fmt(metrics.get('best_mean_dice'))}"
-            f", study {html.escape(str(metrics.get('study', '?')))}; aggregation weights: {html.escape(str(metrics.get('weighting', '?')))}")
+    meta = (
+        f"{len(metrics['rounds'])} rounds, strategy {html.escape(str(config.get('strategy', '?')))}, model "
+        f"{html.escape(str(config.get('model-variant', '?')))}, best mean Dice {_fmt(metrics.get('best_mean_dice'))}"
+        f", study {html.escape(str(metrics.get('study', '?')))}; aggregation weights: {html.escape(str(metrics.get('weighting', '?')))}"
+    )
     warning = _not_private(metrics)
     if warning:
-        meta = f"<strong class='warning'>{html.escape(warning)}: the DP noise could be predicted from the run's seed; no epsilon of this run protects anyone.</strong><br>" + meta
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fed-swinumamba run report</title><style>{STYLE}</style></head>"
-            f"<body><h1>fed-swinumamba run report</h1><p class='meta'>{meta}</p>{''.join(sections)}</body></html>")
+        meta = (
+            f"<strong class='warning'>{html.escape(warning)}: the DP noise could be predicted from the run's seed; no epsilon of this run protects anyone.</strong><br>"
+            + meta
+        )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fed-swinumamba run report</title><style>{STYLE}</style></head>"
+        f"<body><h1>fed-swinumamba run report</h1><p class='meta'>{meta}</p>{''.join(sections)}</body></html>"
+    )
     path = out / "report.html"
     path.write_text(page)
     return path

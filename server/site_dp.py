@@ -1,11 +1,12 @@
-"""Site-level differential privacy: Flower's central DP with client-side fixed clipping.
+"""Site-level differential privacy: central DP with client-side fixed clipping, as Flower's.
 
 For federations with many sites, where the unit to protect is a whole hospital's contribution:
 each site clips its update (trained weights minus the global weights it started from) to
 ``clipping_norm`` (client/site.py, Flower's ``compute_clip_model_update``), and the coordinator
 averages the updates with equal weights and adds Gaussian noise of standard deviation
-``noise_multiplier * clipping_norm / n`` to every partition's average (Flower's
-``DifferentialPrivacyClientSideFixedClipping`` around each partition's FedAvg/FedProx).
+``noise_multiplier * clipping_norm / n`` to every partition's average (what Flower's
+``DifferentialPrivacyClientSideFixedClipping`` adds to one FedAvg; here per partition, drawn from
+OS entropy: the sites know the run seed, and must not be able to subtract the noise).
 
 One site's clipped update moves the shared average by at most C_s / n_s and its modality's average
 by at most C_m / n_m with C_s^2 + C_m^2 <= C^2, so a round is one Gaussian mechanism with noise
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+import numpy as np
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
@@ -45,9 +46,13 @@ class SiteDPSettings:
         if sigma == 0:
             return None
         if sigma < 0 or float(c["site-dp-clipping-norm"]) <= 0 or not 0 < float(c["site-dp-delta"]) < 1:
-            raise ValueError("site-level DP needs site-dp-noise-multiplier > 0, site-dp-clipping-norm > 0 and 0 < site-dp-delta < 1")
+            raise ValueError(
+                "site-level DP needs site-dp-noise-multiplier > 0, site-dp-clipping-norm > 0 and 0 < site-dp-delta < 1"
+            )
         if c["strategy"] not in ("fedavg", "fedprox"):
-            raise ValueError(f"site-level DP needs an averaging strategy (fedavg or fedprox), not {c['strategy']!r}: its noise is calibrated to a mean")
+            raise ValueError(
+                f"site-level DP needs an averaging strategy (fedavg or fedprox), not {c['strategy']!r}: its noise is calibrated to a mean"
+            )
         budget = float(c["site-dp-epsilon"])
         return cls(sigma, float(c["site-dp-clipping-norm"]), float(c["site-dp-delta"]), budget if budget > 0 else None)
 
@@ -57,13 +62,15 @@ class SiteLevelDP:
 
     def __init__(self, settings: SiteDPSettings, num_sites: int, state: dict | None = None):
         self.s = settings
-        self.accountant = RdpAccountant(PrivacyConfig(
-            target_delta=settings.delta,
-            population_size=num_sites,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            max_epsilon=settings.budget,
-        ))
+        self.accountant = RdpAccountant(
+            PrivacyConfig(
+                target_delta=settings.delta,
+                population_size=num_sites,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                max_epsilon=settings.budget,
+            )
+        )
         if state:
             self.accountant.load_state_dict(state)
 
@@ -82,13 +89,20 @@ class SiteLevelDP:
         """False once one more release would spend more than the budget."""
         return self.s.budget is None or not self.accountant.would_exceed(self._event(1))
 
-    def private(self, strategy: Strategy, num_replies: int) -> Strategy:
-        """``strategy`` with Flower's central-DP noise for a mean of ``num_replies`` clipped updates."""
-        return DifferentialPrivacyClientSideFixedClipping(strategy, self.s.noise_multiplier, self.s.clipping_norm, num_replies)
+    def noised(self, mean: dict[str, np.ndarray], num_replies: int) -> dict[str, np.ndarray]:
+        """``mean`` of ``num_replies`` clipped updates plus Gaussian noise of std sigma * C / n per coordinate."""
+        std = self.s.noise_multiplier * self.s.clipping_norm / num_replies
+        rng = np.random.default_rng()  # seeded from OS entropy
+        return {k: (v + rng.normal(0.0, std, v.shape)).astype(v.dtype) for k, v in mean.items()}
 
     def record_release(self, num_replies: int) -> None:
         self.accountant.compose(self._event(num_replies))
-        log.info("site-level DP: epsilon %.3f (delta %g) after %d rounds", self.epsilon(), self.s.delta, self.accountant.num_releases)
+        log.info(
+            "site-level DP: epsilon %.3f (delta %g) after %d rounds",
+            self.epsilon(),
+            self.s.delta,
+            self.accountant.num_releases,
+        )
 
     def epsilon(self) -> float:
         return self.accountant.get_privacy_spent().epsilon if self.accountant.num_releases else 0.0

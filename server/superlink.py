@@ -26,7 +26,9 @@ def set_busy_timeout(milliseconds: int) -> None:
     """Make every SQLite connection the SuperLink opens from now on wait ``milliseconds`` for a lock."""
     pragmas = dict(sql_mixin.SQLITE_PRAGMAS)
     if "busy_timeout" not in pragmas:
-        raise RuntimeError("flwr.supercore.sql_mixin.SQLITE_PRAGMAS no longer sets busy_timeout: check server/superlink.py against this Flower")
+        raise RuntimeError(
+            "flwr.supercore.sql_mixin.SQLITE_PRAGMAS no longer sets busy_timeout: check server/superlink.py against this Flower"
+        )
     sql_mixin.SQLITE_PRAGMAS = tuple({**pragmas, "busy_timeout": str(milliseconds)}.items())
 
 

@@ -26,10 +26,14 @@ class Rejection:
 
 def update_norm(reply: Message, global_state: Mapping[str, np.ndarray]) -> float:
     arrays = reply.content[ARRAYS]
-    return float(np.sqrt(sum(float(np.sum((a.numpy().astype(np.float64) - global_state[k]) ** 2)) for k, a in arrays.items())))
+    return float(
+        np.sqrt(sum(float(np.sum((a.numpy().astype(np.float64) - global_state[k]) ** 2)) for k, a in arrays.items()))
+    )
 
 
-def screen_updates(replies: Sequence[Message], global_state: Mapping[str, np.ndarray], max_norm_ratio: float) -> list[Rejection]:
+def screen_updates(
+    replies: Sequence[Message], global_state: Mapping[str, np.ndarray], max_norm_ratio: float
+) -> list[Rejection]:
     """The replies that must not be aggregated, each with the reason (naming the tensor or the norms)."""
     rejections, norms = [], {}
     for i, reply in enumerate(replies):
@@ -42,5 +46,10 @@ def screen_updates(replies: Sequence[Message], global_state: Mapping[str, np.nda
         for i, norm in norms.items():
             others = float(np.median([n for j, n in norms.items() if j != i]))
             if norm > max_norm_ratio * max(others, 1e-12):
-                rejections.append(Rejection(i, f"update norm {norm:.3g} is {norm / max(others, 1e-12):.1f}x the median {others:.3g} of the other sites' (limit {max_norm_ratio:g}x)"))
+                rejections.append(
+                    Rejection(
+                        i,
+                        f"update norm {norm:.3g} is {norm / max(others, 1e-12):.1f}x the median {others:.3g} of the other sites' (limit {max_norm_ratio:g}x)",
+                    )
+                )
     return sorted(rejections, key=lambda r: r.index)

@@ -1,10 +1,10 @@
 """Command line for local multi-site simulation.
 
-    python -m simulation demo                      # phantoms for 3 sites + the federated demo run
-    python -m simulation demo-data --out DIR [--ct-dicom]   # write CT, MRI and ultrasound phantom datasets
-    python -m simulation demo-sites --out DIR      # the same as three sites with their YAMLs (for SuperNodes)
-    python -m simulation split --data DIR --modality M --sites N --out DIR [--scheme iid|dirichlet|quantity]
-    python -m simulation run --sites DIR_OR_YAMLS --rounds R --out OUT [--centralized] [--dp-epsilon E] [--set key=value ...]
+python -m simulation demo                      # phantoms for 3 sites + the federated demo run
+python -m simulation demo-data --out DIR [--ct-dicom]   # write CT, MRI and ultrasound phantom datasets
+python -m simulation demo-sites --out DIR      # the same as three sites with their YAMLs (for SuperNodes)
+python -m simulation split --data DIR --modality M --sites N --out DIR [--scheme iid|dirichlet|quantity]
+python -m simulation run --sites DIR_OR_YAMLS --rounds R --out OUT [--centralized] [--dp-epsilon E] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-from fed_swinumamba.data import DEMO_MODALITIES, generate_phantoms, load_site_config, make_demo_sites, split_dataset
-
+from fed_swinumamba.data import load_site_config
+from fed_swinumamba.run_config import parse_value
+from fed_swinumamba.simulated import DEMO_MODALITIES, generate_phantoms, make_demo_sites, split_dataset
 from server.report import write_report
 
 from .runner import run_centralized_baseline, run_federated_simulation
@@ -39,7 +40,9 @@ def _site_yamls(spec: list[str]) -> list[Path]:
 
 def _labels(text: str) -> dict[int, str]:
     try:
-        return {int(value): name.strip() for value, name in (pair.split("=", 1) for pair in text.split(",") if pair.strip())}
+        return {
+            int(value): name.strip() for value, name in (pair.split("=", 1) for pair in text.split(",") if pair.strip())
+        }
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected value=name pairs such as 1=organ,2=lesion, got {text!r}") from None
 
@@ -50,39 +53,49 @@ def _overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--set expects key=value, got {pair!r}")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        else:
-            value = {"true": True, "false": False}.get(value.lower(), value)
-        out[key.strip()] = value
+        try:
+            out[key.strip()] = parse_value(key.strip(), value)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="generate the 3-site demo (CT, MRI, US phantoms) and run the federation on it")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--cases", type=int, default=16, help="phantom cases per site")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the phantoms (other seeds: other cases)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--centralized", action="store_true", help="also run the centralized baseline")
-    p.add_argument("--dp-epsilon", type=float, default=None, metavar="E", help="DP-SGD at every site, total budget E per site over the run")
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        metavar="E",
+        help="DP-SGD at every site, total budget E per site over the run",
+    )
 
     p = sub.add_parser("demo-data", help="write CT, MRI and ultrasound phantom datasets")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cases", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ct-dicom", action="store_true", help="write the CT images as DICOM series folders (labels stay NIfTI)")
+    p.add_argument(
+        "--ct-dicom", action="store_true", help="write the CT images as DICOM series folders (labels stay NIfTI)"
+    )
 
-    p = sub.add_parser("demo-sites", help="write the demo's three phantom sites (CT, MRI, ultrasound) with their site YAMLs, for SuperNodes")
+    p = sub.add_parser(
+        "demo-sites",
+        help="write the demo's three phantom sites (CT, MRI, ultrasound) with their site YAMLs, for SuperNodes",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cases", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms (other seeds: other cases)")
 
     p = sub.add_parser("split", help="partition a dataset by patient into N site folders with their site YAMLs")
     p.add_argument("--data", type=Path, required=True)
@@ -91,33 +104,64 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheme", choices=("iid", "dirichlet", "quantity"), default="iid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--labels", type=_labels, help="label value=class name pairs, e.g. 1=organ,2=lesion (default: the dataset.json's labels)")
+    p.add_argument(
+        "--labels",
+        type=_labels,
+        help="label value=class name pairs, e.g. 1=organ,2=lesion (default: the dataset.json's labels)",
+    )
 
     p = sub.add_parser("run", help="run the sites as virtual SuperNodes on Flower's simulation engine")
     p.add_argument("--sites", nargs="+", required=True, help="a folder of site YAMLs, or YAML files")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="run-config override, e.g. --set strategy=fedprox")
-    p.add_argument("--centralized", action="store_true", help="also train one model on the union of the sites' data with the same budget (the baseline)")
-    p.add_argument("--dp-epsilon", type=float, default=None, metavar="E", help="DP-SGD at every site, total budget E per site over the run")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override, e.g. --set strategy=fedprox",
+    )
+    p.add_argument(
+        "--centralized",
+        action="store_true",
+        help="also train one model on the union of the sites' data with the same budget (the baseline)",
+    )
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        metavar="E",
+        help="DP-SGD at every site, total budget E per site over the run",
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if args.command == "demo-data":
         for i, modality in enumerate(DEMO_MODALITIES):
-            print(generate_phantoms(args.out / modality, modality, num_cases=args.cases, seed=args.seed + i, dicom=args.ct_dicom and modality == "ct"))
+            print(
+                generate_phantoms(
+                    args.out / modality,
+                    modality,
+                    num_cases=args.cases,
+                    seed=args.seed + i,
+                    dicom=args.ct_dicom and modality == "ct",
+                )
+            )
         return 0
     if args.command == "demo-sites":
-        for path in make_demo_sites(args.out, num_cases=args.cases):
+        for path in make_demo_sites(args.out, num_cases=args.cases, seed=args.seed):
             print(path)
         return 0
     if args.command == "split":
-        for path in split_dataset(args.data, args.modality, args.sites, args.scheme, args.seed, args.out, labels=args.labels):
+        for path in split_dataset(
+            args.data, args.modality, args.sites, args.scheme, args.seed, args.out, labels=args.labels
+        ):
             print(path)
         return 0
     overrides = {}
     if args.command == "demo":
-        sites = make_demo_sites(args.out, num_cases=args.cases)
+        sites = make_demo_sites(args.out, num_cases=args.cases, seed=args.data_seed)
         overrides.update(DEMO_RUN_CONFIG)
     else:
         sites = _site_yamls(args.sites)

@@ -14,18 +14,19 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from client import client_app
-from server import server_app
-from fed_swinumamba.baseline import train_centralized
 from fed_swinumamba.data import load_site_config
-from server.settings import DEFAULTS, FederationSettings
+from fed_swinumamba.run_config import resolve_run_config
+from fed_swinumamba.simulated.baseline import train_centralized
+from server import server_app
+from server.settings import FederationSettings
 
 
-def simulation_run_config(sites: list[Path], out: Path, overrides: dict) -> dict:
+def simulation_run_config(out: Path, overrides: dict) -> dict:
     """The run config ``flwr run`` would build from pyproject, with this simulation's output folder."""
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise SystemExit(f"unknown run config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **overrides, "output-dir": str(out.resolve())}
+    try:
+        return resolve_run_config({**overrides, "output-dir": str(out.resolve())})
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus_per_site: int | None = None) -> dict:
@@ -33,7 +34,7 @@ def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus
 
     Each site gets ``cpus_per_site`` cores (default: the machine's cores shared out, at least one).
     """
-    run_config = simulation_run_config(sites, out, overrides)
+    run_config = simulation_run_config(out, overrides)
     cpus_per_site = cpus_per_site or max(1, (os.cpu_count() or 1) // len(sites))
 
     def as_hospital(msg: Message, context: Context, call_next):
@@ -41,8 +42,13 @@ def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus
         site = sites[int(context.node_config["partition-id"])]
         node_config = {**context.node_config, "site-config": str(site.resolve())}
         torch.set_num_threads(cpus_per_site)  # sites share the cores: oversubscribed threads stall
-        # The run config a SuperNode would receive with the run (DP and round settings are read at the site).
-        ctx = Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config, state=context.state, run_config={**context.run_config, **run_config})
+        ctx = Context(
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config=node_config,
+            state=context.state,
+            run_config=context.run_config,
+        )
         return call_next(msg, ctx)
 
     server = ServerApp()
@@ -70,10 +76,15 @@ def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus
 def run_centralized_baseline(sites: list[Path], out: Path, overrides: dict) -> list[dict]:
     """Train the pooled baseline with the federation's budget; written to ``out/metrics.json`` as ``centralized``."""
     logging.getLogger("fed_swinumamba").setLevel(logging.INFO)
-    settings = FederationSettings.from_run_config(simulation_run_config(sites, out, overrides))
+    settings = FederationSettings.from_run_config(simulation_run_config(out, overrides))
     history = train_centralized(
-        [load_site_config(p) for p in sites], settings.model_config, list(settings.class_names), settings.schedule,
-        settings.num_rounds, settings.local_steps, settings.seed,
+        [load_site_config(p) for p in sites],
+        settings.model_config,
+        list(settings.class_names),
+        settings.schedule,
+        settings.num_rounds,
+        settings.local_steps,
+        settings.seed,
     )
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"rounds": []}

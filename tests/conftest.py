@@ -1,5 +1,6 @@
 """Fixtures and checks shared by the federation tests: three tiny phantom sites (CT, MRI, ultrasound)."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -9,9 +10,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from fed_swinumamba.data import generate_phantoms, load_site_config, split_dataset
+from fed_swinumamba.data import load_site_config
+from fed_swinumamba.model import ModelConfig
 from fed_swinumamba.params import group_of
-from fed_swinumamba.protocol import ARRAYS, CONFIG, METRICS, SITE, Instructions
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, EvalReply, Instructions, TrainReply
+from fed_swinumamba.simulated import generate_phantoms, split_dataset
+
 
 @pytest.fixture(scope="session", autouse=True)
 def user_folders(tmp_path_factory):
@@ -24,8 +28,15 @@ def user_folders(tmp_path_factory):
     patch.undo()
 
 
-# Run-config overrides for a tiny network (dims 8-64): fast on a CPU.
+# The tests' one tiny network (dims 8-64): fast on a CPU. TINY_MODEL for code that takes a ModelConfig,
+# TINY the same network as run-config overrides for a federation.
+TINY_MODEL = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
 TINY = {"model-dims": "8,16,32,64", "model-depths": "1,1,1,1", "model-stem-width": 8, "model-d-state": 4}
+
+
+def tiny_model(*modalities: str) -> ModelConfig:
+    """TINY_MODEL with encoders for ``modalities`` only (all of them when none are given)."""
+    return dataclasses.replace(TINY_MODEL, modalities=modalities) if modalities else TINY_MODEL
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +54,11 @@ def three_sites(tmp_path_factory):
 
 def private_site(site_yaml: Path, folder: Path, **privacy) -> Path:
     """A copy of ``site_yaml`` in ``folder`` with a DP section of its own (``privacy`` fields), its data where it was."""
-    text = re.sub(r"(?m)^  root: .*$", f"  root: {load_site_config(site_yaml).data.root}", site_yaml.read_text().split("privacy:")[0])
+    text = re.sub(
+        r"(?m)^  root: .*$",
+        f"  root: {load_site_config(site_yaml).data.root}",
+        site_yaml.read_text().split("privacy:")[0],
+    )
     lines = "".join(f"  {k}: {v}\n" for k, v in {"enabled": "true", **privacy}.items())
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"private_{site_yaml.stem}.yaml"
@@ -67,14 +82,22 @@ def task_identity(monkeypatch):
 
 
 class ScriptedGrid:
-    """A grid whose three sites answer at once: train replies move each sent weight by the site's step.
+    """A grid whose sites answer at once. Each site holds its copy of the global model as a real site does
+    (a full sync replaces it, an update overwrites what it brings); a train reply is that copy's
+    trainable weights moved by the site's step.
 
     Queries are answered with the site's name and modality (``modalities``, CT by default). A site in
     ``offline`` answers no train message: the SuperLink's own error reply for a node that stopped
     sending heartbeats comes instead.
     """
 
-    def __init__(self, steps: dict[str, float], num_examples: dict[str, int] | None = None, offline: tuple[str, ...] = (), modalities: dict[str, str] | None = None):
+    def __init__(
+        self,
+        steps: dict[str, float],
+        num_examples: dict[str, int] | None = None,
+        offline: tuple[str, ...] = (),
+        modalities: dict[str, str] | None = None,
+    ):
         self.steps = steps  # site -> value added to every weight it trains (NaN: a diverged site)
         self.num_examples = num_examples or dict.fromkeys(steps, 10)
         self.offline = offline
@@ -82,6 +105,7 @@ class ScriptedGrid:
         self.nodes = {i + 1: site for i, site in enumerate(steps)}
         self.train_instructions: list[Instructions] = []
         self.sent: list[Message] = []
+        self.held: dict[str, dict[str, np.ndarray]] = {site: {} for site in steps}
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -101,14 +125,54 @@ class ScriptedGrid:
             elif msg.metadata.message_type == MessageType.TRAIN:
                 ins = Instructions.from_config(msg.content[CONFIG])
                 self.train_instructions.append(ins)
-                trained = {k: a.numpy() + np.float32(self.steps[site]) for k, a in msg.content[ARRAYS].items() if group_of(k) in ins.stage.trainable_groups}
-                content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}), METRICS: MetricRecord({"num-examples": self.num_examples[site], "train-loss": 1.0, "first-batch-seconds": 0.5, "train-seconds": 1.0}), SITE: identity})
+                held = self._sync(site, ins, msg.content[ARRAYS])
+                trained = {
+                    k: v + np.float32(self.steps[site])
+                    for k, v in held.items()
+                    if group_of(k) in ins.stage.trainable_groups
+                }
+                reply = TrainReply(self.num_examples[site], 2, train_loss=1.0, first_batch_s=0.5, train_s=1.0)
+                content = RecordDict(
+                    {
+                        ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}),
+                        METRICS: MetricRecord(reply.to_metrics()),
+                        SITE: identity,
+                    }
+                )
             else:
-                scores = {f"{score}-{c}": value for score, value in (("dice", 0.5), ("hd95", 3.0), ("nsd", 0.7), ("hd95-unbounded", 0)) for c in ("organ", "lesion")}
-                content = RecordDict({METRICS: MetricRecord({**scores, "dice-mean": 0.5, "num-examples": 1, "num-val-cases": 1, "eval-seconds-per-case": 0.1}), SITE: identity})
-            metadata = Metadata(run_id=1, message_id=f"r{i}", src_node_id=msg.metadata.dst_node_id, dst_node_id=0, reply_to_message_id=f"m{i}", group_id="1", created_at=0.0, ttl=60.0, message_type=msg.metadata.message_type)
+                ins = Instructions.from_config(msg.content[CONFIG])
+                if not ins.foreign_model:
+                    self._sync(site, ins, msg.content[ARRAYS])
+                classes = ("organ", "lesion")
+                scores = EvalReply(
+                    dict.fromkeys(classes, 0.5),
+                    dict.fromkeys(classes, 3.0),
+                    dict.fromkeys(classes, 0.7),
+                    dict.fromkeys(classes, 0),
+                    0.5,
+                    1,
+                    1,
+                    0.1,
+                )
+                content = RecordDict({METRICS: MetricRecord(scores.to_metrics()), SITE: identity})
+            metadata = Metadata(
+                run_id=1,
+                message_id=f"r{i}",
+                src_node_id=msg.metadata.dst_node_id,
+                dst_node_id=0,
+                reply_to_message_id=f"m{i}",
+                group_id="1",
+                created_at=0.0,
+                ttl=60.0,
+                message_type=msg.metadata.message_type,
+            )
             replies.append(Message(content=content, metadata=metadata))
         return replies
+
+    def _sync(self, site: str, ins: Instructions, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        sent = {k: a.numpy() for k, a in arrays.items()}
+        self.held[site] = sent if ins.base_version == FULL_SYNC else {**self.held[site], **sent}
+        return self.held[site]
 
 
 def assert_only_weights_and_scalars(reply: dict, parameter_names: set[str], identity: dict) -> None:

@@ -21,21 +21,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, ScriptedGrid, assert_only_weights_and_scalars
 from cryptography.hazmat.primitives import serialization
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
 from client.audit import audit_replies
 from client.deployment import JOINED, REFUSED, SuperNodeRefused, start_and_join, start_supernode
-from fed_swinumamba.data import make_demo_sites
-from fed_swinumamba.deployment import CONNECTION, Background, free_port, is_running, start_background, stop, wait_for_output
+from fed_swinumamba.deployment import (
+    CONNECTION,
+    Background,
+    free_port,
+    is_running,
+    start_background,
+    stop,
+    wait_for_output,
+)
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select
 from fed_swinumamba.protocol import CONFIG, FULL_SYNC, Instructions
+from fed_swinumamba.simulated import make_demo_sites
 from server.deployment import superexec_pids
 from server.federation import Federation
 from server.settings import FederationSettings
-
-from conftest import TINY, ScriptedGrid, assert_only_weights_and_scalars
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="processes are followed through /proc")
 
@@ -58,7 +65,11 @@ class Deployment:
     def __init__(self, root: Path, data: Path):
         self.root, self.data = root, data
         self.port = free_port()
-        self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(root / "flwr-home"),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
         self.runtime_ports = {name: free_port() for name in HOSPITALS}
         self.node_ids: dict[str, int] = {}
         self.pids: list[int] = []
@@ -77,13 +88,22 @@ class Deployment:
 
     def command(self, *args: str | Path, timeout: float = 300) -> str:
         """``python -m ARGS`` from the project root; its output, or a failed test showing it."""
-        done = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", *map(str, args)],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
     def flwr(self, *args: str | Path) -> dict:
-        done = subprocess.run(["flwr", *map(str, args), "--format", "json"], env=self.env, capture_output=True, text=True, timeout=120)
-        return json.loads(done.stdout[done.stdout.index("{"):])
+        done = subprocess.run(
+            ["flwr", *map(str, args), "--format", "json"], env=self.env, capture_output=True, text=True, timeout=120
+        )
+        return json.loads(done.stdout[done.stdout.index("{") :])
 
     def _started(self, pid_file: Path) -> int:
         pid = int(pid_file.read_text())
@@ -96,7 +116,9 @@ class Deployment:
         self.start_superlink()
 
     def start_superlink(self) -> None:
-        self.command("server", "start", "--certs", self.root / "certs", "--state", self.root / "coordinator", "--port", self.port)
+        self.command(
+            "server", "start", "--certs", self.root / "certs", "--state", self.root / "coordinator", "--port", self.port
+        )
         self._started(self.root / "coordinator" / "superlink.pid")
 
     def superlink_pid(self) -> int:
@@ -127,15 +149,38 @@ class Deployment:
 
     def start_stranger(self, key: str, site_config: Path, ca: Path) -> Background:
         """A SuperNode outside the federation's rules, started without waiting for it to join."""
-        process = start_supernode(site_config, self.root / "keys" / key, ca, self.superlink, self.root / "strangers", free_port(), env=self.env)
+        process = start_supernode(
+            site_config,
+            self.root / "keys" / key,
+            ca,
+            self.superlink,
+            self.root / "strangers",
+            free_port(),
+            env=self.env,
+        )
         self.pids.append(process.pid)
         return process
 
     def start_run(self, out: Path, *options: str, **overrides) -> subprocess.Popen:
         """``python -m server run [OPTIONS]`` in the background: it returns when the run is over."""
         config = " ".join(f"{k}={_toml(v)}" for k, v in {**RUN_CONFIG, "output-dir": str(out), **overrides}.items())
-        command = [sys.executable, "-m", "server", "run", str(ROOT), "--superlink", self.superlink, "--ca", str(self.ca), *options, "--run-config", config]
-        run = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command = [
+            sys.executable,
+            "-m",
+            "server",
+            "run",
+            str(ROOT),
+            "--superlink",
+            self.superlink,
+            "--ca",
+            str(self.ca),
+            *options,
+            "--run-config",
+            config,
+        ]
+        run = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.pids.append(run.pid)
         return run
 
@@ -179,7 +224,9 @@ def _rounds(out: Path) -> list[dict]:
 
 def _payload_bytes(modality: str) -> int:
     """What a site of ``modality`` receives when it gets the whole model: shared weights and its encoder."""
-    return sum(t.nbytes for t in select(build_model(SETTINGS.model_config).state_dict(), modalities=[modality]).values())
+    return sum(
+        t.nbytes for t in select(build_model(SETTINGS.model_config).state_dict(), modalities=[modality]).values()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- first run
@@ -199,31 +246,53 @@ def first_run(deployment, tmp_path_factory):
     lost_ca = d.start_stranger("lost_ca", d.sites["hospital_b"], d.root / "other-certs" / "ca.crt")
     output = d.run(out)
     run_id = int(re.search(r"Run (\d+) started", output).group(1))
-    return {"out": out, "output": output, "run_id": run_id, "intruder": intruder, "lost_ca": lost_ca, "lost_ca_node": lost_ca_node}
+    return {
+        "out": out,
+        "output": output,
+        "run_id": run_id,
+        "intruder": intruder,
+        "lost_ca": lost_ca,
+        "lost_ca_node": lost_ca_node,
+    }
 
 
+@pytest.mark.slow
 def test_three_hospitals_train_and_evaluate_two_rounds_over_tls(first_run):
     assert f"Run {first_run['run_id']}: finished:completed" in first_run["output"], first_run["output"][-3000:]
     rounds = _rounds(first_run["out"])
     assert [(r["round"], r["stage"]) for r in rounds] == [(1, 0), (2, 1)]
     for rnd in rounds:
-        assert {site: s["modality"] for site, s in rnd["sites"].items()} == {"demo_ct": "ct", "demo_mri": "mri", "demo_us": "us"}
+        assert {site: s["modality"] for site, s in rnd["sites"].items()} == {
+            "demo_ct": "ct",
+            "demo_mri": "mri",
+            "demo_us": "us",
+        }
         for site in rnd["sites"].values():
             assert "errors" not in site and site["num_examples"] > 0
             assert set(site["dice"]) == {"organ", "lesion"} and 0.0 <= site["dice_mean"] <= 1.0
 
 
+@pytest.mark.slow
 def test_a_node_whose_key_is_not_registered_is_refused(deployment, first_run):
     intruder = first_run["intruder"]
     assert not wait_for_output(intruder, JOINED, timeout=60)  # it exited without joining
     assert REFUSED in intruder.output()
     public = serialization.load_ssh_public_key((deployment.root / "keys" / "intruder.pub").read_bytes())
-    pem_line = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode().splitlines()[1]
-    refusals = [line for line in deployment.superlink_log().splitlines() if "No SuperNode found with the given public key" in line]
+    pem_line = (
+        public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+        .splitlines()[1]
+    )
+    refusals = [
+        line
+        for line in deployment.superlink_log().splitlines()
+        if "No SuperNode found with the given public key" in line
+    ]
     assert any(pem_line in line for line in refusals)
     assert all("intruder_site" not in rnd["sites"] for rnd in _rounds(first_run["out"]))
 
 
+@pytest.mark.slow
 def test_a_node_without_the_coordinators_ca_cannot_connect(deployment, first_run):
     lost_ca = first_run["lost_ca"]
     assert not wait_for_output(lost_ca, JOINED, timeout=60)
@@ -234,6 +303,7 @@ def test_a_node_without_the_coordinators_ca_cannot_connect(deployment, first_run
     assert all(status[deployment.node_ids[name]]["status"] == "online" for name in HOSPITALS)
 
 
+@pytest.mark.slow
 def test_only_weights_and_scalars_leave_a_site(deployment, first_run):
     parameter_names = set(build_model(SETTINGS.model_config).state_dict())
     for name, site in HOSPITALS.items():
@@ -241,7 +311,10 @@ def test_only_weights_and_scalars_leave_a_site(deployment, first_run):
         replies = [line for line in lines if line["run_id"] == first_run["run_id"]]
         identity = {"site": site, "modality": site.removeprefix("demo_")}
         # the coordinator's first question: who is this node (before any weights are sent)
-        assert sorted(r["message_type"] for r in replies) == [MessageType.EVALUATE] * 2 + [MessageType.QUERY] + [MessageType.TRAIN] * 2
+        assert (
+            sorted(r["message_type"] for r in replies)
+            == [MessageType.EVALUATE] * 2 + [MessageType.QUERY] + [MessageType.TRAIN] * 2
+        )
         for reply in replies:
             if reply["message_type"] == MessageType.QUERY:
                 assert reply["content"] == {"site": {"type": "ConfigRecord", "values": identity}}
@@ -249,6 +322,7 @@ def test_only_weights_and_scalars_leave_a_site(deployment, first_run):
                 assert_only_weights_and_scalars(reply["content"], parameter_names, identity)
 
 
+@pytest.mark.slow
 def test_the_coordinators_outputs_never_name_a_sites_files(deployment, first_run):
     out = first_run["out"]
     outputs = {
@@ -271,7 +345,11 @@ def crashes(deployment, tmp_path_factory):
     d, out = deployment, tmp_path_factory.mktemp("crashes")
     received = d.hospital_log("hospital_a").read_text().count("Receiving: train message")
     run = d.start_run(out, **CRASH_RUN)
-    _wait_until(lambda: d.hospital_log("hospital_a").read_text().count("Receiving: train message") > received, 600, "hospital_a's train message")
+    _wait_until(
+        lambda: d.hospital_log("hospital_a").read_text().count("Receiving: train message") > received,
+        600,
+        "hospital_a's train message",
+    )
     stop(d.hospital_pid("hospital_a"), signals=(signal.SIGKILL,))  # a crash: no goodbye to the SuperLink
     _wait_until(lambda: len(_rounds(out)) == 1, 600, "round 1 without hospital_a")
     d.start_hospital("hospital_a")
@@ -284,6 +362,7 @@ def crashes(deployment, tmp_path_factory):
     return {"before": before, "after": _rounds(out), "interrupted": interrupted, "resumed": resumed}
 
 
+@pytest.mark.slow
 def test_a_hospital_killed_mid_round_rejoins_and_trains_on_the_whole_model(deployment, crashes):
     """Round 1 ends with the two others; in round 2 the restarted site gets every weight and trains."""
     first, second = crashes["before"]
@@ -298,6 +377,7 @@ def test_a_hospital_killed_mid_round_rejoins_and_trains_on_the_whole_model(deplo
     assert second["sites"]["demo_mri"]["bytes_down"] < _payload_bytes("mri")  # only what changed
 
 
+@pytest.mark.slow
 def test_the_coordinator_killed_after_a_round_resumes_at_the_next(crashes):
     assert "finished:completed" not in crashes["interrupted"]
     assert "finished:completed" in crashes["resumed"], crashes["resumed"][-3000:]
@@ -324,6 +404,7 @@ def lone_superlink(tmp_path_factory):
         d.stop_all()
 
 
+@pytest.mark.slow
 def test_requests_wait_out_a_write_lock_longer_than_flowers_busy_timeout(lone_superlink):
     """A transaction holds the database's write lock for 12 s, as a full-size message's does under load
     (Flower's own busy timeout: 5 s): a Control API request waits for it, and the SuperExec, which polls
@@ -333,17 +414,20 @@ def test_requests_wait_out_a_write_lock_longer_than_flowers_busy_timeout(lone_su
     database = sqlite3.connect(d.root / "coordinator" / "superlink.db", isolation_level=None)
     try:
         database.execute("BEGIN IMMEDIATE")
-        listing = subprocess.Popen(["flwr", "ls", CONNECTION, "--format", "json"], env=d.env, stdout=subprocess.PIPE, text=True)
+        listing = subprocess.Popen(
+            ["flwr", "ls", CONNECTION, "--format", "json"], env=d.env, stdout=subprocess.PIPE, text=True
+        )
         time.sleep(12)
         database.execute("COMMIT")
     finally:
         database.close()
     output, _ = listing.communicate(timeout=120)
-    assert json.loads(output[output.index("{"):])["success"], output
+    assert json.loads(output[output.index("{") :])["success"], output
     time.sleep(3)
     assert is_running(superexec) and "database is locked" not in d.superlink_log()
 
 
+@pytest.mark.slow
 def test_a_run_that_no_superexec_starts_is_reported_and_stopped(lone_superlink, tmp_path):
     """Without its SuperExec (Flower 1.42's exits after a failed request) a SuperLink leaves new runs
     pending: ``server run`` says so after its start timeout, and stops the run."""
@@ -373,7 +457,9 @@ def _scripted_starts(tmp_path: Path, scripts: list[str], started: list[int]):
 def test_a_refused_supernode_is_started_again_until_it_joins(tmp_path):
     """Right after a crash the SuperLink refuses the restarted node for a while: start_and_join retries."""
     started: list[int] = []
-    start = _scripted_starts(tmp_path, [f"echo '{REFUSED}'; exit 1", f"echo '{REFUSED}'; exit 1", f"echo '{JOINED} 7'; sleep 60"], started)
+    start = _scripted_starts(
+        tmp_path, [f"echo '{REFUSED}'; exit 1", f"echo '{REFUSED}'; exit 1", f"echo '{JOINED} 7'; sleep 60"], started
+    )
     try:
         process, joined = start_and_join(start, timeout=60, pause=0.1)
         assert joined and len(started) == 3 and REFUSED not in process.output()
@@ -395,8 +481,12 @@ def test_a_site_that_cannot_write_its_audit_log_withholds_its_reply(tmp_path, ta
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
     msg = Message(RecordDict(), dst_node_id=11, message_type=MessageType.EVALUATE)
-    context = Context(run_id=1, node_id=11, node_config={"audit-log": str(blocked / "audit.jsonl")}, state=RecordDict(), run_config={})
-    reply = audit_replies(msg, context, lambda m, c: Message(RecordDict({"metrics": MetricRecord({"dice-mean": 0.5})}), reply_to=m))
+    context = Context(
+        run_id=1, node_id=11, node_config={"audit-log": str(blocked / "audit.jsonl")}, state=RecordDict(), run_config={}
+    )
+    reply = audit_replies(
+        msg, context, lambda m, c: Message(RecordDict({"metrics": MetricRecord({"dice-mean": 0.5})}), reply_to=m)
+    )
     assert reply.has_error() and not reply.has_content()
     assert str(tmp_path) not in reply.error.reason
 
@@ -405,7 +495,13 @@ def test_a_site_that_cannot_write_its_audit_log_withholds_its_reply(tmp_path, ta
 def test_a_round_with_fewer_replies_than_min_train_sites_keeps_the_global_model(tmp_path, task_identity, caplog):
     """3 of 3 must train; site_c's node goes offline: the model stays as it was, the round is still
     evaluated everywhere, and the error is recorded for that node (not for the SuperLink that sent it)."""
-    config = {**RUN_CONFIG, "num-server-rounds": 1, "min-train-sites": 3, "min-available-sites": 1, "output-dir": str(tmp_path)}
+    config = {
+        **RUN_CONFIG,
+        "num-server-rounds": 1,
+        "min-train-sites": 3,
+        "min-available-sites": 1,
+        "output-dir": str(tmp_path),
+    }
     grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02, "site_c": 0.03}, offline=("site_c",))
     federation = Federation(grid, FederationSettings.from_run_config(config))
     initial = {k: v.copy() for k, v in federation.state.items()}
@@ -414,7 +510,15 @@ def test_a_round_with_fewer_replies_than_min_train_sites_keeps_the_global_model(
     assert only["sites"]["site_c"]["errors"][0].startswith("train: Error: Node Unavailable")  # known by its query reply
     assert "round 1: 2 sites trained, fewer than min-train-sites=3; global model unchanged" in caplog.text
     assert all(np.array_equal(federation.state[k], v) for k, v in initial.items())
-    evaluations = {m.metadata.dst_node_id: Instructions.from_config(m.content[CONFIG]) for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE}
+    evaluations = {
+        m.metadata.dst_node_id: Instructions.from_config(m.content[CONFIG])
+        for m in grid.sent
+        if m.metadata.message_type == MessageType.EVALUATE
+    }
     assert {node: e.version for node, e in evaluations.items()} == {1: 0, 2: 0, 3: 0}  # the initial model
-    assert {node: e.base_version for node, e in evaluations.items()} == {1: 0, 2: 0, 3: FULL_SYNC}  # the offline node's copy is unknown
+    assert {node: e.base_version for node, e in evaluations.items()} == {
+        1: 0,
+        2: 0,
+        3: FULL_SYNC,
+    }  # the offline node's copy is unknown
     assert all("dice" in only["sites"][s] for s in ("site_a", "site_b", "site_c"))

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY, ScriptedGrid
 from flwr.app import MessageType
 
-from conftest import TINY, ScriptedGrid
 from fed_swinumamba.checkpoint import Checkpoint
 from fed_swinumamba.protocol import ARRAYS, CONFIG, Instructions
 from server.federation import Federation
@@ -17,15 +17,23 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _settings(tmp_path, **overrides):
-    return FederationSettings.from_run_config({**TINY, "output-dir": str(tmp_path), "cross-site-eval": False, "rounds-per-stage": 1, **overrides})
+    return FederationSettings.from_run_config(
+        {**TINY, "output-dir": str(tmp_path), "cross-site-eval": False, "rounds-per-stage": 1, **overrides}
+    )
 
 
 def test_rounds_score_a_subset_and_the_end_scores_every_held_out_case_of_the_final_and_best_models(tmp_path):
     grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02})  # every evaluation scores 0.5: round 1 stays the best
     Federation(grid, _settings(tmp_path, **{"num-server-rounds": 2, "eval-cases": 3, "nsd-tolerance-mm": "2,1"})).run()
 
-    evaluations = [(Instructions.from_config(m.content[CONFIG]), m) for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
-    assert [ins.eval_cases for ins, _ in evaluations] == [3] * 4 + [0] * 4  # 2 rounds x 2 sites, then the final and the best
+    evaluations = [
+        (Instructions.from_config(m.content[CONFIG]), m)
+        for m in grid.sent
+        if m.metadata.message_type == MessageType.EVALUATE
+    ]
+    assert [ins.eval_cases for ins, _ in evaluations] == [3] * 4 + [
+        0
+    ] * 4  # 2 rounds x 2 sites, then the final and the best
     assert all(ins.nsd_tolerance_mm == (2.0, 1.0) for ins, _ in evaluations)
     best = [(ins, m) for ins, m in evaluations if ins.foreign_model]
     assert [ins.foreign_model for ins, _ in best] == ["best checkpoint (round 1)"] * 2
@@ -49,7 +57,11 @@ def test_rounds_score_a_subset_and_the_end_scores_every_held_out_case_of_the_fin
 def test_without_a_subset_the_rounds_already_score_every_case(tmp_path):
     grid = ScriptedGrid({"site_a": 0.01})
     Federation(grid, _settings(tmp_path, **{"num-server-rounds": 1})).run()
-    evaluations = [Instructions.from_config(m.content[CONFIG]) for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
+    evaluations = [
+        Instructions.from_config(m.content[CONFIG])
+        for m in grid.sent
+        if m.metadata.message_type == MessageType.EVALUATE
+    ]
     assert [ins.eval_cases for ins in evaluations] == [0]
     assert "final_evaluation" not in json.loads((tmp_path / "metrics.json").read_text())
 

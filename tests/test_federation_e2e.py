@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, assert_only_weights_and_scalars, tiny_model
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import client_app
@@ -17,13 +18,17 @@ from fed_swinumamba.schedule import Stage
 from server.federation import Federation
 from simulation.runner import run_federated_simulation
 
-from conftest import TINY, assert_only_weights_and_scalars
 
-
+@pytest.mark.slow
 def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites, tmp_path):
     """...and a fourth site whose data folder is missing fails with a clear error without stopping the others."""
     broken = tmp_path / "broken.yaml"
-    broken.write_text(three_sites[2].read_text().replace("site: us_site", "site: broken_site").replace("root: us_site", "root: no_such_folder"))
+    broken.write_text(
+        three_sites[2]
+        .read_text()
+        .replace("site: us_site", "site: broken_site")
+        .replace("root: us_site", "root: no_such_folder")
+    )
     overrides = {**TINY, "num-server-rounds": 2, "rounds-per-stage": 1, "local-steps": 2, "lr": 1e-3}
     metrics = run_federated_simulation([*three_sites, broken], tmp_path / "run", overrides)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
@@ -38,7 +43,10 @@ def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites,
         for k in failed:
             del rnd["sites"][k]
     assert [r["stage"] for r in metrics["rounds"]] == [0, 1]
-    assert "stage1" not in metrics["rounds"][0]["trainable_groups"] and "stage1" in metrics["rounds"][1]["trainable_groups"]
+    assert (
+        "stage1" not in metrics["rounds"][0]["trainable_groups"]
+        and "stage1" in metrics["rounds"][1]["trainable_groups"]
+    )
     for rnd in metrics["rounds"]:
         sites = rnd["sites"]
         assert {s["modality"] for s in sites.values()} == {"ct", "mri", "us"} and len(sites) == 3
@@ -62,7 +70,9 @@ def test_three_sites_two_rounds_write_per_site_dice_and_checkpoints(three_sites,
     assert cross["round"] == 2 and cross["sites"] == sorted(first) and cross["models"] == ["global", *sorted(first)]
     assert cross["dice_mean"]["global"] == {s: second[s]["dice_mean"] for s in first}
     for model in sorted(first):
-        assert set(cross["dice_mean"][model]) == set(first) and all(0.0 <= v <= 1.0 for v in cross["dice_mean"][model].values())
+        assert set(cross["dice_mean"][model]) == set(first) and all(
+            0.0 <= v <= 1.0 for v in cross["dice_mean"][model].values()
+        )
     # A local model differs from the global one, so somewhere its Dice does too.
     assert any(cross["dice_mean"][m][s] != cross["dice_mean"]["global"][s] for m in first for s in first)
     report = (tmp_path / "run" / "report.html").read_text()
@@ -74,16 +84,27 @@ def _train_message(model_config: ModelConfig, seed: int = 0) -> Message:
 
     torch.manual_seed(0)
     state = build_model(model_config).state_dict()
-    ins = Instructions(1, Stage(0, ("stem", "stage4", "decoder", "heads"), 1e-3), model_config, ("organ", "lesion"), version=0, base_version=FULL_SYNC, local_steps=2, seed=seed)
+    ins = Instructions(
+        1,
+        Stage(0, ("stem", "stage4", "decoder", "heads"), 1e-3),
+        model_config,
+        ("organ", "lesion"),
+        version=0,
+        base_version=FULL_SYNC,
+        local_steps=2,
+        seed=seed,
+    )
     content = RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())})
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
 def test_a_site_sends_back_only_weights_and_scalars(three_sites, monkeypatch, task_identity):
     """Privacy: the reply holds the trained weights (names of the network), numbers, and the site's name."""
-    model_config = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    model_config = tiny_model()
     msg = _train_message(model_config)
-    context = Context(run_id=1, node_id=1, node_config={"site-config": str(three_sites[0])}, state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1, node_id=1, node_config={"site-config": str(three_sites[0])}, state=RecordDict(), run_config={}
+    )
     monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
     content = client_app.train(msg, context).content
     assert set(content.keys()) == {"arrays", "metrics", "site"}
@@ -115,19 +136,28 @@ def test_federation_refuses_to_resume_with_a_different_model(tmp_path):
     settings = FederationSettings.from_run_config({**TINY, "output-dir": str(tmp_path)})
     fed = Federation(grid=None, settings=settings)
     fed._checkpoint(3, 1, "latest")
-    resumed = Federation(grid=None, settings=FederationSettings.from_run_config({**TINY, "output-dir": str(tmp_path), "resume": True}))
+    resumed = Federation(
+        grid=None, settings=FederationSettings.from_run_config({**TINY, "output-dir": str(tmp_path), "resume": True})
+    )
     assert resumed.start_round == 4
     with pytest.raises(ValueError, match="model config differs"):
-        Federation(grid=None, settings=FederationSettings.from_run_config({**TINY, "model-d-state": 8, "output-dir": str(tmp_path), "resume": True}))
+        Federation(
+            grid=None,
+            settings=FederationSettings.from_run_config(
+                {**TINY, "model-d-state": 8, "output-dir": str(tmp_path), "resume": True}
+            ),
+        )
 
 
 def test_local_training_is_reproducible_for_a_run_seed(three_sites, monkeypatch, task_identity):
     """Same seed, round and site: the same update (shuffling and augmentation seeded); another seed: another."""
-    model_config = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    model_config = tiny_model()
     monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
 
     def update(seed):
-        context = Context(run_id=1, node_id=1, node_config={"site-config": str(three_sites[1])}, state=RecordDict(), run_config={})
+        context = Context(
+            run_id=1, node_id=1, node_config={"site-config": str(three_sites[1])}, state=RecordDict(), run_config={}
+        )
         torch.manual_seed(1234 + seed)  # whatever the process state, the seed in the instructions decides
         reply = client_app.train(_train_message(model_config, seed), context)
         return {k: a.numpy() for k, a in reply.content["arrays"].items()}
@@ -144,14 +174,46 @@ def _error_reason(reply: Message) -> str:
 
 def test_a_model_config_differing_from_the_site_is_refused_with_a_clear_error(three_sites, monkeypatch, task_identity):
     """The site answers with an error naming itself and the problem; it does not crash the node."""
-    context = Context(run_id=1, node_id=1, node_config={"site-config": str(three_sites[0])}, state=RecordDict(), run_config={})
-    told = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    context = Context(
+        run_id=1, node_id=1, node_config={"site-config": str(three_sites[0])}, state=RecordDict(), run_config={}
+    )
+    told = tiny_model()
     msg = _train_message(told)
     wider = _train_message(ModelConfig(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), stem_width=8, d_state=4))
     msg.content[ARRAYS] = wider.content[ARRAYS]  # weights of another network than the instructions describe
-    mri_only = _train_message(ModelConfig(modalities=("mri",), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4))
+    mri_only = _train_message(tiny_model("mri"))
     monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
     reason = _error_reason(client_app.train(msg, context))
     assert "site ct_site:" in reason and "has shape" in reason and "model configs differ" in reason
     reason = _error_reason(client_app.train(mri_only, context))
     assert "site ct_site: modality 'ct' is not in this federation's ['mri']" in reason
+
+
+def test_a_site_follows_its_message_and_yaml_only_never_the_run_config(three_sites, monkeypatch, task_identity):
+    """A ClientApp given an empty run config trains exactly as one given a run config that says otherwise
+    (DP on, other rounds, steps, seed, learning rate): what a site does is in its instructions."""
+    model_config = tiny_model()
+    monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
+    contrary = {
+        "dp-epsilon": 8.0,
+        "num-server-rounds": 50,
+        "local-steps": 99,
+        "seed": 5,
+        "lr": 1.0,
+        "dp-insecure-reproducible": True,
+    }
+
+    def update(run_config):
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"site-config": str(three_sites[2])},
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        reply = client_app.train(_train_message(model_config), context)
+        assert "epsilon" not in reply.content["metrics"]  # no DP: the instructions ask for none
+        return {k: a.numpy() for k, a in reply.content["arrays"].items()}
+
+    empty, told_otherwise = update({}), update(contrary)
+    assert set(empty) == set(told_otherwise) and all(np.array_equal(empty[k], told_otherwise[k]) for k in empty)

@@ -32,6 +32,7 @@ def _pids_started_with(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the background SuperLink through /proc")
 def test_flwr_run_dot_runs_the_three_site_demo(tmp_path):
     home = tmp_path / "flwr-home"
@@ -42,13 +43,18 @@ def test_flwr_run_dot_runs_the_three_site_demo(tmp_path):
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(link_port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "XDG_DATA_HOME": str(tmp_path / "xdg-data"),  # where the virtual nodes generate the demo: a site's own folder
     }
-    out, demo = tmp_path / "out", tmp_path / "demo"
-    run_config = f"num-server-rounds=2 local-steps=2 lr=0.002 output-dir='{out}' demo-data='{demo}'"
+    out, demo = tmp_path / "out", tmp_path / "xdg-data" / "fed_swinumamba" / "demo"
+    run_config = f"num-server-rounds=2 local-steps=2 lr=0.002 output-dir='{out}'"
     try:
         done = subprocess.run(
             ["flwr", "run", ".", "--federation-config", "num-supernodes=3", "--run-config", run_config, "--stream"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=420,
         )
     finally:
         # The SuperLink (its log and database live in FLWR_HOME) and the executor it started.
@@ -59,8 +65,12 @@ def test_flwr_run_dot_runs_the_three_site_demo(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for rnd in metrics["rounds"]:
-        assert {name: s["modality"] for name, s in rnd["sites"].items()} == {"demo_ct": "ct", "demo_mri": "mri", "demo_us": "us"}
+        assert {name: s["modality"] for name, s in rnd["sites"].items()} == {
+            "demo_ct": "ct",
+            "demo_mri": "mri",
+            "demo_us": "us",
+        }
         assert all(set(s["dice"]) == {"organ", "lesion"} for s in rnd["sites"].values())
-    # Each virtual node played the demo site of its partition, generated once under demo-data.
+    # Each virtual node played the demo site of its partition, generated once in the user's data folder.
     assert sorted(p.name for p in (demo / "sites").rglob("*.yaml")) == ["demo_ct.yaml", "demo_mri.yaml", "demo_us.yaml"]
     assert "global Dice per site" in log  # the round's table reaches the user's terminal

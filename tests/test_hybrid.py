@@ -3,12 +3,22 @@
 import pytest
 import torch
 from safetensors.torch import save_file
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention, get_relative_position_index
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    WindowAttention,
+    get_relative_position_index,
+)
 from yacs.config import CfgNode
 
 from fed_swinumamba.model import ModelConfig, SwinUMamba, SwinUMambaD, VMambaEncoder, VSSBlock, build_model
-from fed_swinumamba.model.hybrid import HybridVSSBlock, ShiftedWindowAttention, hybrid_block_factory, load_swin_attention
-from fed_swinumamba.pretrained import CheckpointError, load_vmamba_checkpoint
+from fed_swinumamba.model.hybrid import (
+    HybridVSSBlock,
+    ShiftedWindowAttention,
+    hybrid_block_factory,
+    load_swin_attention,
+)
+from fed_swinumamba.model.pretrained import CheckpointError, load_vmamba_checkpoint
 
 DIMS = (8, 16, 32, 64)
 HEADS = (1, 2, 4, 8)
@@ -16,7 +26,9 @@ D_STATE = 4
 
 
 def hybrid_encoder(depths=(2, 2, 3, 2), **kw) -> VMambaEncoder:
-    return VMambaEncoder(dims=DIMS, depths=depths, d_state=D_STATE, block_factory=hybrid_block_factory(D_STATE, HEADS), **kw)
+    return VMambaEncoder(
+        dims=DIMS, depths=depths, d_state=D_STATE, block_factory=hybrid_block_factory(D_STATE, HEADS), **kw
+    )
 
 
 def set_gates(module: torch.nn.Module, bias: float) -> None:
@@ -32,7 +44,9 @@ def test_hybrid_encoder_has_every_vmamba_key_and_loads_vmamba_weights(tmp_path):
     plain = VMambaEncoder(dims=DIMS, depths=(2, 2, 3, 2), d_state=D_STATE)
     hybrid = hybrid_encoder()
     plain_state, hybrid_state = plain.state_dict(), hybrid.state_dict()
-    assert {k: v.shape for k, v in hybrid_state.items() if k in plain_state} == {k: v.shape for k, v in plain_state.items()}
+    assert {k: v.shape for k, v in hybrid_state.items() if k in plain_state} == {
+        k: v.shape for k, v in plain_state.items()
+    }
     extra = set(hybrid_state) - set(plain_state)
     assert extra and all(".window_attention.attn." in k or ".gate." in k for k in extra)
 
@@ -115,7 +129,9 @@ def test_small_map_is_one_window_with_the_cropped_bias_table():
     small = WindowAttention(8, num_heads=2, window_size=(2, 3))
     table = branch.attn.relative_position_bias_table.detach().view(13, 13, 2)  # (dy + 6, dx + 6, heads)
     state = {k: v for k, v in branch.attn.state_dict().items() if k != "relative_position_bias_table"}
-    small.load_state_dict(dict(state, relative_position_bias_table=table[5:8, 4:9].reshape(15, 2)))  # dy in -1..1, dx in -2..2
+    small.load_state_dict(
+        dict(state, relative_position_bias_table=table[5:8, 4:9].reshape(15, 2))
+    )  # dy in -1..1, dx in -2..2
     x = torch.randn(2, 2, 3, 8)
     with torch.no_grad():
         torch.testing.assert_close(branch(x), small(x.view(2, 6, 8)).view(2, 2, 3, 8))
@@ -128,7 +144,12 @@ def test_partial_border_windows_ignore_the_padding():
     x = torch.randn(1, 9, 12, 8)
     with torch.no_grad():
         out = branch(x)
-        for rows, cols in [(slice(0, 7), slice(0, 7)), (slice(7, 9), slice(0, 7)), (slice(0, 7), slice(7, 12)), (slice(7, 9), slice(7, 12))]:
+        for rows, cols in [
+            (slice(0, 7), slice(0, 7)),
+            (slice(7, 9), slice(0, 7)),
+            (slice(0, 7), slice(7, 12)),
+            (slice(7, 9), slice(7, 12)),
+        ]:
             torch.testing.assert_close(out[:, rows, cols], branch(x[:, rows, cols]))
 
 
@@ -147,7 +168,9 @@ def test_matches_timm_swin_on_maps_of_whole_windows(shift):
 def swin_checkpoint(tmp_path_factory):
     """A flat timm-layout Swin state dict at tiny widths (depths 2-2-2-2), plus an original-Swin index buffer."""
     torch.manual_seed(1)
-    swin = SwinTransformer(img_size=224, embed_dim=DIMS[0], depths=(2, 2, 2, 2), num_heads=HEADS, window_size=7, num_classes=5).eval()
+    swin = SwinTransformer(
+        img_size=224, embed_dim=DIMS[0], depths=(2, 2, 2, 2), num_heads=HEADS, window_size=7, num_classes=5
+    ).eval()
     with torch.no_grad():
         for name, p in swin.named_parameters():
             if name.endswith("relative_position_bias_table"):
@@ -177,9 +200,16 @@ def test_load_swin_attention_fills_matching_blocks_and_reports_the_rest(swin_che
     fresh_block = encoder.layers[2].blocks[2]
     assert report.fresh == sorted(
         [f"layers.2.blocks.2.{n}" for n, _ in fresh_block.named_parameters() if n.startswith("window_attention.")]
-        + [f"layers.{i}.blocks.{j}.gate.{n}" for i, layer in enumerate(encoder.layers) for j in range(len(layer.blocks)) for n in ("weight", "bias")]
+        + [
+            f"layers.{i}.blocks.{j}.gate.{n}"
+            for i, layer in enumerate(encoder.layers)
+            for j in range(len(layer.blocks))
+            for n in ("weight", "bias")
+        ]
     )
-    assert torch.equal(encoder.layers[0].blocks[0].window_attention.attn.relative_position_index, get_relative_position_index(7, 7))
+    assert torch.equal(
+        encoder.layers[0].blocks[0].window_attention.attn.relative_position_index, get_relative_position_index(7, 7)
+    )
     assert all(torch.equal(encoder.state_dict()[k], v) for k, v in ss2d_before.items())
 
     # Same block, same shift (odd blocks shifted in both): the loaded branch is Swin's SW-MSA.
@@ -198,21 +228,31 @@ def test_load_swin_attention_reads_the_release_formats(swin_checkpoint, tmp_path
     else:
         path = tmp_path / "swin_tiny_patch4_window7_224.pth"
         config = CfgNode({"MODEL": CfgNode({"TYPE": "swin", "NAME": "swin_tiny_patch4_window7_224"})})
-        torch.save({"model": state, "optimizer": {}, "lr_scheduler": {}, "max_accuracy": 81.2, "epoch": 299, "config": config}, path)
+        torch.save(
+            {"model": state, "optimizer": {}, "lr_scheduler": {}, "max_accuracy": 81.2, "epoch": 299, "config": config},
+            path,
+        )
     encoder = hybrid_encoder()
     report = load_swin_attention(encoder, path)
     assert len(report.loaded) == 8 * 5  # 2-2-3-2 hybrid blocks, of which Swin's 2-2-2-2 have a twin, 5 tensors each
-    assert torch.equal(encoder.layers[2].blocks[1].window_attention.attn.qkv.weight, state["layers.2.blocks.1.attn.qkv.weight"])
+    assert torch.equal(
+        encoder.layers[2].blocks[1].window_attention.attn.qkv.weight, state["layers.2.blocks.1.attn.qkv.weight"]
+    )
     assert report.inert == ({} if release == "timm safetensors" else {"config": "yacs.config.CfgNode"})
 
 
 def test_load_swin_attention_shape_mismatch_names_key_and_shapes_and_copies_nothing(swin_checkpoint, tmp_path):
     path, _, state = swin_checkpoint
-    bad = dict(state, **{"layers.0.blocks.1.attn.relative_position_bias_table": torch.zeros(81, 1)})  # a 5x5-window table
+    bad = dict(
+        state, **{"layers.0.blocks.1.attn.relative_position_bias_table": torch.zeros(81, 1)}
+    )  # a 5x5-window table
     torch.save({"model": bad}, tmp_path / "bad.pth")
     encoder = hybrid_encoder()
     before = encoder.layers[0].blocks[0].window_attention.attn.qkv.weight.clone()
-    with pytest.raises(CheckpointError, match=r"shape mismatch for 'layers\.0\.blocks\.1\.attn\.relative_position_bias_table'.*\(81, 1\).*\(169, 1\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch for 'layers\.0\.blocks\.1\.attn\.relative_position_bias_table'.*\(81, 1\).*\(169, 1\)",
+    ):
         load_swin_attention(encoder, tmp_path / "bad.pth")
     assert torch.equal(encoder.layers[0].blocks[0].window_attention.attn.qkv.weight, before)
 
@@ -223,9 +263,13 @@ def test_load_swin_attention_rejects_wrong_targets_and_files(swin_checkpoint, tm
         load_swin_attention(VMambaEncoder(dims=DIMS, depths=(1, 1, 1, 1), d_state=D_STATE), path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_swin_attention(hybrid_encoder(), tmp_path / "nope.pth")
-    partial = {k: v for k, v in swin_checkpoint[2].items() if k != "layers.2.blocks.1.attn.qkv.bias"}  # as in Swin V2 files
+    partial = {
+        k: v for k, v in swin_checkpoint[2].items() if k != "layers.2.blocks.1.attn.qkv.bias"
+    }  # as in Swin V2 files
     torch.save(partial, tmp_path / "partial.pth")
-    with pytest.raises(CheckpointError, match=r"layers\.2\.blocks\.1 has an incomplete attention, missing attn\.qkv\.bias"):
+    with pytest.raises(
+        CheckpointError, match=r"layers\.2\.blocks\.1 has an incomplete attention, missing attn\.qkv\.bias"
+    ):
         load_swin_attention(hybrid_encoder(), tmp_path / "partial.pth")
     torch.save({"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}, tmp_path / "not_swin.pth")
     with pytest.raises(CheckpointError, match="no Swin attention tensors"):
@@ -245,7 +289,15 @@ def test_factory_validates_heads_per_stage():
 @pytest.mark.parametrize("variant", ["swin_umamba", "swin_umamba_d"])
 def test_hybrid_networks_train_end_to_end(variant, swin_checkpoint):
     torch.manual_seed(0)
-    common = dict(in_chans=1, num_classes=2, modalities=("ct",), dims=DIMS, depths=(2, 1, 1, 1), d_state=D_STATE, block_factory=hybrid_block_factory(D_STATE, HEADS))
+    common = dict(
+        in_chans=1,
+        num_classes=2,
+        modalities=("ct",),
+        dims=DIMS,
+        depths=(2, 1, 1, 1),
+        d_state=D_STATE,
+        block_factory=hybrid_block_factory(D_STATE, HEADS),
+    )
     model = SwinUMamba(stem_width=8, **common) if variant == "swin_umamba" else SwinUMambaD(**common)
     report = load_swin_attention(model, swin_checkpoint[0])
     assert len(report.loaded) == 5 * 5 and all(n.startswith("encoder.layers.") for n in report.loaded)
@@ -255,14 +307,26 @@ def test_hybrid_networks_train_end_to_end(variant, swin_checkpoint):
     assert out.shape == (1, 2, 64, 64)
     out.square().mean().backward()
     # Block 0.1 is shifted on a 16x16 map; block 3.0 sees a 2x2 map (one window, no shift).
-    for name in ("layers.0.blocks.1.window_attention.attn.qkv.weight", "layers.0.blocks.1.window_attention.attn.relative_position_bias_table",
-                 "layers.3.blocks.0.window_attention.attn.proj.weight", "layers.0.blocks.1.gate.weight", "layers.3.blocks.0.gate.bias"):
+    for name in (
+        "layers.0.blocks.1.window_attention.attn.qkv.weight",
+        "layers.0.blocks.1.window_attention.attn.relative_position_bias_table",
+        "layers.3.blocks.0.window_attention.attn.proj.weight",
+        "layers.0.blocks.1.gate.weight",
+        "layers.3.blocks.0.gate.bias",
+    ):
         grad = model.encoder.get_parameter(name).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
 def test_build_model_hybrid_config():
-    config = ModelConfig(variant="swin_umamba_d", dims=DIMS, depths=(1, 1, 2, 1), d_state=D_STATE, encoder_block="hybrid", num_heads=HEADS)
+    config = ModelConfig(
+        variant="swin_umamba_d",
+        dims=DIMS,
+        depths=(1, 1, 2, 1),
+        d_state=D_STATE,
+        encoder_block="hybrid",
+        num_heads=HEADS,
+    )
     model = build_model(config)
     assert isinstance(model.encoder.layers[2].blocks[1], HybridVSSBlock)
     assert model.encoder.layers[2].blocks[1].window_attention.shift_size == 3

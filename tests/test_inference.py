@@ -4,12 +4,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from PIL import Image
 
 from fed_swinumamba.__main__ import main
 from fed_swinumamba.checkpoint import Checkpoint
 from fed_swinumamba.data import SiteData, load_site_config
-from fed_swinumamba.model import ModelConfig, build_model
+from fed_swinumamba.model import build_model
 from fed_swinumamba.params import LAYER_GROUPS
 from fed_swinumamba.training import evaluate_cases, train_local
 
@@ -19,12 +20,14 @@ CLASSES = ["organ", "lesion"]
 @pytest.fixture(scope="module")
 def trained_checkpoint(three_sites, tmp_path_factory):
     """A tiny CT + ultrasound network trained a little on the CT site, saved as a run would save it."""
-    config = ModelConfig(modalities=("ct", "us"), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    config = tiny_model("ct", "us")
     torch.manual_seed(0)
     model = build_model(config)
     ct = load_site_config(three_sites[0])
     data = SiteData.from_config(ct, CLASSES)
-    train_local(model, "ct", data.training_batches(4, np.random.default_rng(0)), groups=LAYER_GROUPS, lr=3e-3, max_steps=60)
+    train_local(
+        model, "ct", data.training_batches(4, np.random.default_rng(0)), groups=LAYER_GROUPS, lr=3e-3, max_steps=60
+    )
     path = tmp_path_factory.mktemp("ckpt") / "best.safetensors"
     Checkpoint(model.state_dict(), config, tuple(CLASSES), server_round=3, stage=1).save(path)
     return path, model, ct, data
@@ -45,7 +48,24 @@ def test_predict_keeps_shape_and_affine_and_reproduces_the_evaluation_dice(train
     image_file = next(p for p in (ct.data.root / "imagesTr").iterdir() if p.name.startswith(case.case_id))
     label_file = ct.data.root / "labelsTr" / image_file.name
     out = tmp_path / "mask.nii.gz"
-    assert main(["predict", "--checkpoint", str(path), "--modality", "ct", "--input", str(image_file), "--output", str(out), "--site-config", str(ct.source)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(path),
+                "--modality",
+                "ct",
+                "--input",
+                str(image_file),
+                "--output",
+                str(out),
+                "--site-config",
+                str(ct.source),
+            ]
+        )
+        == 0
+    )
 
     source, written = nib.load(str(image_file)), nib.load(str(out))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
@@ -62,22 +82,58 @@ def test_predict_a_folder_of_png_images_writes_masks_of_the_same_size(trained_ch
     path = trained_checkpoint[0]
     us = load_site_config(three_sites[2])
     images = us.data.root / "images"
-    assert main(["predict", "--checkpoint", str(path), "--modality", "us", "--input", str(images), "--output", str(tmp_path), "--site-config", str(us.source)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(path),
+                "--modality",
+                "us",
+                "--input",
+                str(images),
+                "--output",
+                str(tmp_path),
+                "--site-config",
+                str(us.source),
+            ]
+        )
+        == 0
+    )
     for source in images.iterdir():
         mask = np.array(Image.open(tmp_path / source.name))
         assert mask.shape == np.array(Image.open(source)).shape[:2]
         assert set(np.unique(mask)) <= {0, 128, 255}  # written back in the site's own label values
 
 
-def test_predict_refuses_a_modality_the_checkpoint_has_no_encoder_for(trained_checkpoint, three_sites, tmp_path, capsys):
+def test_predict_refuses_a_modality_the_checkpoint_has_no_encoder_for(
+    trained_checkpoint, three_sites, tmp_path, capsys
+):
     path = trained_checkpoint[0]
     image = next((load_site_config(three_sites[1]).data.root / "imagesTr").iterdir())
-    assert main(["predict", "--checkpoint", str(path), "--modality", "mri", "--input", str(image), "--output", str(tmp_path / "m.nii.gz")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(path),
+                "--modality",
+                "mri",
+                "--input",
+                str(image),
+                "--output",
+                str(tmp_path / "m.nii.gz"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(path) in err and "no encoder for modality 'mri'" in err and "ct, us" in err
 
 
-def test_predict_applies_the_sites_geometry_and_writes_the_mask_back_on_the_input_grid(trained_checkpoint, three_sites, tmp_path, monkeypatch):
+def test_predict_applies_the_sites_geometry_and_writes_the_mask_back_on_the_input_grid(
+    trained_checkpoint, three_sites, tmp_path, monkeypatch
+):
     """A site that trains reoriented (LPS) and resampled (3 mm in-plane) data: the network sees that grid, and
     the mask comes back on the input's. A network that returned the true labels gives back the true mask."""
     import yaml
@@ -87,7 +143,9 @@ def test_predict_applies_the_sites_geometry_and_writes_the_mask_back_on_the_inpu
     path = trained_checkpoint[0]
     site_yaml = tmp_path / "lps.yaml"
     config = yaml.safe_load(three_sites[0].read_text())
-    config["data"].update(root=str(load_site_config(three_sites[0]).data.root), orientation="LPS", spacing=[3.0, 3.0, 0])
+    config["data"].update(
+        root=str(load_site_config(three_sites[0]).data.root), orientation="LPS", spacing=[3.0, 3.0, 0]
+    )
     config["training"] = {"patch_size": [32, 32], "cache_dir": str(tmp_path / "cache")}
     site_yaml.write_text(yaml.safe_dump(config))
     site = load_site_config(site_yaml)
@@ -101,7 +159,24 @@ def test_predict_applies_the_sites_geometry_and_writes_the_mask_back_on_the_inpu
     monkeypatch.setattr(inference, "predict_slices", perfect)
     image_file = site.data.root / "imagesTr" / f"{case.case_id}.nii.gz"
     out = tmp_path / "mask.nii.gz"
-    assert main(["predict", "--checkpoint", str(path), "--modality", "ct", "--input", str(image_file), "--output", str(out), "--site-config", str(site_yaml)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(path),
+                "--modality",
+                "ct",
+                "--input",
+                str(image_file),
+                "--output",
+                str(out),
+                "--site-config",
+                str(site_yaml),
+            ]
+        )
+        == 0
+    )
     assert seen == [(3, 16, 16)]  # the network saw the 3 mm grid: 32 x 32 at 1.5 mm -> 16 x 16
     source, written = nib.load(str(image_file)), nib.load(str(out))
     assert written.shape == source.shape == (32, 32, 3) and np.allclose(written.affine, source.affine)
@@ -114,7 +189,7 @@ def test_windows_of_one_constant_value_are_computed_once_with_the_same_logits():
     """Air after the CT window is exactly 0: its windows go through the network once, with unchanged logits."""
     from fed_swinumamba.training import once_per_constant_window
 
-    config = ModelConfig(modalities=("ct",), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    config = tiny_model("ct")
     torch.manual_seed(0)
     model = build_model(config).eval()
     windows = torch.rand(6, 1, 32, 32)
@@ -136,7 +211,7 @@ def test_sliding_window_prediction_keeps_no_autograd_graph():
     """Inference runs without gradients: a graph kept over a volume's windows took 7 GB for 8 CT slices."""
     from fed_swinumamba.training import predict_slices
 
-    config = ModelConfig(modalities=("ct",), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+    config = tiny_model("ct")
     model = build_model(config)
     grad_modes = []
     model.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))

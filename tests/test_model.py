@@ -12,8 +12,8 @@ from timm.scheduler import CosineLRScheduler
 from yacs.config import CfgNode
 
 from fed_swinumamba.model import ModelConfig, SwinUMamba, SwinUMambaD, VMambaEncoder, build_model
+from fed_swinumamba.model.pretrained import CheckpointError, load_vmamba_checkpoint
 from fed_swinumamba.params import LAYER_GROUPS, group_of, modality_of, select
-from fed_swinumamba.pretrained import CheckpointError, load_vmamba_checkpoint
 from fed_swinumamba.restricted_pickle import InertObject, load_untrusted
 
 REFERENCE = Path(__file__).resolve().parent / "data"  # see data/README.md
@@ -56,7 +56,13 @@ def save_like_vmamba(path: Path, model_state: dict, model_ema_state: dict | None
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": CosineLRScheduler(optimizer, t_initial=300).state_dict(),
         "max_accuracy": 82.2,
-        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0},
+        "scaler": {
+            "scale": 65536.0,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": 0,
+        },
         "epoch": 292,
         "config": vmamba_config(),
     }
@@ -131,14 +137,21 @@ class _RunsCode:
 @pytest.mark.parametrize("how", ["os.system", "exec"])
 def test_checkpoint_whose_pickle_runs_code_is_refused_and_nothing_runs(tmp_path, how, where):
     marker = tmp_path / "code_ran"
-    payload = _RunsCode(os.system, f"touch {marker}") if how == "os.system" else _RunsCode(exec, f"open({str(marker)!r}, 'w').close()")
+    payload = (
+        _RunsCode(os.system, f"touch {marker}")
+        if how == "os.system"
+        else _RunsCode(exec, f"open({str(marker)!r}, 'w').close()")
+    )
     pickle.loads(pickle.dumps(payload))  # the payload is live: plain unpickling runs it
     assert marker.exists()
     marker.unlink()
     state = VMambaEncoder(**TINY).state_dict()
     contents = {"model": state, "config": payload} if where == "config" else {"model": dict(state, evil=payload)}
     torch.save(contents, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"refused: unpickling it would run code from the file \(the pickle calls (posix\.system|__builtin__\.exec)\)\. Nothing from it was run"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"refused: unpickling it would run code from the file \(the pickle calls (posix\.system|__builtin__\.exec)\)\. Nothing from it was run",
+    ):
         load_vmamba_checkpoint(VMambaEncoder(**TINY), tmp_path / "evil.pth")
     assert not marker.exists()
 
@@ -151,7 +164,9 @@ def test_swin_umamba_loads_encoder_and_keeps_stem_embeddings_fresh(full_size_che
     assert all(name.startswith("encoder.layers.") for name in report.loaded)
     assert "modality_encoders.ct.patch_embed.proj.weight" in report.fresh
     assert "decoder" not in " ".join(report.loaded)
-    assert torch.equal(model.encoder.layers[2].blocks[8].self_attention.Ds, state["layers.2.blocks.8.self_attention.Ds"])
+    assert torch.equal(
+        model.encoder.layers[2].blocks[8].self_attention.Ds, state["layers.2.blocks.8.self_attention.Ds"]
+    )
 
 
 def test_swin_umamba_d_adapts_rgb_patch_embedding_to_one_channel(full_size_checkpoint):
@@ -169,14 +184,19 @@ def test_swin_umamba_d_adapts_rgb_patch_embedding_to_one_channel(full_size_check
     rgb_conv = nn.Conv2d(3, 96, 4, 4)
     rgb_conv.weight.data, rgb_conv.bias.data = rgb, state["patch_embed.proj.bias"]
     with torch.no_grad():
-        assert torch.allclose(model.modality_encoders["ct"].patch_embed.proj(grey), rgb_conv(grey.expand(1, 3, 32, 32)), atol=1e-5)
+        assert torch.allclose(
+            model.modality_encoders["ct"].patch_embed.proj(grey), rgb_conv(grey.expand(1, 3, 32, 32)), atol=1e-5
+        )
 
 
 def test_checkpoint_shape_mismatch_names_key_and_both_shapes(tmp_path):
     small = VMambaEncoder(**TINY)
     other = VMambaEncoder(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), d_state=8)
     torch.save({"model": other.state_dict()}, tmp_path / "c.pth")
-    with pytest.raises(CheckpointError, match=r"shape mismatch for 'layers\.0\.blocks\.0\.self_attention\.x_proj_weight'.*\(4, 17, 16\).*\(4, 33, 16\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch for 'layers\.0\.blocks\.0\.self_attention\.x_proj_weight'.*\(4, 17, 16\).*\(4, 33, 16\)",
+    ):
         load_vmamba_checkpoint(small, tmp_path / "c.pth")
 
 
@@ -198,7 +218,9 @@ def test_missing_and_corrupt_checkpoint_files_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("variant", ["swin_umamba", "swin_umamba_d"])
 def test_forward_shapes_modalities_and_deep_supervision(variant):
-    config = ModelConfig(variant=variant, num_classes=3, modalities=("ct", "us"), stem_width=8, **TINY, deep_supervision=True)
+    config = ModelConfig(
+        variant=variant, num_classes=3, modalities=("ct", "us"), stem_width=8, **TINY, deep_supervision=True
+    )
     model = build_model(config)
     x = torch.randn(2, 1, 64, 96)
     model.eval()

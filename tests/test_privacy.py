@@ -2,23 +2,25 @@
 
 import pytest
 import torch
+from conftest import TINY, private_site, tiny_model
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
 from client.site import SiteRound
-from conftest import TINY, private_site
 from fed_swinumamba.data import load_site_config
 from fed_swinumamba.data.site_config import PrivacySpec
+from fed_swinumamba.dp_options import RunDPOptions
 from fed_swinumamba.model import ModelConfig, build_model
 from fed_swinumamba.privacy import DPConfig, PrivacyLedger, per_case_gradients, privacy_spec, resolve, train_private
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, Instructions
+from fed_swinumamba.run_config import resolve_run_config
 from fed_swinumamba.schedule import UnfreezingSchedule
 from fed_swinumamba.secure_random import KeyStream, reproducible_key
 from fed_swinumamba.training import segmentation_loss, set_trainable
 from simulation.runner import run_federated_simulation
 
-TINY_CONFIG = ModelConfig(modalities=("ct",), dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
+TINY_CONFIG = tiny_model("ct")
 ALL_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "decoder", "heads")
 
 
@@ -30,7 +32,10 @@ class RandomCases(torch.utils.data.Dataset):
 
     def __getitem__(self, c):
         g = torch.Generator().manual_seed(c)
-        return {"image": torch.randn(2, 1, 32, 32, generator=g), "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g)}
+        return {
+            "image": torch.randn(2, 1, 32, 32, generator=g),
+            "label": torch.randint(0, 3, (2, 1, 32, 32), generator=g),
+        }
 
 
 def _one_hot(labels):
@@ -73,7 +78,9 @@ def test_each_case_is_clipped_to_max_grad_norm_before_noise():
     grads, _ = per_case_gradients(model, "ct", segmentation_loss(model, one_hot_labels=True), images, labels)
     norms = torch.stack([torch.cat([grads[n][i].flatten() for n, _ in named]).norm() for i in range(4)])
     max_grad_norm = float(norms.median())  # some cases clipped, some not
-    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=4)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0, max_grad_norm=max_grad_norm, expected_batch_size=4
+    )
     for n, p in named:
         p.grad_sample = grads[n]
     optimizer.pre_step()
@@ -94,7 +101,17 @@ def _stream(seed=0):
 
 def test_epsilon_matches_an_independent_accountant():
     ledger = PrivacyLedger()
-    train_private(_tiny_model(), "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-3, steps=4, dp=_dp(), ledger=ledger, stream=_stream())
+    train_private(
+        _tiny_model(),
+        "ct",
+        RandomCases(),
+        groups=ALL_GROUPS,
+        lr=1e-3,
+        steps=4,
+        dp=_dp(),
+        ledger=ledger,
+        stream=_stream(),
+    )
     independent = RDPAccountant()
     for _ in range(4):
         independent.step(noise_multiplier=1.0, sample_rate=0.5)
@@ -111,16 +128,21 @@ def test_noise_for_a_target_epsilon_spends_it_over_the_planned_steps():
     assert 3.9 < ledger.epsilon(dp.delta) <= 4.0
 
 
+def _run_dp(run_config: dict) -> RunDPOptions:
+    """The DP request a coordinator with this run config sends its sites."""
+    return RunDPOptions.from_run_config(resolve_run_config(run_config))
+
+
 def test_run_config_switches_dp_on_for_sites_without_their_own_section():
     off = PrivacySpec()
-    assert not privacy_spec(off, {"dp-epsilon": 0.0}).enabled
-    spec = privacy_spec(off, {"dp-epsilon": 8.0, "dp-max-grad-norm": 2.0, "dp-delta": 0.0})
+    assert not privacy_spec(off, _run_dp({"dp-epsilon": 0.0})).enabled
+    spec = privacy_spec(off, _run_dp({"dp-epsilon": 8.0, "dp-max-grad-norm": 2.0, "dp-delta": 0.0}))
     assert spec.enabled and spec.target_epsilon == 8.0 and spec.max_grad_norm == 2.0 and spec.delta is None
     own = PrivacySpec(enabled=True, noise_multiplier=1.5)
-    assert privacy_spec(own, {"dp-epsilon": 8.0}) is own
-    tuned = privacy_spec(off, {"dp-epsilon": 8.0, "dp-local-steps": 10, "dp-frozen": "stage4, up_blocks.0."})
+    assert privacy_spec(own, _run_dp({"dp-epsilon": 8.0})) is own
+    tuned = privacy_spec(off, _run_dp({"dp-epsilon": 8.0, "dp-local-steps": 10, "dp-frozen": "stage4, up_blocks.0."}))
     assert tuned.local_steps == 10 and tuned.frozen == ("stage4", "up_blocks.0.")
-    assert privacy_spec(off, {"dp-epsilon": 8.0, "dp-local-steps": 0, "dp-frozen": ""}).local_steps is None
+    assert privacy_spec(off, _run_dp({"dp-epsilon": 8.0, "dp-local-steps": 0, "dp-frozen": ""})).local_steps is None
 
 
 def test_dp_lr_scale_multiplies_the_step_and_comes_from_the_run_config_or_the_site():
@@ -128,7 +150,17 @@ def test_dp_lr_scale_multiplies_the_step_and_comes_from_the_run_config_or_the_si
         model = _tiny_model()
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
         dp = DPConfig(1.0, 1.0, 1e-5, 0.5, 3, 2, None, lr_scale=lr_scale)
-        train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-3, steps=1, dp=dp, ledger=PrivacyLedger(), stream=_stream())
+        train_private(
+            model,
+            "ct",
+            RandomCases(),
+            groups=ALL_GROUPS,
+            lr=1e-3,
+            steps=1,
+            dp=dp,
+            ledger=PrivacyLedger(),
+            stream=_stream(),
+        )
         return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
 
     # Same key: same batch, same noise. AdamW's step (and its decoupled weight decay) is linear in the rate.
@@ -137,20 +169,31 @@ def test_dp_lr_scale_multiplies_the_step_and_comes_from_the_run_config_or_the_si
     torch.testing.assert_close(scaled, 2.5 * plain, rtol=1e-4, atol=1e-9)
 
     off = PrivacySpec()
-    assert privacy_spec(off, {"dp-epsilon": 8.0, "dp-lr-scale": 3.0}).lr_scale == 3.0
-    assert privacy_spec(off, {"dp-epsilon": 8.0}).lr_scale == 1.0
+    assert privacy_spec(off, _run_dp({"dp-epsilon": 8.0, "dp-lr-scale": 3.0})).lr_scale == 3.0
+    assert privacy_spec(off, _run_dp({"dp-epsilon": 8.0})).lr_scale == 1.0
     assert resolve(PrivacySpec(True, 8.0, lr_scale=2.0), 100, 8, lambda q: 10).lr_scale == 2.0
     for bad in (-1.0, 0.0):  # 0 once became 1 silently
-        with pytest.raises(ValueError, match="run config dp-lr-scale must be a number > 0"):
-            privacy_spec(off, {"dp-epsilon": 8.0, "dp-lr-scale": bad})
+        with pytest.raises(ValueError, match="run config dp-lr-scale must be > 0"):
+            _run_dp({"dp-epsilon": 8.0, "dp-lr-scale": bad})
 
 
 def test_frozen_groups_and_prefixes_are_not_trained_under_dp():
     model = _tiny_model()
     frozen = ("stage4", "up_blocks.0.")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, sample_rate=0.5, cases_per_batch=3, slices_per_case=2, budget=None, frozen=frozen)
-    train_private(model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-2, steps=2, dp=dp, ledger=PrivacyLedger(), stream=_stream())
+    dp = DPConfig(
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        sample_rate=0.5,
+        cases_per_batch=3,
+        slices_per_case=2,
+        budget=None,
+        frozen=frozen,
+    )
+    train_private(
+        model, "ct", RandomCases(), groups=ALL_GROUPS, lr=1e-2, steps=2, dp=dp, ledger=PrivacyLedger(), stream=_stream()
+    )
     for name, p in model.named_parameters():
         held = _group(name) == "stage4" or name.startswith("up_blocks.0.")
         assert torch.equal(p, before[name]) == held, name
@@ -160,13 +203,23 @@ def test_frozen_groups_and_prefixes_are_not_trained_under_dp():
 
 # ---------------------------------------------------------------- a site over several rounds
 
+
 def _private_site(three_sites, tmp_path, **privacy):
     """The CT demo site with its own DP section."""
     return private_site(three_sites[0], tmp_path, **privacy)
 
 
 def _round(context, server_round, stage, model_config, state):
-    ins = Instructions(server_round, stage, model_config, ("organ", "lesion"), version=server_round - 1, base_version=FULL_SYNC, local_steps=2, seed=0)
+    ins = Instructions(
+        server_round,
+        stage,
+        model_config,
+        ("organ", "lesion"),
+        version=server_round - 1,
+        base_version=FULL_SYNC,
+        local_steps=2,
+        seed=0,
+    )
     content = RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())})
     return SiteRound(content, context).train()
 
@@ -178,7 +231,7 @@ def test_epsilon_grows_across_rounds_and_a_stage_change_and_the_budget_stops_tra
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in build_model(model_config).state_dict().items()}
     schedule = UnfreezingSchedule(rounds_per_stage=2)
-    context = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={"num-server-rounds": 8})
+    context = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={})
     num_cases = 3  # 4 phantom cases, 20 % held out
     sample_rate, delta = 1 / num_cases, min(1e-5, 1 / num_cases)
 
@@ -210,20 +263,24 @@ def test_epsilon_grows_across_rounds_and_a_stage_change_and_the_budget_stops_tra
             assert m["epsilon"] == pytest.approx(epsilons[-1])
     assert all(b > a for a, b in zip(epsilons, epsilons[1:]))
     # A restarted SuperNode (empty state) in another run finds the study's ledger on the site's disk: the budget stays spent.
-    restarted = Context(run_id=2, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={"num-server-rounds": 8})
+    restarted = Context(run_id=2, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={})
     again = _round(restarted, last_round + 2, schedule.stage_for_round(last_round + 2), model_config, state)[METRICS]
     assert again["dp-budget-exhausted"] == 1 and again["epsilon"] == pytest.approx(epsilons[-1])
     assert schedule.stage_for_round(1).index != schedule.stage_for_round(3).index  # a stage change was crossed
 
 
 def test_a_site_s_dp_local_steps_replace_the_run_s_and_its_frozen_layers_stay_as_sent(three_sites, tmp_path):
-    path = _private_site(three_sites, tmp_path, noise_multiplier=1.0, cases_per_batch=1, local_steps=3, frozen="[stage4, up_blocks.0.]")
+    path = _private_site(
+        three_sites, tmp_path, noise_multiplier=1.0, cases_per_batch=1, local_steps=3, frozen="[stage4, up_blocks.0.]"
+    )
     assert load_site_config(path).privacy.frozen == ("stage4", "up_blocks.0.")
     model_config = ModelConfig.from_dict({**TINY_CONFIG.to_dict(), "modalities": ["ct"]})
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in build_model(model_config).state_dict().items()}
-    context = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={"num-server-rounds": 2})
-    reply = _round(context, 1, UnfreezingSchedule().stage_for_round(1), model_config, state)  # the run says 2 local steps
+    context = Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={})
+    reply = _round(
+        context, 1, UnfreezingSchedule().stage_for_round(1), model_config, state
+    )  # the run says 2 local steps
     assert reply[METRICS]["steps"] == 3 == reply[METRICS]["dp-steps"]
     params = dict(build_model(model_config).named_parameters())
     for k, v in reply[ARRAYS].items():
@@ -239,6 +296,7 @@ def _group(name):
     return group_of(name)
 
 
+@pytest.mark.slow
 def test_simulation_with_dp_epsilon_reports_epsilon_per_site_per_round(three_sites, tmp_path):
     overrides = {**TINY, "num-server-rounds": 2, "rounds-per-stage": 1, "local-steps": 2, "lr": 1e-3, "dp-epsilon": 8.0}
     metrics = run_federated_simulation(three_sites, tmp_path / "run", overrides)
@@ -248,7 +306,11 @@ def test_simulation_with_dp_epsilon_reports_epsilon_per_site_per_round(three_sit
         for name, site in rnd["sites"].items():
             assert 0 < site["epsilon"] <= 8.0 and site["epsilon"] > previous.get(name, 0.0)
             # the phantom sites map no patients: each file is a patient, and the record says so
-            assert site["privacy"]["unit"] == "patient = one image file (the site maps no patients)" and site["privacy"]["budget"] == 8.0 and site["num_examples"] == 3
+            assert (
+                site["privacy"]["unit"] == "patient = one image file (the site maps no patients)"
+                and site["privacy"]["budget"] == 8.0
+                and site["num_examples"] == 3
+            )
             assert site["privacy"]["noise_multiplier"] > 0 and "train_loss" not in site and "dice" in site
             previous[name] = site["epsilon"]
     # The noise was derived from the budget for the planned rounds: running the plan spends it.

@@ -11,19 +11,51 @@ from server.__main__ import main
 
 def _metrics():
     def site(modality, organ, lesion, epsilon=None, **extra):
-        entry = {"modality": modality, "dice": {"organ": organ, "lesion": lesion}, "dice_mean": organ if math.isnan(lesion) else (organ + lesion) / 2, "bytes_up": 2**20, "bytes_down": 3 * 2**20, **extra}
+        entry = {
+            "modality": modality,
+            "dice": {"organ": organ, "lesion": lesion},
+            "dice_mean": organ if math.isnan(lesion) else (organ + lesion) / 2,
+            "bytes_up": 2**20,
+            "bytes_down": 3 * 2**20,
+            **extra,
+        }
         if epsilon is not None:
             entry.update(epsilon=epsilon, privacy={"delta": 1e-5, "noise_multiplier": 1.234, "unit": "patient"})
         return entry
 
     rounds = [
-        {"round": 1, "stage": 0, "sites": {"a_ct": site("ct", 0.4111, 0.2222, 1.5), "b_us": site("us", 0.3333, 0.1444)}},
-        {"round": 2, "stage": 1, "sites": {"a_ct": site("ct", 0.8123, 0.6789, 2.25, privacy_budget_exhausted=True), "b_us": site("us", 0.7654, float("nan"))}},
+        {
+            "round": 1,
+            "stage": 0,
+            "sites": {"a_ct": site("ct", 0.4111, 0.2222, 1.5), "b_us": site("us", 0.3333, 0.1444)},
+        },
+        {
+            "round": 2,
+            "stage": 1,
+            "sites": {
+                "a_ct": site("ct", 0.8123, 0.6789, 2.25, privacy_budget_exhausted=True),
+                "b_us": site("us", 0.7654, float("nan")),
+            },
+        },
     ]
-    cross = {"round": 2, "models": ["global", "a_ct", "b_us"], "sites": ["a_ct", "b_us"],
-             "dice_mean": {"global": {"a_ct": 0.7456, "b_us": 0.7654}, "a_ct": {"a_ct": 0.7011, "b_us": 0.5922}, "b_us": {"a_ct": 0.4833, "b_us": 0.7744}}}
+    cross = {
+        "round": 2,
+        "models": ["global", "a_ct", "b_us"],
+        "sites": ["a_ct", "b_us"],
+        "dice_mean": {
+            "global": {"a_ct": 0.7456, "b_us": 0.7654},
+            "a_ct": {"a_ct": 0.7011, "b_us": 0.5922},
+            "b_us": {"a_ct": 0.4833, "b_us": 0.7744},
+        },
+    }
     centralized = [{"round": 2, "stage": 1, "sites": {"a_ct": {"dice_mean": 0.9087}, "b_us": {"dice_mean": 0.8876}}}]
-    return {"rounds": rounds, "config": {"class-names": "organ,lesion", "strategy": "fedavg"}, "best_mean_dice": 0.7555, "cross_site": cross, "centralized": centralized}
+    return {
+        "rounds": rounds,
+        "config": {"class-names": "organ,lesion", "strategy": "fedavg"},
+        "best_mean_dice": 0.7555,
+        "cross_site": cross,
+        "centralized": centralized,
+    }
 
 
 def test_report_shows_the_numbers_of_metrics_json(tmp_path):
@@ -47,7 +79,7 @@ def test_report_shows_the_numbers_of_metrics_json(tmp_path):
     for name in ("dice_per_site", "epsilon_per_site", "cross_site", "bytes_per_round"):
         png = tmp_path / f"{name}.png"
         assert Image.open(png).size[0] > 300
-    assert page.count("data:image/png;base64,") == 4 and "src=\"http" not in page
+    assert page.count("data:image/png;base64,") == 4 and 'src="http' not in page
 
 
 def test_report_without_dp_or_cross_site_leaves_those_sections_out(tmp_path):
@@ -71,7 +103,16 @@ def test_report_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
 def test_report_shows_site_level_privacy(tmp_path):
     metrics = _metrics()
     for r, epsilon in zip(metrics["rounds"], (0.8765, 1.4321), strict=True):
-        r["site_dp"] = {"epsilon": epsilon, "delta": 1e-5, "noise_multiplier": 1.5, "clipping_norm": 0.1, "releases": r["round"], "budget": 1.5, "budget_exhausted": True, "unit": "site"}
+        r["site_dp"] = {
+            "epsilon": epsilon,
+            "delta": 1e-5,
+            "noise_multiplier": 1.5,
+            "clipping_norm": 0.1,
+            "releases": r["round"],
+            "budget": 1.5,
+            "budget_exhausted": True,
+            "unit": "site",
+        }
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
@@ -81,13 +122,20 @@ def test_report_shows_site_level_privacy(tmp_path):
 
 def test_report_of_a_reproducible_dp_run_says_not_private_and_what_dp_covers(tmp_path):
     metrics = _metrics()
-    metrics.update(not_private="NOT PRIVATE (dp-insecure-reproducible)", study="liver", weighting="each site's number of training patients")
+    metrics.update(
+        not_private="NOT PRIVATE (dp-insecure-reproducible)",
+        study="liver",
+        weighting="each site's number of training patients",
+    )
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert "NOT PRIVATE (dp-insecure-reproducible): the DP noise could be predicted" in page
     assert "study liver; aggregation weights: each site&#x27;s number of training patients" in page
-    assert "the unit is one training patient, adjacency is adding or removing one patient" in page and "Not covered: the held-out" in page
+    assert (
+        "the unit is one training patient, adjacency is adding or removing one patient" in page
+        and "Not covered: the held-out" in page
+    )
     del metrics["not_private"]
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     main(["report", str(tmp_path)])

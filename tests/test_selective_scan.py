@@ -231,10 +231,14 @@ def test_vmap_forward_matches_loop(path):
     inputs = make_inputs(groups=4)
     stacked = {k: torch.stack([inputs[k], inputs[k].flip(-1)]) for k in ("u", "delta", "B", "C")}
     shared = {k: inputs[k] for k in ("A", "D", "delta_bias")}
-    ys = vmap(lambda u, delta, B, C: selective_scan(u, delta, B=B, C=C, delta_softplus=True, **shared))(*stacked.values())
+    ys = vmap(lambda u, delta, B, C: selective_scan(u, delta, B=B, C=C, delta_softplus=True, **shared))(
+        *stacked.values()
+    )
     for i in range(2):
         one = {k: v[i] for k, v in stacked.items()}
-        torch.testing.assert_close(ys[i], selective_scan_reference(**one, **shared, delta_softplus=True), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            ys[i], selective_scan_reference(**one, **shared, delta_softplus=True), rtol=1e-9, atol=1e-12
+        )
 
 
 class TinySSM(nn.Module):
@@ -251,7 +255,9 @@ class TinySSM(nn.Module):
         b, _, l = x.shape
         u, delta, bc = x.split([self.d, self.d, 2 * self.groups * self.n], dim=1)
         B, C = bc.reshape(b, 2, self.groups, self.n, l).unbind(1)
-        return selective_scan(u, delta, -torch.exp(self.A_logs), B, C, self.Ds, delta_bias=self.dt_bias, delta_softplus=True)
+        return selective_scan(
+            u, delta, -torch.exp(self.A_logs), B, C, self.Ds, delta_bias=self.dt_bias, delta_softplus=True
+        )
 
 
 def test_opacus_grad_sample_matches_per_sample_autograd(path, small_chunks):
@@ -261,7 +267,9 @@ def test_opacus_grad_sample_matches_per_sample_autograd(path, small_chunks):
     model = TinySSM()
     x = torch.randn(4, 2 * 8 + 2 * 2 * 4, 37, dtype=torch.float64)
     w = torch.randn(4, 8, 37, dtype=torch.float64)
-    expected = [torch.autograd.grad((model(x[i : i + 1]) * w[i : i + 1]).sum(), list(model.parameters())) for i in range(4)]
+    expected = [
+        torch.autograd.grad((model(x[i : i + 1]) * w[i : i + 1]).sum(), list(model.parameters())) for i in range(4)
+    ]
     gsm = GradSampleModule(model, loss_reduction="sum")
     (gsm(x.requires_grad_()) * w).sum().backward()
     assert hasattr(model, "ft_compute_sample_grad")  # Opacus took its functorch (vmap of grad) path
@@ -330,7 +338,9 @@ def test_a_compiler_other_than_gcc_gets_no_gcc_only_flags(fresh_cache, monkeypat
     lib, reason = native_scan.library()
     assert reason == "" and lib is not None
     assert not set(native_scan._GCC_FLAGS) & set(native_scan._flags(str(fake)))
-    real_is_gcc = "Free Software Foundation" in subprocess.run([real, "--version"], capture_output=True, text=True).stdout
+    real_is_gcc = (
+        "Free Software Foundation" in subprocess.run([real, "--version"], capture_output=True, text=True).stdout
+    )
     assert (set(native_scan._GCC_FLAGS) <= set(native_scan._flags(real))) == real_is_gcc
 
 

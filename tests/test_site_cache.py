@@ -12,15 +12,19 @@ import numpy as np
 import pytest
 import yaml
 
-from fed_swinumamba.data import SiteData, SiteDataError, load_site_config, split_dataset
+from fed_swinumamba.data import SiteData, SiteDataError, load_site_config
 from fed_swinumamba.data.check import check_site
+from fed_swinumamba.simulated import split_dataset
 
 CLASSES = ["organ", "lesion"]
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
 
 
 def write_case(root: Path, name: str, image: np.ndarray, label: np.ndarray, affine=AFFINE, label_affine=None) -> None:
-    for folder, array, a in (("imagesTr", image, affine), ("labelsTr", label, affine if label_affine is None else label_affine)):
+    for folder, array, a in (
+        ("imagesTr", image, affine),
+        ("labelsTr", label, affine if label_affine is None else label_affine),
+    ):
         (root / folder).mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(array, a), root / folder / f"{name}.nii.gz")
 
@@ -39,7 +43,13 @@ def ct_volume(rng, shape=(48, 40, 12), lesion_slices=(), organ=True) -> tuple[np
 
 
 def site_yaml(tmp_path: Path, root: Path, **sections) -> Path:
-    config = {"site": "hospital_a", "modality": "ct", "data": {"root": str(root)}, "labels": {1: "organ", 2: "lesion"}, **sections}
+    config = {
+        "site": "hospital_a",
+        "modality": "ct",
+        "data": {"root": str(root)},
+        "labels": {1: "organ", 2: "lesion"},
+        **sections,
+    }
     path = tmp_path / "hospital_a.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -67,12 +77,17 @@ def test_cache_lives_outside_the_data_folder_and_serves_a_read_only_site(tmp_pat
     entry = data.train_cases[0].folder
     assert entry.is_relative_to(user_folders / "cache" / "fed_swinumamba" / "sites" / "hospital_a")
     # compact: float16 intensities and uint8 labels, (S, H, W)
-    assert np.load(entry / "image.npy", mmap_mode="r").dtype == np.float16 and np.load(entry / "label.npy", mmap_mode="r").dtype == np.uint8
+    assert (
+        np.load(entry / "image.npy", mmap_mode="r").dtype == np.float16
+        and np.load(entry / "label.npy", mmap_mode="r").dtype == np.uint8
+    )
     assert np.load(entry / "image.npy", mmap_mode="r").shape == (12, 48, 40)
 
 
 def test_a_replaced_file_is_preprocessed_again(tmp_path, ct_dataset):
-    yaml_path = site_yaml(tmp_path, ct_dataset, split={"val_fraction": 0.2, "seed": 0}, training={"cache_dir": str(tmp_path / "cache")})
+    yaml_path = site_yaml(
+        tmp_path, ct_dataset, split={"val_fraction": 0.2, "seed": 0}, training={"cache_dir": str(tmp_path / "cache")}
+    )
     first = SiteData.from_config(load_site_config(yaml_path), CLASSES)
     case = first.val_cases[0]
     image, label = ct_volume(np.random.default_rng(1), lesion_slices=(7,))
@@ -129,7 +144,12 @@ def test_mirrored_label_affine_is_an_error_naming_both_files(tmp_path, ct_datase
     with pytest.raises(SiteDataError) as err:
         SiteData.from_config(load_site_config(yaml_path), CLASSES)
     message = str(err.value)
-    assert "site hospital_a" in message and "imagesTr/case_9.nii.gz" in message and "labelsTr/case_9.nii.gz" in message and "affines differ" in message
+    assert (
+        "site hospital_a" in message
+        and "imagesTr/case_9.nii.gz" in message
+        and "labelsTr/case_9.nii.gz" in message
+        and "affines differ" in message
+    )
     report = check_site(yaml_path, CLASSES)
     assert not report.ok and any("case_9" in p and "affines differ" in p for p in report.problems)
 
@@ -139,7 +159,9 @@ def test_multi_channel_volumes_need_the_channel_to_use(tmp_path, ct_dataset):
     echoes = np.stack([image, image + 500], axis=-1)  # (X, Y, Z, 2): two echoes
     write_case(ct_dataset, "case_9", echoes, label)
     yaml_path = site_yaml(tmp_path, ct_dataset)
-    with pytest.raises(SiteDataError, match=r"site hospital_a: .*case_9\.nii\.gz: image has 2 channels; set data\.channel"):
+    with pytest.raises(
+        SiteDataError, match=r"site hospital_a: .*case_9\.nii\.gz: image has 2 channels; set data\.channel"
+    ):
         SiteData.from_config(load_site_config(yaml_path), CLASSES)
     config = yaml.safe_load(yaml_path.read_text())
     config["data"]["channel"] = 1
@@ -171,7 +193,10 @@ def _patient_site(tmp_path, mapping_file: str) -> tuple[Path, dict[str, str]]:
     if mapping_file == "cases.csv":
         (root / "cases.csv").write_text("case,patient\n" + "".join(f"{c},{p}\n" for c, p in patients.items()))
     else:
-        entries = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz", "patient": p} for c, p in patients.items()]
+        entries = [
+            {"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz", "patient": p}
+            for c, p in patients.items()
+        ]
         (root / "dataset.json").write_text(json.dumps({"name": "test", "training": entries}))
     return site_yaml(tmp_path, root, split={"val_fraction": 0.4, "seed": 3}), patients
 
@@ -183,7 +208,11 @@ def test_a_patients_studies_stay_on_one_side_of_the_split_and_dp_samples_patient
     train = {patients[c.case_id] for c in data.train_cases}
     held_out = {patients[c.case_id] for c in data.val_cases}
     assert not train & held_out and train | held_out == set(patients.values()) and len(held_out) == 2
-    assert data.patients_mapped and data.num_train_patients == 3 and data.num_train_cases == sum(p in train for p in patients.values())
+    assert (
+        data.patients_mapped
+        and data.num_train_patients == 3
+        and data.num_train_cases == sum(p in train for p in patients.values())
+    )
     # DP-SGD's unit: one item per training patient, built only from that patient's studies
     crops = data.patient_crops(slices_per_patient=6, rng=np.random.default_rng(0))
     assert len(crops) == 3
@@ -210,7 +239,9 @@ def test_foreground_oversampling_finds_a_lesion_in_3_of_48_slices(tmp_path):
         image, label = ct_volume(rng, shape=(96, 96, 48), lesion_slices=(20, 21, 22), organ=False)
         label[60:80, 60:80, 10:40] = 1  # an organ in 30 of the 48 slices, away from the lesion
         write_case(root, f"case_{i}", image, label)
-    yaml_path = site_yaml(tmp_path, root, training={"patch_size": [32, 32], "pos_fraction": 0.6, "augment": False, "loader_workers": 0})
+    yaml_path = site_yaml(
+        tmp_path, root, training={"patch_size": [32, 32], "pos_fraction": 0.6, "augment": False, "loader_workers": 0}
+    )
     data = SiteData.from_config(load_site_config(yaml_path), CLASSES)
     batches = data.training_batches(48, np.random.default_rng(0))
     assert len(batches.sampler) == data.num_train_slices == 96  # a pass: as many crops as training slices
@@ -236,7 +267,9 @@ def test_split_dataset_reads_msd_labels_and_patients(tmp_path):
         assert config.labels == {1: "liver", 2: "tumour"}
         data = SiteData.from_config(config, ["liver", "tumour"])
         by_site.append({c.patient for c in data.train_cases + data.val_cases})
-    assert not by_site[0] & by_site[1] and by_site[0] | by_site[1] == set(patients.values())  # a patient at one site only
+    assert not by_site[0] & by_site[1] and by_site[0] | by_site[1] == set(
+        patients.values()
+    )  # a patient at one site only
 
 
 _PEAK_RSS = """
@@ -253,6 +286,7 @@ print(len(data.train_cases), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss 
 """
 
 
+@pytest.mark.slow
 def test_memory_of_a_message_does_not_grow_with_the_number_of_cases(tmp_path):
     """Open the site, one training pass, read every held-out case: the same peak for N and 4N cases (held in
     memory as float32 they would take 2 MB each, 60 MB more at 4N)."""
@@ -265,7 +299,9 @@ def test_memory_of_a_message_does_not_grow_with_the_number_of_cases(tmp_path):
         (tmp_path / f"site{n}").mkdir()
         yaml_path = site_yaml(tmp_path / f"site{n}", root, training={"loader_workers": 0})
         SiteData.from_config(load_site_config(yaml_path), CLASSES)  # preprocessing: once, before the messages
-        out = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(yaml_path)], capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_RSS, str(yaml_path)], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert int(out[0]) == round(n * 0.8)
         peaks[n] = int(out[1]) / 1024  # MB (ru_maxrss is in kB on Linux)
     assert abs(peaks[40] - peaks[10]) < 15, peaks

@@ -9,16 +9,8 @@ import torch
 import yaml
 from PIL import Image
 
-from fed_swinumamba.data import (
-    SiteConfigError,
-    SiteData,
-    SiteDataError,
-    generate_phantoms,
-    load_site_config,
-    partition_cases,
-    split_cases,
-    split_dataset,
-)
+from fed_swinumamba.data import SiteConfigError, SiteData, SiteDataError, load_site_config, split_cases
+from fed_swinumamba.simulated import generate_phantoms, partition_cases, split_dataset
 
 CLASSES = ["organ", "lesion"]
 
@@ -44,7 +36,11 @@ def _valid(root: str = "data") -> dict:
         (lambda c: c.update(training={"batch_size": 2.5}), "training.batch_size", "positive integer"),
         (lambda c: c.update(training={"local_epochs": 1, "local_steps": 5}), "training.local_steps", "not both"),
         (lambda c: c.update(preprocessing={"window": [300, -200]}), "preprocessing.window", "low < high"),
-        (lambda c: c.update(privacy={"enabled": True, "target_epsilon": 8, "lr_scale": 0}), "privacy.lr_scale", "positive number"),
+        (
+            lambda c: c.update(privacy={"enabled": True, "target_epsilon": 8, "lr_scale": 0}),
+            "privacy.lr_scale",
+            "positive number",
+        ),
     ],
 )
 def test_config_errors_name_the_file_and_the_field(tmp_path, change, field, problem):
@@ -88,7 +84,10 @@ def test_phantoms_are_real_formats_with_exact_labels_and_deterministic(tmp_path)
     us = generate_phantoms(tmp_path / "us", "us", num_cases=2, seed=0, size=32)
     assert set(np.unique(np.array(Image.open(us / "masks" / "case_000.png")))) <= {0, 128, 255}
     again = generate_phantoms(tmp_path / "ct2", "ct", num_cases=3, seed=4, size=32, num_slices=4)
-    assert np.array_equal(nib.load(again / "imagesTr" / "case_002.nii.gz").get_fdata(), nib.load(ct / "imagesTr" / "case_002.nii.gz").get_fdata())
+    assert np.array_equal(
+        nib.load(again / "imagesTr" / "case_002.nii.gz").get_fdata(),
+        nib.load(ct / "imagesTr" / "case_002.nii.gz").get_fdata(),
+    )
 
 
 def test_split_is_by_case_and_seed_stable():
@@ -153,7 +152,10 @@ def test_unknown_label_values_name_site_file_and_values(ct_site):
 def test_shape_mismatch_is_a_clear_error(ct_site):
     yaml_path, root = ct_site
     _corrupt_label(root, lambda a: a[:16].astype(np.uint8))
-    with pytest.raises(SiteDataError, match=r"site ct_site: .*case_001\.nii\.gz: image shape \(32, 32, 3\) differs from label shape \(16, 32, 3\)"):
+    with pytest.raises(
+        SiteDataError,
+        match=r"site ct_site: .*case_001\.nii\.gz: image shape \(32, 32, 3\) differs from label shape \(16, 32, 3\)",
+    ):
         SiteData.from_config(load_site_config(yaml_path), CLASSES)
 
 
@@ -197,12 +199,18 @@ def test_check_site_reports_every_broken_case_and_passes_a_good_site(ct_site):
 
     yaml_path, root = ct_site
     good = check_site(yaml_path, CLASSES)
-    assert good.ok and good.num_train + good.num_val == 4 and all(c["classes"] == [0, 1, 2] or c["classes"] == [0, 1] for c in good.cases)
+    assert (
+        good.ok
+        and good.num_train + good.num_val == 4
+        and all(c["classes"] == [0, 1, 2] or c["classes"] == [0, 1] for c in good.cases)
+    )
     _corrupt_label(root, lambda a: np.where(a == 2, 9, a).astype(np.uint8))
     (root / "imagesTr" / "case_003.nii.gz").write_bytes(b"not a nifti")
     bad = check_site(yaml_path, CLASSES)
     assert not bad.ok and len(bad.problems) == 2
-    assert any("case_001" in p and "[9]" in p for p in bad.problems) and any("case_003" in p and "cannot be loaded" in p for p in bad.problems)
+    assert any("case_001" in p and "[9]" in p for p in bad.problems) and any(
+        "case_003" in p and "cannot be loaded" in p for p in bad.problems
+    )
     assert "PROBLEM" in bad.format()
 
 
@@ -214,7 +222,11 @@ def test_orientation_and_spacing_are_applied_as_configured(ct_site):
     yaml_path.write_text(yaml.safe_dump(config))
     resampled = SiteData.from_config(load_site_config(yaml_path), CLASSES)
     a, b = plain.val_cases[0].label_slices(), resampled.val_cases[0].label_slices()
-    assert b.shape == (3, 16, 16) and resampled.val_cases[0].spacing == (3.0, 3.0, 3.0)  # half the in-plane size, slices kept
+    assert b.shape == (3, 16, 16) and resampled.val_cases[0].spacing == (
+        3.0,
+        3.0,
+        3.0,
+    )  # half the in-plane size, slices kept
     assert np.array_equal(b, a[:, ::-1, ::-1][:, ::2, ::2])  # R->L and A->P flip, then nearest 2x
     config["data"]["orientation"] = "XYZ"
     yaml_path.write_text(yaml.safe_dump(config))
@@ -236,4 +248,6 @@ def test_a_dicom_site_loads_like_the_same_phantoms_in_nifti(tmp_path):
         assert b.image_slices().shape == a.image_slices().shape == (4, 32, 32)
         assert np.array_equal(b.label_slices(), a.label_slices())
         # HU stored as integers: after the CT window (500 HU -> [0, 1]) within half a HU, plus float16 rounding
-        np.testing.assert_allclose(b.image_slices().astype(np.float32), a.image_slices().astype(np.float32), atol=0.5 / 500 + 5e-4)
+        np.testing.assert_allclose(
+            b.image_slices().astype(np.float32), a.image_slices().astype(np.float32), atol=0.5 / 500 + 5e-4
+        )

@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY, ScriptedGrid
 from dp_accounting import dp_event, rdp
 from flwr.app import Array, ArrayRecord
 
 from client.site import clip_update
-from conftest import TINY, ScriptedGrid
 from server.federation import Federation
 from server.settings import FederationSettings
 
@@ -19,7 +19,9 @@ STEPS = {"site_a": 0.01, "site_b": 0.02, "site_c": 0.03}
 
 
 def _settings(tmp_path, **overrides):
-    return FederationSettings.from_run_config({**TINY, "output-dir": str(tmp_path), "max-update-norm-ratio": 0, **overrides})
+    return FederationSettings.from_run_config(
+        {**TINY, "output-dir": str(tmp_path), "max-update-norm-ratio": 0, **overrides}
+    )
 
 
 def _epsilon_after(releases: int, sigma: float, delta: float) -> float:
@@ -31,7 +33,9 @@ def _epsilon_after(releases: int, sigma: float, delta: float) -> float:
 
 def test_updates_are_averaged_with_equal_weights_plus_noise_of_sigma_c_over_n(tmp_path):
     sigma, clip = 0.3, 0.1
-    settings = _settings(tmp_path, **{"num-server-rounds": 1, "site-dp-noise-multiplier": sigma, "site-dp-clipping-norm": clip})
+    settings = _settings(
+        tmp_path, **{"num-server-rounds": 1, "site-dp-noise-multiplier": sigma, "site-dp-clipping-norm": clip}
+    )
     # site_c holds 100x the examples: FedAvg would weight it; site-level DP must not.
     grid = ScriptedGrid(STEPS, num_examples={"site_a": 1, "site_b": 1, "site_c": 100})
     federation = Federation(grid, settings)
@@ -52,7 +56,15 @@ def test_updates_are_averaged_with_equal_weights_plus_noise_of_sigma_c_over_n(tm
 def test_epsilon_is_accounted_per_round_and_the_budget_stops_training(tmp_path):
     sigma, delta = 1.0, 1e-5
     budget = (_epsilon_after(2, sigma, delta) + _epsilon_after(3, sigma, delta)) / 2  # room for two rounds
-    settings = _settings(tmp_path, **{"num-server-rounds": 4, "site-dp-noise-multiplier": sigma, "site-dp-delta": delta, "site-dp-epsilon": budget})
+    settings = _settings(
+        tmp_path,
+        **{
+            "num-server-rounds": 4,
+            "site-dp-noise-multiplier": sigma,
+            "site-dp-delta": delta,
+            "site-dp-epsilon": budget,
+        },
+    )
     grid = ScriptedGrid(STEPS)
     Federation(grid, settings).run()
 
@@ -72,7 +84,9 @@ def test_a_resumed_run_goes_on_counting(tmp_path):
     Federation(ScriptedGrid(STEPS), _settings(tmp_path, **{"num-server-rounds": 2, **dp})).run()
     Federation(ScriptedGrid(STEPS), _settings(tmp_path, **{"num-server-rounds": 3, "resume": True, **dp})).run()
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
-    assert [r["site_dp"]["epsilon"] for r in rounds] == pytest.approx([_epsilon_after(n, sigma, delta) for n in (1, 2, 3)], rel=1e-6)
+    assert [r["site_dp"]["epsilon"] for r in rounds] == pytest.approx(
+        [_epsilon_after(n, sigma, delta) for n in (1, 2, 3)], rel=1e-6
+    )
 
 
 def test_site_level_dp_needs_an_averaging_strategy(tmp_path):

@@ -51,7 +51,9 @@ def file_identity(path: Path) -> list:
 
 def cache_key(sources: list[Path], settings: object) -> str:
     """Key of a case's entry: its source files' identities, the preprocessing settings and version."""
-    text = json.dumps([PREPROCESSING_VERSION, settings, [file_identity(p) for p in sources]], sort_keys=True, default=str)
+    text = json.dumps(
+        [PREPROCESSING_VERSION, settings, [file_identity(p) for p in sources]], sort_keys=True, default=str
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -76,7 +78,9 @@ class CachedCase:
         path = self.folder / name
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             read_header(f)
             offset = f.tell()
         n = height * width
@@ -95,12 +99,19 @@ class CachedCase:
     def open(cls, folder: Path) -> CachedCase:
         meta = json.loads((folder / _META).read_text())
         return cls(
-            meta["case"], meta["patient"], folder, tuple(meta["shape"]), tuple(meta["spacing"]),
-            {int(c): tuple(s) for c, s in meta["slices_with"].items()}, bool(meta["constant"]),
+            meta["case"],
+            meta["patient"],
+            folder,
+            tuple(meta["shape"]),
+            tuple(meta["spacing"]),
+            {int(c): tuple(s) for c, s in meta["slices_with"].items()},
+            bool(meta["constant"]),
         )
 
 
-def write_entry(folder: Path, case_id: str, patient: str, image: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float]) -> CachedCase:
+def write_entry(
+    folder: Path, case_id: str, patient: str, image: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float]
+) -> CachedCase:
     """Store one preprocessed case (image and label (S, H, W)) atomically at ``folder``."""
     if image.shape != label.shape or image.ndim != 3:
         raise ValueError(f"image {image.shape} and label {label.shape} must both be (S, H, W)")
@@ -114,8 +125,12 @@ def write_entry(folder: Path, case_id: str, patient: str, image: np.ndarray, lab
         present = label.reshape(label.shape[0], -1)
         slices_with = {int(c): np.flatnonzero((present == c).any(axis=1)).tolist() for c in np.unique(label) if c != 0}
         meta = {
-            "case": case_id, "patient": patient, "shape": list(image.shape), "spacing": [float(s) for s in spacing],
-            "slices_with": slices_with, "constant": bool(image.size == 0 or image.min() == image.max()),
+            "case": case_id,
+            "patient": patient,
+            "shape": list(image.shape),
+            "spacing": [float(s) for s in spacing],
+            "slices_with": slices_with,
+            "constant": bool(image.size == 0 or image.min() == image.max()),
         }
         (tmp / _META).write_text(json.dumps(meta))
         try:

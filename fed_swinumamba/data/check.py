@@ -27,7 +27,11 @@ class SiteReport:
         return not self.problems
 
     def format(self) -> str:
-        lines = [f"site {self.site} ({self.modality}) from {self.config_path}", f"cases: {self.num_train} train, {self.num_val} held out", f"patients: {self.patients}"]
+        lines = [
+            f"site {self.site} ({self.modality}) from {self.config_path}",
+            f"cases: {self.num_train} train, {self.num_val} held out",
+            f"patients: {self.patients}",
+        ]
         for c in self.cases:
             spacing = "x".join(f"{s:g}" for s in c["spacing"])
             lines.append(
@@ -57,9 +61,15 @@ def check_site(config_path: str | Path, class_names: list[str] | None = None) ->
     train, val = split_cases(cases, config.split.val_fraction, config.split.seed)
     report.num_train, report.num_val = len(train), len(val)
     num_patients = len({c.patient for c in cases})
-    report.patients = f"{num_patients} (from {mapping[1].name})" if mapping else f"{num_patients}: no cases.csv or dataset.json patients, so each case counts as one patient"
+    report.patients = (
+        f"{num_patients} (from {mapping[1].name})"
+        if mapping
+        else f"{num_patients}: no cases.csv or dataset.json patients, so each case counts as one patient"
+    )
     if not val:
-        report.problems.append(f"site {config.site}: no held-out case ({num_patients} patient(s)): the site cannot be evaluated; add cases or lower split.val_fraction")
+        report.problems.append(
+            f"site {config.site}: no held-out case ({num_patients} patient(s)): the site cannot be evaluated; add cases or lower split.val_fraction"
+        )
     for case in cases:
         try:
             image, label, spacing = preprocess(config, transform, case)
@@ -67,9 +77,19 @@ def check_site(config_path: str | Path, class_names: list[str] | None = None) ->
             report.problems.append(str(err))
             continue
         if image.min() == image.max():
-            report.problems.append(f"site {config.site}: {case.image}: the image is constant (every voxel {float(image.min()):g} after preprocessing): a blank export?")
-        report.cases.append({
-            "case": case.case_id, "patient": case.patient, "shape": tuple(image.shape[1:]), "slices": image.shape[0], "spacing": spacing,
-            "classes": sorted(np.unique(label).tolist()), "min": float(image.min()), "max": float(image.max()),
-        })
+            report.problems.append(
+                f"site {config.site}: {case.image}: the image is constant (every voxel {float(image.min()):g} after preprocessing): a blank export?"
+            )
+        report.cases.append(
+            {
+                "case": case.case_id,
+                "patient": case.patient,
+                "shape": tuple(image.shape[1:]),
+                "slices": image.shape[0],
+                "spacing": spacing,
+                "classes": sorted(np.unique(label).tolist()),
+                "min": float(image.min()),
+                "max": float(image.max()),
+            }
+        )
     return report

@@ -110,7 +110,11 @@ def read_patient_mapping(root: Path, site: str) -> tuple[dict[str, str], Path] |
             entries = json.loads(source.read_text()).get("training", [])
         except (json.JSONDecodeError, AttributeError) as err:
             raise SiteDataError(f"site {site}: {source}: not a readable dataset.json ({err})") from None
-        mapped = {case_stem(Path(e["image"])): str(e["patient"]) for e in entries if isinstance(e, dict) and "patient" in e and "image" in e}
+        mapped = {
+            case_stem(Path(e["image"])): str(e["patient"])
+            for e in entries
+            if isinstance(e, dict) and "patient" in e and "image" in e
+        }
         return (mapped, source) if mapped else None
     return None
 
@@ -129,7 +133,9 @@ def list_cases(config: SiteConfig) -> list[Case]:
     unmatched = sorted(set(images) ^ set(labels))
     if unmatched:
         side = images_dir if unmatched[0] in images else labels_dir
-        raise SiteDataError(f"site {site}: {root / side / unmatched[0]}: no matching file in the other folder ({len(unmatched)} unmatched names)")
+        raise SiteDataError(
+            f"site {site}: {root / side / unmatched[0]}: no matching file in the other folder ({len(unmatched)} unmatched names)"
+        )
     mapping = read_patient_mapping(root, site)
     if mapping is None:
         return [Case(cid, images[cid], labels[cid], cid) for cid in sorted(images)]
@@ -140,7 +146,9 @@ def list_cases(config: SiteConfig) -> list[Case]:
     return [Case(cid, images[cid], labels[cid], patients[cid]) for cid in sorted(images)]
 
 
-def split_cases(cases: Sequence, val_fraction: float, seed: int, patient_of=lambda c: getattr(c, "patient", c)) -> tuple[list, list]:
+def split_cases(
+    cases: Sequence, val_fraction: float, seed: int, patient_of=lambda c: getattr(c, "patient", c)
+) -> tuple[list, list]:
     """Deterministic split by patient: all of a patient's cases fall on the same side."""
     patients = sorted({patient_of(c) for c in cases})
     random.Random(seed).shuffle(patients)
@@ -165,8 +173,12 @@ class CheckGeometryd(MapTransform):
         d = dict(data)
         image, label, path, label_path = d["image"], d["label"], d["source_image"], d["source_label"]
         if image.shape[1:] != label.shape[1:]:
-            raise SiteDataError(f"site {self.site}: {path}: image shape {tuple(image.shape[1:])} differs from label shape {tuple(label.shape[1:])} ({label_path})")
-        if self.format != "png" and not np.allclose(image.affine.numpy(), label.affine.numpy(), rtol=0, atol=AFFINE_TOLERANCE_MM):
+            raise SiteDataError(
+                f"site {self.site}: {path}: image shape {tuple(image.shape[1:])} differs from label shape {tuple(label.shape[1:])} ({label_path})"
+            )
+        if self.format != "png" and not np.allclose(
+            image.affine.numpy(), label.affine.numpy(), rtol=0, atol=AFFINE_TOLERANCE_MM
+        ):
             raise SiteDataError(
                 f"site {self.site}: {path} and {label_path}: image and label affines differ (not on the same grid: "
                 f"image {np.round(image.affine.numpy(), 3).tolist()}, label {np.round(label.affine.numpy(), 3).tolist()})"
@@ -175,14 +187,20 @@ class CheckGeometryd(MapTransform):
             if self.format == "png":  # an RGB(A) rendering of a grey ultrasound frame
                 d["image"] = image[:3].mean(dim=0, keepdim=True)
             elif self.channel is None:
-                raise SiteDataError(f"site {self.site}: {path}: image has {image.shape[0]} channels; set data.channel to the one to use")
+                raise SiteDataError(
+                    f"site {self.site}: {path}: image has {image.shape[0]} channels; set data.channel to the one to use"
+                )
             elif self.channel >= image.shape[0]:
-                raise SiteDataError(f"site {self.site}: {path}: data.channel {self.channel} but the image has {image.shape[0]} channels")
+                raise SiteDataError(
+                    f"site {self.site}: {path}: data.channel {self.channel} but the image has {image.shape[0]} channels"
+                )
             else:
                 d["image"] = image[self.channel : self.channel + 1]
         if label.shape[0] > 1:
             if self.format != "png":
-                raise SiteDataError(f"site {self.site}: {label_path}: label has {label.shape[0]} channels; expected one map of label values")
+                raise SiteDataError(
+                    f"site {self.site}: {label_path}: label has {label.shape[0]} channels; expected one map of label values"
+                )
             d["label"] = label[:1]
         return d
 
@@ -205,7 +223,9 @@ class CheckLabelsd(MapTransform):
         lab = torch.as_tensor(d["label"]).round().long()
         unknown = sorted(set(torch.unique(lab).tolist()) - self.known)
         if unknown:
-            raise SiteDataError(f"site {self.site}: {d['source_label']}: label values {unknown} are not in the site's label mapping {sorted(self.known)}")
+            raise SiteDataError(
+                f"site {self.site}: {d['source_label']}: label values {unknown} are not in the site's label mapping {sorted(self.known)}"
+            )
         d["label"] = self.lut[lab]
         return d
 
@@ -217,7 +237,12 @@ def intensity_transform(modality: str, pre: dict):
         return ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
     if modality == "mri":
         lo, hi = pre["percentiles"]
-        return Compose([ScaleIntensityRangePercentilesd("image", lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True), NormalizeIntensityd("image", nonzero=True)])
+        return Compose(
+            [
+                ScaleIntensityRangePercentilesd("image", lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True),
+                NormalizeIntensityd("image", nonzero=True),
+            ]
+        )
     return ScaleIntensityd("image", minv=0.0, maxv=1.0)
 
 
@@ -244,13 +269,15 @@ def geometry(orientation: str | None, spacing: Sequence[float] | None, keys: Seq
 
 def preprocessing(config: SiteConfig, class_names: Sequence[str]) -> Compose:
     """Source files -> image and label MetaTensors (C, X, Y[, Z]) on the configured grid, checked."""
-    return Compose([
-        *loading(config.data.format, config.data.orientation),
-        CheckGeometryd(config.site, config.data.channel, config.data.format),
-        *geometry(config.data.orientation, config.data.spacing),
-        intensity_transform(config.modality, config.preprocessing),
-        CheckLabelsd(config.site, config.class_mapping_for(list(class_names))),
-    ])
+    return Compose(
+        [
+            *loading(config.data.format, config.data.orientation),
+            CheckGeometryd(config.site, config.data.channel, config.data.format),
+            *geometry(config.data.orientation, config.data.spacing),
+            intensity_transform(config.modality, config.preprocessing),
+            CheckLabelsd(config.site, config.class_mapping_for(list(class_names))),
+        ]
+    )
 
 
 def slices_first(volume: torch.Tensor, slice_axis: int) -> np.ndarray:
@@ -272,7 +299,17 @@ def voxel_spacing(volume: MetaTensor, slice_axis: int) -> tuple[float, float, fl
 def _settings(config: SiteConfig, class_names: Sequence[str]) -> list:
     """Everything in the site config that changes a cached case."""
     d = config.data
-    return [config.modality, config.preprocessing, sorted(config.labels.items()), d.format, d.slice_axis, d.orientation, d.spacing, d.channel, list(class_names)]
+    return [
+        config.modality,
+        config.preprocessing,
+        sorted(config.labels.items()),
+        d.format,
+        d.slice_axis,
+        d.orientation,
+        d.spacing,
+        d.channel,
+        list(class_names),
+    ]
 
 
 def site_data_error(err: Exception, site: str, path: Path | str) -> SiteDataError:
@@ -289,9 +326,16 @@ def site_data_error(err: Exception, site: str, path: Path | str) -> SiteDataErro
     return SiteDataError(f"site {site}: {path}: cannot be loaded ({type(cause).__name__}: {cause})")
 
 
-def preprocess(config: SiteConfig, transform: Compose, case: Case) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+def preprocess(
+    config: SiteConfig, transform: Compose, case: Case
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """One case through the site's transforms: image and label (S, H, W), spacing along (H, W, S)."""
-    item = {"image": str(case.image), "label": str(case.label), "source_image": str(case.image), "source_label": str(case.label)}
+    item = {
+        "image": str(case.image),
+        "label": str(case.label),
+        "source_image": str(case.image),
+        "source_label": str(case.label),
+    }
     try:
         out = transform(item)
     except Exception as err:
@@ -312,7 +356,9 @@ def cached_cases(config: SiteConfig, class_names: Sequence[str], cases: Sequence
             try:
                 entry = write_entry(folder, case.case_id, case.patient, image, label, spacing)
             except OSError as err:
-                raise SiteDataError(f"site {config.site}: cache folder {config.cache_dir} is not writable ({err}); set training.cache_dir") from None
+                raise SiteDataError(
+                    f"site {config.site}: cache folder {config.cache_dir} is not writable ({err}); set training.cache_dir"
+                ) from None
             log.info("site %s: preprocessed case %d of %d into the cache", config.site, i + 1, len(cases))
         out.append(entry)
     return out
@@ -362,7 +408,9 @@ def augmentation(patch_size: Sequence[int], augment: bool) -> Compose:
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
     ]
-    return Compose([SpatialPadd(KEYS, spatial_size=patch_size), *(steps if augment else []), EnsureTyped(KEYS, track_meta=False)])
+    return Compose(
+        [SpatialPadd(KEYS, spatial_size=patch_size), *(steps if augment else []), EnsureTyped(KEYS, track_meta=False)]
+    )
 
 
 class TrainingSlices(Dataset):
@@ -374,7 +422,15 @@ class TrainingSlices(Dataset):
         self.augment = augmentation(patch_size, augment)
         self.uniform_crop = RandSpatialCropd(KEYS, roi_size=patch_size, random_size=False)
         self.class_crops = {
-            k: RandCropByLabelClassesd(KEYS, label_key="label", spatial_size=patch_size, ratios=[int(i == k) for i in range(num_classes)], num_classes=num_classes, num_samples=1, allow_smaller=True)
+            k: RandCropByLabelClassesd(
+                KEYS,
+                label_key="label",
+                spatial_size=patch_size,
+                ratios=[int(i == k) for i in range(num_classes)],
+                num_classes=num_classes,
+                num_samples=1,
+                allow_smaller=True,
+            )
             for k in range(1, num_classes)
         }
 
@@ -413,8 +469,14 @@ class PatientCrops(Dataset):
 
     def __getitem__(self, p: int) -> dict:
         own = self.patients[p]
-        items = [self.slices[draw(c, self.slices.cases[c], self.pos_fraction, self.rng)] for c in self.rng.choice(own, size=self.k)]
-        return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items])}
+        items = [
+            self.slices[draw(c, self.slices.cases[c], self.pos_fraction, self.rng)]
+            for c in self.rng.choice(own, size=self.k)
+        ]
+        return {
+            "image": torch.stack([it["image"] for it in items]),
+            "label": torch.stack([it["label"] for it in items]),
+        }
 
 
 @dataclass
@@ -449,7 +511,13 @@ class SiteData:
         t = self.config.training
         sampler = DrawSampler(self.train_cases, t.pos_fraction, self.num_train_slices, rng)
         workers = t.loader_workers
-        return DataLoader(self.training_slices(), batch_size=batch_size, sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None)
+        return DataLoader(
+            self.training_slices(),
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+        )
 
     def patient_crops(self, slices_per_patient: int, rng: np.random.Generator) -> PatientCrops:
         return PatientCrops(self.training_slices(), slices_per_patient, self.config.training.pos_fraction, rng)
@@ -461,6 +529,10 @@ class SiteData:
         entries = cached_cases(config, class_names, train + val)
         for entry in entries:
             if entry.constant:
-                log.warning("site %s: case %s has a constant image (a blank export?); python -m client check-site lists such problems", config.site, entry.case_id)
+                log.warning(
+                    "site %s: case %s has a constant image (a blank export?); python -m client check-site lists such problems",
+                    config.site,
+                    entry.case_id,
+                )
         mapped = read_patient_mapping(config.data.root, config.site) is not None
         return cls(config, entries[: len(train)], entries[len(train) :], list(class_names), mapped)

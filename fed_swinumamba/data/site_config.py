@@ -104,7 +104,11 @@ class SiteConfig:
         mapping = {0: 0}
         for value, name in self.labels.items():
             if name not in class_names:
-                raise SiteConfigError(str(self.source), f"labels.{value}", f"class {name!r} is not one of the federation's classes {list(class_names)}")
+                raise SiteConfigError(
+                    str(self.source),
+                    f"labels.{value}",
+                    f"class {name!r} is not one of the federation's classes {list(class_names)}",
+                )
             mapping[value] = class_names.index(name) + 1
         return mapping
 
@@ -131,16 +135,28 @@ def _section(source: str, name: str, value: Any, known: set[str], required: set[
     _expect(source, name, value, dict, "a mapping")
     unknown = set(value) - known
     if unknown:
-        raise SiteConfigError(source, f"{name}.{sorted(unknown)[0]}" if name else sorted(unknown)[0], f"unknown field (known: {', '.join(sorted(known))})")
+        raise SiteConfigError(
+            source,
+            f"{name}.{sorted(unknown)[0]}" if name else sorted(unknown)[0],
+            f"unknown field (known: {', '.join(sorted(known))})",
+        )
     missing = required - set(value)
     if missing:
-        raise SiteConfigError(source, f"{name}.{sorted(missing)[0]}" if name else sorted(missing)[0], "required field is missing")
+        raise SiteConfigError(
+            source, f"{name}.{sorted(missing)[0]}" if name else sorted(missing)[0], "required field is missing"
+        )
     return value
 
 
 def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path | None = None) -> SiteConfig:
     """Validate a parsed YAML mapping; relative data roots resolve against ``base_dir``."""
-    top = _section(source, "", raw, {"site", "modality", "data", "labels", "split", "preprocessing", "training", "privacy", "state_dir"}, {"site", "modality", "data", "labels"})
+    top = _section(
+        source,
+        "",
+        raw,
+        {"site", "modality", "data", "labels", "split", "preprocessing", "training", "privacy", "state_dir"},
+        {"site", "modality", "data", "labels"},
+    )
     site = _expect(source, "site", top["site"], str, "a name of letters, digits, '_' or '-'")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
         raise SiteConfigError(source, "site", f"must use only letters, digits, '_' or '-', got {site!r}")
@@ -148,7 +164,9 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     if modality not in MODALITIES:
         raise SiteConfigError(source, "modality", f"must be one of {', '.join(MODALITIES)} (got {modality!r})")
 
-    d = _section(source, "data", top["data"], {"root", "format", "slice_axis", "orientation", "spacing", "channel"}, {"root"})
+    d = _section(
+        source, "data", top["data"], {"root", "format", "slice_axis", "orientation", "spacing", "channel"}, {"root"}
+    )
     root = Path(_expect(source, "data.root", d["root"], str, "a folder path")).expanduser()
     if not root.is_absolute() and base_dir is not None:
         root = (base_dir / root).resolve()
@@ -160,16 +178,36 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
         raise SiteConfigError(source, "data.slice_axis", f"must be 0, 1 or 2 (got {axis})")
     orientation, spacing = d.get("orientation"), d.get("spacing")
     if (orientation is not None or spacing is not None) and fmt == "png":
-        raise SiteConfigError(source, "data.orientation" if orientation is not None else "data.spacing", "applies to volumes (msd, dicom) only; PNG images carry no geometry")
-    if orientation is not None and not (isinstance(orientation, str) and len(orientation) == 3 and set(orientation.upper()) <= set("RLAPSI")):
-        raise SiteConfigError(source, "data.orientation", f"must be 3 axis codes such as RAS or LPS, got {orientation!r}")
+        raise SiteConfigError(
+            source,
+            "data.orientation" if orientation is not None else "data.spacing",
+            "applies to volumes (msd, dicom) only; PNG images carry no geometry",
+        )
+    if orientation is not None and not (
+        isinstance(orientation, str) and len(orientation) == 3 and set(orientation.upper()) <= set("RLAPSI")
+    ):
+        raise SiteConfigError(
+            source, "data.orientation", f"must be 3 axis codes such as RAS or LPS, got {orientation!r}"
+        )
     if spacing is not None:
-        if not (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in spacing)):
-            raise SiteConfigError(source, "data.spacing", f"must be [s0, s1, s2] in mm (0 keeps an axis), got {spacing!r}")
+        if not (
+            isinstance(spacing, list)
+            and len(spacing) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in spacing)
+        ):
+            raise SiteConfigError(
+                source, "data.spacing", f"must be [s0, s1, s2] in mm (0 keeps an axis), got {spacing!r}"
+            )
         spacing = tuple(float(v) for v in spacing)
     channel = d.get("channel")
-    if channel is not None and (fmt == "png" or not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
-        raise SiteConfigError(source, "data.channel", f"must be a channel index >= 0 of multi-channel volumes (msd, dicom), got {channel!r}")
+    if channel is not None and (
+        fmt == "png" or not isinstance(channel, int) or isinstance(channel, bool) or channel < 0
+    ):
+        raise SiteConfigError(
+            source,
+            "data.channel",
+            f"must be a channel index >= 0 of multi-channel volumes (msd, dicom), got {channel!r}",
+        )
 
     labels_raw = _expect(source, "labels", top["labels"], dict, "a mapping of label value -> class name")
     labels = {}
@@ -183,7 +221,9 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
         raise SiteConfigError(source, "labels", "must map at least one label value")
 
     s = _section(source, "split", top.get("split"), {"val_fraction", "seed"})
-    val_fraction = float(_expect(source, "split.val_fraction", s.get("val_fraction", 0.2), (int, float), "a fraction in (0, 1)"))
+    val_fraction = float(
+        _expect(source, "split.val_fraction", s.get("val_fraction", 0.2), (int, float), "a fraction in (0, 1)")
+    )
     if not 0 < val_fraction < 1:
         raise SiteConfigError(source, "split.val_fraction", f"must be in (0, 1), got {val_fraction}")
     split = SplitSpec(val_fraction, _expect(source, "split.seed", s.get("seed", 0), int, "an integer"))
@@ -192,52 +232,123 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     pre = {**DEFAULT_PREPROCESSING[modality], **_section(source, "preprocessing", top.get("preprocessing"), known_pre)}
     for key in known_pre:
         pair = pre[key]
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair) and pair[0] < pair[1]):
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+            and pair[0] < pair[1]
+        ):
             raise SiteConfigError(source, f"preprocessing.{key}", f"must be [low, high] with low < high, got {pair!r}")
 
-    t = _section(source, "training", top.get("training"), {"local_epochs", "local_steps", "batch_size", "patch_size", "pos_fraction", "augment", "cache_dir", "loader_workers"})
+    t = _section(
+        source,
+        "training",
+        top.get("training"),
+        {
+            "local_epochs",
+            "local_steps",
+            "batch_size",
+            "patch_size",
+            "pos_fraction",
+            "augment",
+            "cache_dir",
+            "loader_workers",
+        },
+    )
     if "local_epochs" in t and "local_steps" in t:
         raise SiteConfigError(source, "training.local_steps", "give local_epochs or local_steps, not both")
-    epochs = _expect(source, "training.local_epochs", t["local_epochs"], int, "a positive integer") if "local_epochs" in t else (None if "local_steps" in t else 1)
-    steps = _expect(source, "training.local_steps", t["local_steps"], int, "a positive integer") if "local_steps" in t else None
+    epochs = (
+        _expect(source, "training.local_epochs", t["local_epochs"], int, "a positive integer")
+        if "local_epochs" in t
+        else (None if "local_steps" in t else 1)
+    )
+    steps = (
+        _expect(source, "training.local_steps", t["local_steps"], int, "a positive integer")
+        if "local_steps" in t
+        else None
+    )
     for name, v in (("local_epochs", epochs), ("local_steps", steps)):
         if v is not None and v < 1:
             raise SiteConfigError(source, f"training.{name}", f"must be >= 1, got {v}")
     batch = _expect(source, "training.batch_size", t.get("batch_size", 8), int, "a positive integer")
     patch = t.get("patch_size", [64, 64])
-    if not (isinstance(patch, list) and len(patch) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch)):
+    if not (
+        isinstance(patch, list)
+        and len(patch) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch)
+    ):
         raise SiteConfigError(source, "training.patch_size", f"must be [height, width] in pixels, got {patch!r}")
-    pos = float(_expect(source, "training.pos_fraction", t.get("pos_fraction", 0.67), (int, float), "a fraction in [0, 1]"))
+    pos = float(
+        _expect(source, "training.pos_fraction", t.get("pos_fraction", 0.67), (int, float), "a fraction in [0, 1]")
+    )
     if not 0 <= pos <= 1:
         raise SiteConfigError(source, "training.pos_fraction", f"must be in [0, 1], got {pos}")
     cache = t.get("cache_dir")
-    cache = None if cache is None else Path(_expect(source, "training.cache_dir", cache, str, "a folder path")).expanduser()
+    cache = (
+        None if cache is None else Path(_expect(source, "training.cache_dir", cache, str, "a folder path")).expanduser()
+    )
     if cache is not None and not cache.is_absolute() and base_dir is not None:
         cache = (base_dir / cache).resolve()
     workers = _expect(source, "training.loader_workers", t.get("loader_workers", 1), int, "a number of processes >= 0")
     if workers < 0:
-        raise SiteConfigError(source, "training.loader_workers", f"must be >= 0 (0: read in the training process), got {workers}")
-    training = TrainingSpec(epochs, steps, batch, tuple(patch), pos, _expect(source, "training.augment", t.get("augment", True), bool, "true or false"), cache, workers)
+        raise SiteConfigError(
+            source, "training.loader_workers", f"must be >= 0 (0: read in the training process), got {workers}"
+        )
+    training = TrainingSpec(
+        epochs,
+        steps,
+        batch,
+        tuple(patch),
+        pos,
+        _expect(source, "training.augment", t.get("augment", True), bool, "true or false"),
+        cache,
+        workers,
+    )
 
-    p = _section(source, "privacy", top.get("privacy"), {"enabled", "frozen", "allow_insecure_reproducible", *_PRIVACY_REALS, *_PRIVACY_COUNTS})
+    p = _section(
+        source,
+        "privacy",
+        top.get("privacy"),
+        {"enabled", "frozen", "allow_insecure_reproducible", *_PRIVACY_REALS, *_PRIVACY_COUNTS},
+    )
     numbers = {}
     for name in _PRIVACY_REALS + _PRIVACY_COUNTS:
         v = p.get(name)
         if v is not None:
-            v = _expect(source, f"privacy.{name}", v, int if name in _PRIVACY_COUNTS else (int, float), "a positive number")
+            v = _expect(
+                source, f"privacy.{name}", v, int if name in _PRIVACY_COUNTS else (int, float), "a positive number"
+            )
             if v <= 0 or (name == "delta" and v >= 1):
-                raise SiteConfigError(source, f"privacy.{name}", f"must be a positive number{' below 1' if name == 'delta' else ''}, got {v!r}")
+                raise SiteConfigError(
+                    source,
+                    f"privacy.{name}",
+                    f"must be a positive number{' below 1' if name == 'delta' else ''}, got {v!r}",
+                )
             numbers[name] = v if name in _PRIVACY_COUNTS else float(v)
     enabled = _expect(source, "privacy.enabled", p.get("enabled", False), bool, "true or false")
     if enabled and "target_epsilon" not in numbers and "noise_multiplier" not in numbers:
-        raise SiteConfigError(source, "privacy", "enabled without target_epsilon or noise_multiplier: give the budget, the noise, or both")
-    frozen = _expect(source, "privacy.frozen", p.get("frozen", []), list, "a list of layer groups or parameter-name prefixes")
+        raise SiteConfigError(
+            source, "privacy", "enabled without target_epsilon or noise_multiplier: give the budget, the noise, or both"
+        )
+    frozen = _expect(
+        source, "privacy.frozen", p.get("frozen", []), list, "a list of layer groups or parameter-name prefixes"
+    )
     if not all(isinstance(f, str) and f for f in frozen):
-        raise SiteConfigError(source, "privacy.frozen", f"must list layer groups or parameter-name prefixes, got {frozen!r}")
-    insecure = _expect(source, "privacy.allow_insecure_reproducible", p.get("allow_insecure_reproducible", False), bool, "true or false")
+        raise SiteConfigError(
+            source, "privacy.frozen", f"must list layer groups or parameter-name prefixes, got {frozen!r}"
+        )
+    insecure = _expect(
+        source,
+        "privacy.allow_insecure_reproducible",
+        p.get("allow_insecure_reproducible", False),
+        bool,
+        "true or false",
+    )
     privacy = PrivacySpec(enabled, **numbers, frozen=tuple(frozen), allow_insecure_reproducible=insecure)
     state_dir = top.get("state_dir")
-    state_dir = None if state_dir is None else Path(_expect(source, "state_dir", state_dir, str, "a folder path")).expanduser()
+    state_dir = (
+        None if state_dir is None else Path(_expect(source, "state_dir", state_dir, str, "a folder path")).expanduser()
+    )
     if state_dir is not None and not state_dir.is_absolute() and base_dir is not None:
         state_dir = (base_dir / state_dir).resolve()
     data = DataSpec(root, fmt, axis, orientation and orientation.upper(), spacing, channel)

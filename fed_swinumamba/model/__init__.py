@@ -4,4 +4,14 @@ from .config import ModelConfig, build_model
 from .swin_umamba import MODALITIES, ModalityEncoder, SwinUMamba, SwinUMambaD
 from .vmamba import SS2D, VMambaEncoder, VSSBlock
 
-__all__ = ["MODALITIES", "ModelConfig", "build_model", "ModalityEncoder", "SwinUMamba", "SwinUMambaD", "SS2D", "VMambaEncoder", "VSSBlock"]
+__all__ = [
+    "MODALITIES",
+    "ModelConfig",
+    "build_model",
+    "ModalityEncoder",
+    "SwinUMamba",
+    "SwinUMambaD",
+    "SS2D",
+    "VMambaEncoder",
+    "VSSBlock",
+]

@@ -68,7 +68,9 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.encoder_block == "hybrid":
         from .hybrid import hybrid_block_factory
 
-        block_factory = hybrid_block_factory(d_state=config.d_state, num_heads=config.num_heads, window_size=config.window_size)
+        block_factory = hybrid_block_factory(
+            d_state=config.d_state, num_heads=config.num_heads, window_size=config.window_size
+        )
     common = dict(
         in_chans=config.in_chans,
         num_classes=config.num_classes,

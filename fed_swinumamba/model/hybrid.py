@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.swin_transformer import WindowAttention, window_partition, window_reverse
 
-from ..pretrained import CheckpointError, PretrainedReport, read_checkpoint
+from .pretrained import CheckpointError, PretrainedReport, read_checkpoint
 from .vmamba import SS2D, BlockFactory, VMambaEncoder
 
 __all__ = ["ShiftedWindowAttention", "FusionGate", "HybridVSSBlock", "hybrid_block_factory", "load_swin_attention"]
@@ -38,7 +38,9 @@ __all__ = ["ShiftedWindowAttention", "FusionGate", "HybridVSSBlock", "hybrid_blo
 SWIN_T_HINT = "timm's swin_tiny_patch4_window7_224 weights (a flat state dict, .safetensors or .bin) or Microsoft's swin_tiny_patch4_window7_224.pth"
 # Swin attention tensors by block; relative_position_index (and attn_mask) are buffers and never taken from a file.
 _SWIN_ATTENTION_TENSORS = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table")
-_SWIN_ATTENTION_KEY = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.(" + "|".join(map(re.escape, _SWIN_ATTENTION_TENSORS)) + ")")
+_SWIN_ATTENTION_KEY = re.compile(
+    r"layers\.(\d+)\.blocks\.(\d+)\.attn\.(" + "|".join(map(re.escape, _SWIN_ATTENTION_TENSORS)) + ")"
+)
 _HYBRID_ONLY = ("window_attention.", "gate.")  # parameters a hybrid block adds to a VSS block
 
 
@@ -68,7 +70,9 @@ class ShiftedWindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0):
         super().__init__()
         if window_size < 1 or not 0 <= shift_size < window_size:
-            raise ValueError(f"ShiftedWindowAttention: need window_size >= 1 and 0 <= shift_size < window_size, got {window_size} and {shift_size}")
+            raise ValueError(
+                f"ShiftedWindowAttention: need window_size >= 1 and 0 <= shift_size < window_size, got {window_size} and {shift_size}"
+            )
         self.window_size = window_size
         self.shift_size = shift_size
         self.attn = WindowAttention(dim, num_heads=num_heads, window_size=window_size)
@@ -89,7 +93,9 @@ class ShiftedWindowAttention(nn.Module):
             x = torch.roll(x, shifts=shift, dims=(1, 2))
         return x[:, :h, :w].contiguous()
 
-    def _attention_mask(self, h: int, w: int, hp: int, wp: int, shift: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
+    def _attention_mask(
+        self, h: int, w: int, hp: int, wp: int, shift: tuple[int, int], like: torch.Tensor
+    ) -> torch.Tensor | None:
         """Additive (num_windows, ws*ws, ws*ws) mask, 0 within a region and -inf across regions; None if all one region.
 
         Regions are labelled on the unshifted padded map and shifted with it, so every window holds
@@ -130,7 +136,16 @@ class FusionGate(nn.Module):
 class HybridVSSBlock(nn.Module):
     """VSS block with a parallel (shifted) window-attention branch and a learned gate. (B, H, W, C) -> same."""
 
-    def __init__(self, dim: int, d_state: int = 16, drop_path: float = 0.0, *, num_heads: int, window_size: int = 7, shift_size: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        drop_path: float = 0.0,
+        *,
+        num_heads: int,
+        window_size: int = 7,
+        shift_size: int = 0,
+    ):
         super().__init__()
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"HybridVSSBlock: num_heads {num_heads} must be a positive divisor of dim {dim}")
@@ -145,16 +160,22 @@ class HybridVSSBlock(nn.Module):
         return x + self.drop_path(self.gate(self.self_attention(h), self.window_attention(h)))
 
 
-def hybrid_block_factory(d_state: int = 16, num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7) -> BlockFactory:
+def hybrid_block_factory(
+    d_state: int = 16, num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int = 7
+) -> BlockFactory:
     """A ``VMambaEncoder`` block factory: HybridVSSBlocks with ``num_heads[stage]`` heads, SW-MSA on odd block indices."""
     num_heads = tuple(num_heads)
 
     def build(dim: int, stage: int, index: int, drop_path: float) -> nn.Module:
         if stage >= len(num_heads):
-            raise ValueError(f"hybrid_block_factory: no head count for stage {stage}; num_heads {num_heads} has {len(num_heads)} entries")
+            raise ValueError(
+                f"hybrid_block_factory: no head count for stage {stage}; num_heads {num_heads} has {len(num_heads)} entries"
+            )
         heads = num_heads[stage]
         if heads < 1 or dim % heads:
-            raise ValueError(f"hybrid_block_factory: stage {stage} has dim {dim}, which num_heads[{stage}] = {heads} does not divide")
+            raise ValueError(
+                f"hybrid_block_factory: stage {stage} has dim {dim}, which num_heads[{stage}] = {heads} does not divide"
+            )
         shift = window_size // 2 if index % 2 else 0
         return HybridVSSBlock(dim, d_state, drop_path, num_heads=heads, window_size=window_size, shift_size=shift)
 
@@ -168,7 +189,9 @@ def _hybrid_encoder(module: nn.Module) -> tuple[VMambaEncoder, str]:
     encoder = getattr(module, "encoder", None)
     if isinstance(encoder, VMambaEncoder):
         return encoder, "encoder."
-    raise TypeError(f"cannot load Swin attention into {type(module).__name__}: expected a VMambaEncoder or a network with .encoder")
+    raise TypeError(
+        f"cannot load Swin attention into {type(module).__name__}: expected a VMambaEncoder or a network with .encoder"
+    )
 
 
 def load_swin_attention(module: nn.Module, path: str | Path) -> PretrainedReport:
@@ -198,14 +221,18 @@ def load_swin_attention(module: nn.Module, path: str | Path) -> PretrainedReport
         if isinstance(block, HybridVSSBlock)
     }
     if not blocks:
-        raise TypeError(f"{type(module).__name__} has no HybridVSSBlock; build its encoder with block_factory=hybrid_block_factory(...)")
+        raise TypeError(
+            f"{type(module).__name__} has no HybridVSSBlock; build its encoder with block_factory=hybrid_block_factory(...)"
+        )
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"Swin checkpoint {path} does not exist; pass the local path of {SWIN_T_HINT}")
     weights = read_checkpoint(path, what="Swin checkpoint")
     ckpt = weights.state
     if not any(_SWIN_ATTENTION_KEY.fullmatch(key) for key in ckpt):
-        raise CheckpointError(f"{path} holds no Swin attention tensors (layers.<i>.blocks.<j>.attn.qkv.weight, ...); is it {SWIN_T_HINT}?")
+        raise CheckpointError(
+            f"{path} holds no Swin attention tensors (layers.<i>.blocks.<j>.attn.qkv.weight, ...); is it {SWIN_T_HINT}?"
+        )
 
     report = PretrainedReport.of(path, weights)
     updates: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (stage, block) -> attention tensor name -> value
@@ -217,12 +244,16 @@ def load_swin_attention(module: nn.Module, path: str | Path) -> PretrainedReport
             continue
         target = blocks[where].window_attention.attn.get_parameter(match[3])
         if target.shape != value.shape:
-            raise CheckpointError(f"{path}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+            raise CheckpointError(
+                f"{path}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}"
+            )
         updates.setdefault(where, {})[match[3]] = value
     for (i, j), tensors in updates.items():
         missing = [name for name in _SWIN_ATTENTION_TENSORS if name not in tensors]
         if missing:  # e.g. Swin V2 files have q_bias / v_bias instead of qkv.bias
-            raise CheckpointError(f"{path}: Swin block layers.{i}.blocks.{j} has an incomplete attention, missing attn.{', attn.'.join(missing)}; is it {SWIN_T_HINT}?")
+            raise CheckpointError(
+                f"{path}: Swin block layers.{i}.blocks.{j} has an incomplete attention, missing attn.{', attn.'.join(missing)}; is it {SWIN_T_HINT}?"
+            )
 
     with torch.no_grad():
         for (i, j), tensors in updates.items():

@@ -38,14 +38,18 @@ class ModalityEncoder(nn.Module):
     raw input -> (B, S, H, W). Without (Swin-UMamba†): patch_embed of the raw input only.
     """
 
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stem_width: int | None = None, norm_name: str = "instance"):
+    def __init__(
+        self, in_chans: int, embed_dim: int, patch_size: int, stem_width: int | None = None, norm_name: str = "instance"
+    ):
         super().__init__()
         if stem_width:
             self.stem = nn.Sequential(
                 nn.Conv2d(in_chans, stem_width, kernel_size=7, stride=2, padding=3),
                 nn.InstanceNorm2d(stem_width, eps=1e-5, affine=True),
             )
-            self.skip = UnetrBasicBlock(2, in_chans, stem_width, kernel_size=3, stride=1, norm_name=norm_name, res_block=True)
+            self.skip = UnetrBasicBlock(
+                2, in_chans, stem_width, kernel_size=3, stride=1, norm_name=norm_name, res_block=True
+            )
         else:
             self.stem = None
             self.skip = None
@@ -63,7 +67,9 @@ def _check_input(x: torch.Tensor, in_chans: int, stride: int) -> None:
         raise ValueError(f"expected a (B, {in_chans}, H, W) batch of 2-D slices, got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
     if h % stride or w % stride:
-        raise ValueError(f"input size {h}x{w} must be divisible by {stride}; pad it or use sliding-window inference with a roi that is")
+        raise ValueError(
+            f"input size {h}x{w} must be divisible by {stride}; pad it or use sliding-window inference with a roi that is"
+        )
 
 
 class SwinUMamba(nn.Module):
@@ -95,10 +101,18 @@ class SwinUMamba(nn.Module):
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
         self.modality_encoders = nn.ModuleDict(
-            {m: ModalityEncoder(in_chans, dims[0], patch_size=2, stem_width=stem_width, norm_name=norm_name) for m in modalities}
+            {
+                m: ModalityEncoder(in_chans, dims[0], patch_size=2, stem_width=stem_width, norm_name=norm_name)
+                for m in modalities
+            }
         )
         self.encoder = VMambaEncoder(
-            patch_size=None, dims=dims, depths=depths, d_state=d_state, drop_path_rate=drop_path_rate, block_factory=block_factory
+            patch_size=None,
+            dims=dims,
+            depths=depths,
+            d_state=d_state,
+            drop_path_rate=drop_path_rate,
+            block_factory=block_factory,
         )
         self.total_stride = 2 * 2 * 2 ** (len(dims) - 1)  # stem, patch embedding, downsamplings
         widths = (stem_width, *dims)  # channels at 1/2, 1/4, ... of the input
@@ -111,10 +125,14 @@ class SwinUMamba(nn.Module):
         up_out = (*reversed(widths[1:]), stem_width)  # e.g. 768, 384, 192, 96, 48
         up_in = (dims[-1], *up_out[:-1])
         self.up_blocks = nn.ModuleList(
-            UnetrUpBlock(2, up_in[i], up_out[i], kernel_size=3, upsample_kernel_size=2, norm_name=norm_name, res_block=True)
+            UnetrUpBlock(
+                2, up_in[i], up_out[i], kernel_size=3, upsample_kernel_size=2, norm_name=norm_name, res_block=True
+            )
             for i in range(len(up_out))
         )
-        self.refine = UnetrBasicBlock(2, stem_width, stem_width, kernel_size=3, stride=1, norm_name=norm_name, res_block=True)
+        self.refine = UnetrBasicBlock(
+            2, stem_width, stem_width, kernel_size=3, stride=1, norm_name=norm_name, res_block=True
+        )
         self.heads = nn.ModuleList(UnetOutBlock(2, widths[i], num_classes) for i in range(4))
 
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor | list[torch.Tensor]:
@@ -198,20 +216,29 @@ class SwinUMambaD(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
-        self.modality_encoders = nn.ModuleDict({m: ModalityEncoder(in_chans, dims[0], patch_size=4) for m in modalities})
+        self.modality_encoders = nn.ModuleDict(
+            {m: ModalityEncoder(in_chans, dims[0], patch_size=4) for m in modalities}
+        )
         self.encoder = VMambaEncoder(
-            patch_size=None, dims=dims, depths=depths, d_state=d_state, drop_path_rate=drop_path_rate, block_factory=block_factory
+            patch_size=None,
+            dims=dims,
+            depths=depths,
+            d_state=d_state,
+            drop_path_rate=drop_path_rate,
+            block_factory=block_factory,
         )
         self.total_stride = 4 * 2 ** (len(dims) - 1)
         n_up = len(dims) - 1
         dpr = torch.linspace(drop_path_rate, 0, n_up * decoder_depth).tolist()
         self.decoder = nn.ModuleList(
-            DecoderStage(dims[-1 - i], dims[-2 - i], decoder_depth, d_state, dpr[i * decoder_depth : (i + 1) * decoder_depth])
+            DecoderStage(
+                dims[-1 - i], dims[-2 - i], decoder_depth, d_state, dpr[i * decoder_depth : (i + 1) * decoder_depth]
+            )
             for i in range(n_up)
         )
         self.final_expand = PatchExpand2D(dims[0], 4, dims[0])
         # heads[0] at full resolution, heads[1:] on the decoder stages from the shallowest (1/4) to the deepest.
-        self.heads = nn.ModuleList(nn.Conv2d(d, num_classes, 1) for d in (dims[0], *dims[: n_up]))
+        self.heads = nn.ModuleList(nn.Conv2d(d, num_classes, 1) for d in (dims[0], *dims[:n_up]))
 
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor | list[torch.Tensor]:
         _check_input(x, self.in_chans, self.total_stride)

@@ -20,7 +20,17 @@ from timm.layers import DropPath, trunc_normal_
 
 from ..ops import selective_scan
 
-__all__ = ["PatchEmbed2D", "PatchMerging2D", "SS2D", "VSSBlock", "VSSLayer", "VMambaEncoder", "BlockFactory", "cross_scan", "cross_merge"]
+__all__ = [
+    "PatchEmbed2D",
+    "PatchMerging2D",
+    "SS2D",
+    "VSSBlock",
+    "VSSLayer",
+    "VMambaEncoder",
+    "BlockFactory",
+    "cross_scan",
+    "cross_merge",
+]
 
 # Builds the block at (stage index, block index) with its dim and drop-path rate.
 BlockFactory = Callable[[int, int, int, float], nn.Module]
@@ -82,7 +92,9 @@ class PatchMerging2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[1:3]
         if h % 2 or w % 2:
-            raise ValueError(f"PatchMerging2D: feature map {h}x{w} has an odd side; input sizes must be divisible by the network's total stride")
+            raise ValueError(
+                f"PatchMerging2D: feature map {h}x{w} has an odd side; input sizes must be divisible by the network's total stride"
+            )
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x))
 
@@ -117,7 +129,9 @@ class SS2D(nn.Module):
         k, d_inner = num_directions, self.d_inner
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
-        self.conv2d = nn.Conv2d(d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
+        self.conv2d = nn.Conv2d(
+            d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True
+        )
         self.act = nn.SiLU()
         # (K, R + 2N, D_inner): per direction, the projection of x to (dt, B, C).
         self.x_proj_weight = nn.Parameter(torch.empty(k, self.dt_rank + 2 * d_state, d_inner))
@@ -232,11 +246,17 @@ class VMambaEncoder(nn.Module):
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed2D(in_chans, dims[0], patch_size) if patch_size else None
         if block_factory is None:
+
             def block_factory(dim: int, stage: int, index: int, drop_path: float) -> nn.Module:
                 return VSSBlock(dim, d_state=d_state, drop_path=drop_path)
+
         dpr = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())  # stochastic depth decay rule
         self.layers = nn.ModuleList(
-            VSSLayer([block_factory(dims[i], i, j, next(dpr)) for j in range(depths[i])], dims[i], downsample=i < len(dims) - 1)
+            VSSLayer(
+                [block_factory(dims[i], i, j, next(dpr)) for j in range(depths[i])],
+                dims[i],
+                downsample=i < len(dims) - 1,
+            )
             for i in range(len(dims))
         )
         self.apply(init_vmamba_weights)
@@ -251,7 +271,9 @@ class VMambaEncoder(nn.Module):
             raise RuntimeError("VMambaEncoder was built without a patch embedding; call forward_stages(tokens)")
         h, w = x.shape[-2:]
         if h % self.total_stride or w % self.total_stride:
-            raise ValueError(f"VMambaEncoder: input size {h}x{w} must be divisible by {self.total_stride} (patch {self.patch_size} x {len(self.dims) - 1} downsamplings)")
+            raise ValueError(
+                f"VMambaEncoder: input size {h}x{w} must be divisible by {self.total_stride} (patch {self.patch_size} x {len(self.dims) - 1} downsamplings)"
+            )
         return self.forward_stages(self.patch_embed(x))
 
     def forward_stages(self, tokens: torch.Tensor) -> list[torch.Tensor]:

@@ -38,8 +38,17 @@ CHUNK = 256
 MAX_STATE = 256  # the kernel's largest n (kMaxState)
 STATE_MULTIPLE = 4  # the kernel takes n in whole vectors of 4 floats (2 doubles); smaller multiples are padded
 # No -ffast-math: exp2_poly's rounding trick needs exact fp. These three let min/max/select vectorise.
-_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
-          "-fopenmp", "-std=c++20", "-shared", "-fPIC")
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fno-trapping-math",
+    "-ffinite-math-only",
+    "-fno-signed-zeros",
+    "-fopenmp",
+    "-std=c++20",
+    "-shared",
+    "-fPIC",
+)
 # GCC only (Clang has no such options): instruction scheduling before register allocation, aware of register
 # pressure. The kernel's loops need more vector registers than x86-64 has; about 5 % faster (benchmarks/RESULTS.md).
 _GCC_FLAGS = ("-fschedule-insns", "-fsched-pressure")
@@ -57,7 +66,9 @@ def _cpu_identity() -> str:
         first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0].splitlines()
     except OSError:
         first_cpu = [platform.processor()]
-    return "\n".join([platform.machine(), *(x for x in first_cpu if x.startswith(("vendor_id", "model name", "flags")))])
+    return "\n".join(
+        [platform.machine(), *(x for x in first_cpu if x.startswith(("vendor_id", "model name", "flags")))]
+    )
 
 
 @functools.cache
@@ -153,8 +164,20 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, softplus):
     states = u.new_empty(-(-l // CHUNK), b, d, padded)
     threads = torch.get_num_threads()
     inputs = [t.contiguous() for t in (u, delta, _pad_state(A), Bt, Ct, D, delta_bias)]  # alive through the call
-    _call("scan_forward", u.dtype, *_ptrs(*inputs, y, states), b, d, padded, l, g, CHUNK,
-          _slices(b, d, g, threads), softplus, threads)
+    _call(
+        "scan_forward",
+        u.dtype,
+        *_ptrs(*inputs, y, states),
+        b,
+        d,
+        padded,
+        l,
+        g,
+        CHUNK,
+        _slices(b, d, g, threads),
+        softplus,
+        threads,
+    )
     return y, states
 
 
@@ -169,7 +192,19 @@ def scan_backward(u, delta, A, B, C, D, delta_bias, softplus, states, dy):
     dA, dD, dbias = u.new_zeros(b, d, padded), u.new_zeros(b, d), u.new_zeros(b, d)
     dB, dC = u.new_zeros(slices, b, g, l, padded), u.new_zeros(slices, b, g, l, padded)
     inputs = [t.contiguous() for t in (u, delta, _pad_state(A), Bt, Ct, D, delta_bias, states, dy)]
-    _call("scan_backward", u.dtype, *_ptrs(*inputs, du, ddelta, dA, dB, dC, dD, dbias),
-          b, d, padded, l, g, CHUNK, slices, softplus, threads)
+    _call(
+        "scan_backward",
+        u.dtype,
+        *_ptrs(*inputs, du, ddelta, dA, dB, dC, dD, dbias),
+        b,
+        d,
+        padded,
+        l,
+        g,
+        CHUNK,
+        slices,
+        softplus,
+        threads,
+    )
     dB, dC = (x.sum(0)[..., :n].transpose(2, 3) for x in (dB, dC))
     return du, ddelta, dA[..., :n], dB, dC, dD, dbias

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 PATH_ENV = "FED_SWINUMAMBA_SCAN"
 
-_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per chunk buffer: amortises per-chunk ops, small next to the inputs (measured)
+_CHUNK_ELEMENTS = (
+    1 << 20
+)  # 4 MiB of fp32 per chunk buffer: amortises per-chunk ops, small next to the inputs (measured)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

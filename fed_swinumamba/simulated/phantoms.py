@@ -99,7 +99,9 @@ def _us(rng, body, organ, lesion) -> np.ndarray:
     return (img * fan) * 255.0
 
 
-def write_ct_dicom_series(volume_hu: np.ndarray, spacing: tuple[float, float, float], folder: Path, case_id: str) -> Path:
+def write_ct_dicom_series(
+    volume_hu: np.ndarray, spacing: tuple[float, float, float], folder: Path, case_id: str
+) -> Path:
     """Write an (x, y, z) CT volume in HU as a DICOM series, one file per z slice, the way scanners do.
 
     Voxel (i, j, k) lies at RAS (i, j, k) * spacing, as in the NIfTI phantoms: the DICOM patient frame
@@ -111,7 +113,11 @@ def write_ct_dicom_series(volume_hu: np.ndarray, spacing: tuple[float, float, fl
     stored = np.clip(np.rint(volume_hu + 1024), 0, 65535).astype(np.uint16)
     for k in range(stored.shape[2]):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = CTImageStorage, uid("slice", k), ExplicitVRLittleEndian
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = (
+            CTImageStorage,
+            uid("slice", k),
+            ExplicitVRLittleEndian,
+        )
         ds = FileDataset(folder / f"slice_{k:04d}.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uid("study"), uid("series"), uid("frame")
@@ -129,7 +135,15 @@ def write_ct_dicom_series(volume_hu: np.ndarray, spacing: tuple[float, float, fl
     return folder
 
 
-def generate_phantoms(out_dir: str | Path, modality: str, num_cases: int = 16, seed: int = 0, size: int = 64, num_slices: int = 12, dicom: bool = False) -> Path:
+def generate_phantoms(
+    out_dir: str | Path,
+    modality: str,
+    num_cases: int = 16,
+    seed: int = 0,
+    size: int = 64,
+    num_slices: int = 12,
+    dicom: bool = False,
+) -> Path:
     """Write ``num_cases`` phantom cases of ``modality`` under ``out_dir``; returns ``out_dir``.
 
     ``dicom``: CT images as DICOM series folders ``imagesTr/<case>/`` (labels stay NIfTI).
@@ -165,13 +179,20 @@ def generate_phantoms(out_dir: str | Path, modality: str, num_cases: int = 16, s
         else:
             nib.save(nib.Nifti1Image(image.astype(np.float32), affine), out / "imagesTr" / f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), out / "labelsTr" / f"{name}.nii.gz")
-    image_file, label_file = ("./images/{}.png", "./masks/{}.png") if modality == "us" else ("./imagesTr/{}" + ("" if dicom else ".nii.gz"), "./labelsTr/{}.nii.gz")
+    image_file, label_file = (
+        ("./images/{}.png", "./masks/{}.png")
+        if modality == "us"
+        else ("./imagesTr/{}" + ("" if dicom else ".nii.gz"), "./labelsTr/{}.nii.gz")
+    )
     meta = {
         "name": f"phantom-{modality}",
         "modality": {"0": modality.upper()},
         "labels": {"0": "background", **{str(v): n for v, n in values.items()}},
         "numTraining": num_cases,
-        "training": [{"image": image_file.format(f"case_{i:03d}"), "label": label_file.format(f"case_{i:03d}")} for i in range(num_cases)],
+        "training": [
+            {"image": image_file.format(f"case_{i:03d}"), "label": label_file.format(f"case_{i:03d}")}
+            for i in range(num_cases)
+        ],
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     return out

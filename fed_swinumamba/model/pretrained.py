@@ -34,8 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from timm.models import adapt_input_conv
 
-from .model.vmamba import PatchEmbed2D, VMambaEncoder
-from .restricted_pickle import CodeExecutionRefused, InertObject, load_untrusted
+from ..restricted_pickle import CodeExecutionRefused, InertObject, load_untrusted
+from .vmamba import PatchEmbed2D, VMambaEncoder
 
 __all__ = ["PretrainedReport", "CheckpointError", "CheckpointWeights", "load_vmamba_checkpoint", "read_checkpoint"]
 
@@ -73,7 +73,12 @@ class PretrainedReport:
     @classmethod
     def of(cls, source: str | Path, weights: CheckpointWeights) -> PretrainedReport:
         """An empty report that already says where in the file the weights came from."""
-        return cls(source=str(source), entry=weights.entry, other_weights=list(weights.other_weights), inert=dict(weights.inert))
+        return cls(
+            source=str(source),
+            entry=weights.entry,
+            other_weights=list(weights.other_weights),
+            inert=dict(weights.inert),
+        )
 
     def summary(self) -> str:
         origin = f"weights from entry {self.entry!r}" if self.entry else "weights from a flat state dict"
@@ -84,7 +89,9 @@ class PretrainedReport:
             f"{len(self.fresh)} freshly initialised, {len(self.dropped)} checkpoint keys dropped; {origin}"
         )
         if self.inert:
-            text += "; pickled objects kept as inert data, never imported: " + ", ".join(f"{k} ({v})" for k, v in self.inert.items())
+            text += "; pickled objects kept as inert data, never imported: " + ", ".join(
+                f"{k} ({v})" for k, v in self.inert.items()
+            )
         return text
 
 
@@ -99,9 +106,13 @@ def _load_file(path: Path, what: str) -> object:
             return load_safetensors(path)
         return load_untrusted(path)
     except CodeExecutionRefused as err:
-        raise CheckpointError(f"{what} {path} is refused: unpickling it would run code from the file ({err}). Nothing from it was run; use the official release file.") from err
+        raise CheckpointError(
+            f"{what} {path} is refused: unpickling it would run code from the file ({err}). Nothing from it was run; use the official release file."
+        ) from err
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, SafetensorError) as err:
-        raise CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); is the download complete?") from err
+        raise CheckpointError(
+            f"{what} {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); is the download complete?"
+        ) from err
 
 
 def read_checkpoint(path: str | Path, what: str = "ImageNet checkpoint", entry: str = "model") -> CheckpointWeights:
@@ -117,10 +128,14 @@ def read_checkpoint(path: str | Path, what: str = "ImageNet checkpoint", entry: 
     if _is_state_dict(obj):
         return CheckpointWeights(state=obj, entry=None)
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a state dict or a dict with a {entry!r} entry")
+        raise CheckpointError(
+            f"{what} {path} holds a {type(obj).__name__}, not a state dict or a dict with a {entry!r} entry"
+        )
     holding_weights = [key for key, value in obj.items() if _is_state_dict(value)]
     if entry not in holding_weights:
-        raise CheckpointError(f"{what} {path} has no state dict under {entry!r}; entries holding one: {holding_weights or 'none'}")
+        raise CheckpointError(
+            f"{what} {path} has no state dict under {entry!r}; entries holding one: {holding_weights or 'none'}"
+        )
     return CheckpointWeights(
         state=obj[entry],
         entry=entry,
@@ -137,12 +152,16 @@ def _target(module: nn.Module) -> tuple[VMambaEncoder, str, dict[str, PatchEmbed
     encoder = getattr(module, "encoder", None)
     modality_encoders = getattr(module, "modality_encoders", None)
     if not isinstance(encoder, VMambaEncoder) or modality_encoders is None:
-        raise TypeError(f"cannot load VMamba weights into {type(module).__name__}: expected a VMambaEncoder or a network with .encoder and .modality_encoders")
+        raise TypeError(
+            f"cannot load VMamba weights into {type(module).__name__}: expected a VMambaEncoder or a network with .encoder and .modality_encoders"
+        )
     embeds = {f"modality_encoders.{m}.patch_embed": me.patch_embed for m, me in modality_encoders.items()}
     return encoder, "encoder.", embeds
 
 
-def _load_patch_embed(ckpt: dict[str, torch.Tensor], prefix: str, embed: PatchEmbed2D, report: PretrainedReport) -> dict[str, torch.Tensor]:
+def _load_patch_embed(
+    ckpt: dict[str, torch.Tensor], prefix: str, embed: PatchEmbed2D, report: PretrainedReport
+) -> dict[str, torch.Tensor]:
     """ImageNet patch-embedding tensors for ``embed``, adapted to its input channels, or {} if it cannot take them."""
     weight = ckpt["patch_embed.proj.weight"]  # (D, 3, p, p)
     target = embed.proj.weight
@@ -150,7 +169,9 @@ def _load_patch_embed(ckpt: dict[str, torch.Tensor], prefix: str, embed: PatchEm
         return {}  # different width or patch size: an embedding of something else than the image
     out = {f"{prefix}.{k}": ckpt[f"patch_embed.{k}"] for k in ("proj.bias", "norm.weight", "norm.bias")}
     if target.shape[1] != weight.shape[1]:
-        report.adapted[f"{prefix}.proj.weight"] = f"timm adapt_input_conv {weight.shape[1]} -> {target.shape[1]} channels"
+        report.adapted[f"{prefix}.proj.weight"] = (
+            f"timm adapt_input_conv {weight.shape[1]} -> {target.shape[1]} channels"
+        )
         weight = adapt_input_conv(target.shape[1], weight)
     out[f"{prefix}.proj.weight"] = weight
     return out
@@ -173,12 +194,18 @@ def load_vmamba_checkpoint(module: nn.Module, path: str | Path, entry: str = "mo
             report.dropped.append(key)
         elif key.startswith("layers."):
             if key not in encoder_state:
-                raise CheckpointError(f"{path}: checkpoint key {key!r} {tuple(value.shape)} has no place in the encoder (dims {encoder.dims}, depths {encoder.depths})")
+                raise CheckpointError(
+                    f"{path}: checkpoint key {key!r} {tuple(value.shape)} has no place in the encoder (dims {encoder.dims}, depths {encoder.depths})"
+                )
             if encoder_state[key].shape != value.shape:
-                raise CheckpointError(f"{path}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(encoder_state[key].shape)}")
+                raise CheckpointError(
+                    f"{path}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(encoder_state[key].shape)}"
+                )
             new_state[enc_prefix + key] = value
         elif not key.startswith("patch_embed."):
-            raise CheckpointError(f"{path}: unexpected checkpoint key {key!r} {tuple(value.shape)}; is this the VMamba-T v0 checkpoint?")
+            raise CheckpointError(
+                f"{path}: unexpected checkpoint key {key!r} {tuple(value.shape)}; is this the VMamba-T v0 checkpoint?"
+            )
 
     if "patch_embed.proj.weight" not in ckpt:
         raise CheckpointError(f"{path}: no patch_embed.proj.weight; is this the VMamba-T v0 checkpoint?")

@@ -6,6 +6,7 @@ site here by its partition id), so both run the same sites through the same load
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from filelock import FileLock
@@ -23,9 +24,17 @@ def make_demo_sites(root: str | Path, num_cases: int = 16, seed: int = 0) -> lis
     yamls = []
     for i, modality in enumerate(DEMO_MODALITIES):
         data = generate_phantoms(root / "data" / modality, modality, num_cases=num_cases, seed=seed + i)
-        yamls += split_dataset(data, modality, 1, "iid", seed, root / "sites" / modality, site_prefix=f"demo_{modality}")
+        yamls += split_dataset(
+            data, modality, 1, "iid", seed, root / "sites" / modality, site_prefix=f"demo_{modality}"
+        )
     (root / _COMPLETE).write_text("\n".join(str(p) for p in yamls))
     return yamls
+
+
+def default_demo_root() -> Path:
+    """Where ``flwr run .``'s virtual nodes generate the demo: ``$XDG_DATA_HOME/fed_swinumamba/demo``."""
+    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data_home) / "fed_swinumamba" / "demo"
 
 
 def demo_site(root: str | Path, partition_id: int) -> Path:

@@ -10,12 +10,19 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .datasets import LAYOUTS, case_stem, read_patient_mapping
+from ..data.datasets import LAYOUTS, case_stem, read_patient_mapping
 
 SCHEMES = ("iid", "dirichlet", "quantity")
 
 
-def partition_cases(case_ids: list[str], num_sites: int, scheme: str = "iid", seed: int = 0, alpha: float = 0.5, properties: dict[str, float] | None = None) -> list[list[str]]:
+def partition_cases(
+    case_ids: list[str],
+    num_sites: int,
+    scheme: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    properties: dict[str, float] | None = None,
+) -> list[list[str]]:
     """Every case to exactly one site, each site at least one case.
 
     iid: shuffled round-robin. quantity: site sizes drawn from Dirichlet(alpha). dirichlet: cases are
@@ -42,15 +49,23 @@ def partition_cases(case_ids: list[str], num_sites: int, scheme: str = "iid", se
         share = rng.dirichlet([alpha] * num_sites)
         for case in bin_cases:
             sites[int(rng.choice(num_sites, p=share))].append(str(case))
-    for i, part in enumerate(sites):  # no empty site: take one case from the largest
+    for part in sites:  # no empty site: take one case from the largest
         if not part:
             donor = max(range(num_sites), key=lambda j: len(sites[j]))
             part.append(sites[donor].pop())
     return [sorted(p) for p in sites]
 
 
-def write_site_config(path: Path, site: str, modality: str, root: Path, data_format: str, labels: dict[int, str], **sections) -> Path:
-    config = {"site": site, "modality": modality, "data": {"root": os.path.relpath(root, path.parent), "format": data_format}, "labels": dict(labels), **sections}
+def write_site_config(
+    path: Path, site: str, modality: str, root: Path, data_format: str, labels: dict[int, str], **sections
+) -> Path:
+    config = {
+        "site": site,
+        "modality": modality,
+        "data": {"root": os.path.relpath(root, path.parent), "format": data_format},
+        "labels": dict(labels),
+        **sections,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -84,7 +99,9 @@ def dataset_labels(data_dir: Path) -> dict[int, str]:
     """Label value -> class name from the dataset's ``dataset.json`` (MSD's ``labels``; background dropped)."""
     meta_file = data_dir / "dataset.json"
     if not meta_file.is_file():
-        raise ValueError(f"{data_dir}: no dataset.json to take the label names from; give them (--labels 1=organ,2=lesion)")
+        raise ValueError(
+            f"{data_dir}: no dataset.json to take the label names from; give them (--labels 1=organ,2=lesion)"
+        )
     names = json.loads(meta_file.read_text()).get("labels", {})
     labels = {int(v): str(n) for v, n in names.items() if int(v) != 0}
     if not labels:
@@ -92,7 +109,16 @@ def dataset_labels(data_dir: Path) -> dict[int, str]:
     return labels
 
 
-def split_dataset(data_dir: str | Path, modality: str, num_sites: int, scheme: str, seed: int, out_dir: str | Path, labels: dict[int, str] | None = None, site_prefix: str | None = None) -> list[Path]:
+def split_dataset(
+    data_dir: str | Path,
+    modality: str,
+    num_sites: int,
+    scheme: str,
+    seed: int,
+    out_dir: str | Path,
+    labels: dict[int, str] | None = None,
+    site_prefix: str | None = None,
+) -> list[Path]:
     """Partition ``data_dir`` (MSD, DICOM or PNG layout) by patient into ``num_sites`` site folders + YAMLs.
 
     Label names come from ``labels`` or the dataset's ``dataset.json``; patients from its ``cases.csv`` or

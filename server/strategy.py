@@ -1,0 +1,428 @@
+"""The federation's round logic as a Flower ``Strategy``: modality-aware payloads, screening, aggregation.
+
+- ``configure_train`` samples the round's sites, asks any node whose identity is unknown who it is (a
+  query holds no weights: a node's first message, and its first after an error, must not carry
+  another modality's encoder, which with one site per modality is another hospital's own weights),
+  then gives each node the part of the global model it lacks from the version it holds, with the
+  round's typed :class:`~fed_swinumamba.protocol.Instructions`.
+- ``aggregate_train`` records each reply (:class:`~fed_swinumamba.protocol.TrainReply`), screens the
+  updates (server.validation), aggregates each partition — the shared weights over every site, each
+  modality's encoder over its sites — with that partition's rule (server.rules), and under site-level
+  DP adds the calibrated noise and accounts the release.
+- ``configure_evaluate`` / ``aggregate_evaluate`` do the same for the global model, or for another
+  model (a site's local model, the best checkpoint) evaluated without touching the sites' copies.
+
+The strategy owns all of its state — the global weights (one ``dict`` of NumPy arrays from reply to
+checkpoint), each partition's rule with its server-optimiser moments, the site-level DP accountant —
+and :meth:`state_dict` puts it into the checkpoint, so that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fed_swinumamba.logs import NOT_PRIVATE
+from fed_swinumamba.params import SHARED, partition_of, select
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, EvalReply, Instructions, TrainReply
+
+from .rules import Rule, make_rule
+from .settings import FederationSettings
+from .site_dp import SiteLevelDP
+from .validation import screen_updates
+
+log = logging.getLogger("fed_swinumamba.server")
+
+# configure_evaluate's config: which model the arrays are ("" = the global model) and whether every
+# held-out case is scored rather than the run's per-round subset.
+EVAL_MODEL, EVAL_FULL_SPLIT = "model", "full-split"
+
+
+@dataclass
+class SiteLink:
+    """What the coordinator knows of a connected node: who it is and which global version it holds."""
+
+    site: str | None = None
+    modality: str | None = None  # None: unknown, ask the node (a query) before sending it any weights
+    version: int | None = None  # None: unknown, send everything of its modality
+
+
+class ModalityAwareStrategy(Strategy):
+    def __init__(self, settings: FederationSettings, weights: dict[str, np.ndarray]):
+        self.s = settings
+        self.weights = weights  # the global model
+        self.version = 0  # completed aggregations
+        self.links: dict[int, SiteLink] = {}
+        self.rules: dict[str, Rule] = {}
+        self.site_dp: SiteLevelDP | None = None
+        self.records: dict[int, dict[str, dict]] = {}  # round -> site -> what metrics.json records of it
+        self.local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's locally trained models
+        self.evaluations: dict[str, tuple[str, EvalReply]] = {}  # the last evaluation: site -> (modality, scores)
+        self._sent: list[Message] = []  # the messages whose replies the next aggregate_* call gets
+        self._bytes_down: dict[int, int] = {}
+        self._site_dp_state: dict | None = None
+
+    # ------------------------------------------------------------------ Flower's Strategy
+    def summary(self) -> None:
+        log.info(
+            "%s: strategy %s per partition (shared + one per modality of %s), %s",
+            type(self).__name__,
+            self.s.strategy,
+            ",".join(self.s.model_config.modalities),
+            "site-level DP" if self.s.site_dp else "no site-level DP",
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Messages for the round's sampled sites. ``arrays`` is not used: each node gets the part of the
+        strategy's global weights that it lacks, from the version it holds."""
+        nodes = sorted(grid.get_node_ids())
+        self._start_site_dp(len(nodes))
+        if self.site_dp and not self.site_dp.budget_allows_round():
+            log.warning(
+                "round %d: the site-level privacy budget %.3g would be exceeded (spent %.3f); no more training, evaluation goes on",
+                server_round,
+                self.site_dp.s.budget,
+                self.site_dp.epsilon(),
+            )
+            return self._prepare([], server_round, MessageType.TRAIN, grid)
+        k = max(self.s.min_train_sites, round(self.s.fraction_train * len(nodes)))
+        sampled = sorted(
+            random.Random(f"{self.s.seed}-{server_round}").sample(nodes, min(k, len(nodes)))
+        )  # the same after a resume
+        stage = self.s.schedule.stage_for_round(server_round)
+        log.info(
+            "[ROUND %d/%d] stage %d, lr %.2e, training %s on %d of %d sites",
+            server_round,
+            self.s.num_rounds,
+            stage.index,
+            stage.lr,
+            ",".join(stage.trainable_groups),
+            len(sampled),
+            len(nodes),
+        )
+        return self._prepare(sampled, server_round, MessageType.TRAIN, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The updated tensors (also applied to the strategy's global weights), or None when nothing was aggregated."""
+        ok = [
+            r
+            for r in self._answered(server_round, MessageType.TRAIN, replies)
+            if self._record_training(server_round, r)
+        ]
+        ok = self._screen(server_round, ok)
+        sites = self.records[server_round]
+        self.local_models = {r.content[SITE]["site"]: {**self.weights, **_numpy(r.content[ARRAYS])} for r in ok}
+        if not ok or len(ok) < self.s.min_train_sites:
+            if ok:
+                log.warning(
+                    "round %d: %d sites trained, fewer than min-train-sites=%d; global model unchanged",
+                    server_round,
+                    len(ok),
+                    self.s.min_train_sites,
+                )
+            return None, None
+        weights = [1.0 if self.site_dp else float(sites[r.content[SITE]["site"]]["num_examples"]) for r in ok]
+        updated = self._aggregate(server_round, [_numpy(r.content[ARRAYS]) for r in ok], weights)
+        self.weights.update(updated)
+        self.version = server_round
+        if self.site_dp:
+            self.site_dp.record_release(len(ok))
+        return to_arrays(updated), MetricRecord({"sites": len(ok)})
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Messages for every identified node: the global model (``config['model']`` empty; ``arrays`` not
+        used, as in training), or the model in ``arrays`` named by ``config['model']``, which each node
+        evaluates with its own modality's encoder from it and then forgets."""
+        full_split = bool(config.get(EVAL_FULL_SPLIT, False))
+        nodes = sorted(grid.get_node_ids())
+        name = str(config.get(EVAL_MODEL, ""))
+        if not name:
+            return self._prepare(nodes, server_round, MessageType.EVALUATE, grid, full_split=full_split)
+        weights = _numpy(arrays)
+        known = [n for n in nodes if self.links.get(n, SiteLink()).modality]
+        self._sent = [
+            self._message(
+                n,
+                to_arrays(select(weights, modalities=[self.links[n].modality])),
+                server_round,
+                FULL_SYNC,
+                MessageType.EVALUATE,
+                name,
+                full_split,
+            )
+            for n in known
+        ]
+        return self._sent
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Each site's scores into :attr:`evaluations` (and, for the global model, the round's records);
+        the mean over sites of their mean Dice."""
+        foreign = {Instructions.from_config(m.content[CONFIG]).foreign_model for m in self._sent} - {""}
+        if foreign:
+            replies = list(replies)
+            name = foreign.pop()
+            self.evaluations = {}
+            for reply in replies:
+                if reply.has_error():
+                    log.warning(
+                        "evaluation of %s at %s failed: %s",
+                        name,
+                        self._site_key(_addressee(reply, self._sent)),
+                        reply.error.reason,
+                    )
+                    continue
+                self.evaluations[str(reply.content[SITE]["site"])] = (
+                    str(reply.content[SITE]["modality"]),
+                    EvalReply.from_metrics(reply.content[METRICS], self.s.class_names),
+                )
+        else:
+            self.evaluations = {}
+            for reply in self._answered(server_round, MessageType.EVALUATE, replies):
+                scores = EvalReply.from_metrics(reply.content[METRICS], self.s.class_names)
+                site = str(reply.content[SITE]["site"])
+                self.evaluations[site] = (str(reply.content[SITE]["modality"]), scores)
+                self.records[server_round][site].update(scores.record())
+        means = [e.dice_mean for _, e in self.evaluations.values() if e.dice_mean == e.dice_mean]
+        return MetricRecord({"dice-mean": float(np.mean(means))}) if means else None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Arrays (each partition's rule state, as ``<partition>/<name>``) and plain values (the DP accountant)."""
+        arrays = {f"{partition}/{k}": v for partition, rule in self.rules.items() for k, v in rule.state_dict().items()}
+        return arrays, ({"site_dp_accountant": self.site_dp.accountant.state_dict()} if self.site_dp else {})
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], values: dict, version: int) -> None:
+        """The state of an interrupted run, whose global weights (``self.weights``) are at ``version``."""
+        self.version = version
+        for partition in sorted({k.split("/", 1)[0] for k in arrays}):
+            prefix = f"{partition}/"
+            self._rule(partition).load_state_dict(
+                {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            )
+        self._site_dp_state = values.get("site_dp_accountant")
+
+    def _rule(self, partition: str) -> Rule:
+        if partition not in self.rules:
+            s = self.s
+            self.rules[partition] = make_rule(
+                s.strategy,
+                trimmed_beta=s.trimmed_beta,
+                eta=s.server_lr,
+                beta_1=s.server_beta1,
+                beta_2=s.server_beta2,
+                tau=s.server_tau,
+            )
+        return self.rules[partition]
+
+    def _start_site_dp(self, num_sites: int) -> None:
+        """The site-level DP accountant, made once the first round knows how many sites there are."""
+        if self.s.site_dp and self.site_dp is None:
+            state = self._site_dp_state
+            self.site_dp = (
+                SiteLevelDP.restore(self.s.site_dp, state) if state else SiteLevelDP(self.s.site_dp, num_sites)
+            )
+
+    # ------------------------------------------------------------------ aggregation
+    def _aggregate(
+        self, server_round: int, updates: list[dict[str, np.ndarray]], weights: list[float]
+    ) -> dict[str, np.ndarray]:
+        """Each partition through its rule; under site-level DP, noise of std sigma * C / n on each partition's mean."""
+        by_partition: dict[str, list[dict[str, np.ndarray]]] = {}
+        for i, update in enumerate(updates):
+            for name, value in update.items():
+                parts = by_partition.setdefault(partition_of(name), [{} for _ in updates])
+                parts[i][name] = value
+        updated: dict[str, np.ndarray] = {}
+        for partition, parts in sorted(by_partition.items(), key=lambda kv: kv[0] != SHARED):
+            senders = [i for i, p in enumerate(parts) if p]
+            keys = set(parts[senders[0]])
+            if any(set(parts[i]) != keys for i in senders):
+                raise ValueError(
+                    f"round {server_round}: sites sent different weight sets for partition {partition!r}; they must train the same stage"
+                )
+            current = {k: self.weights[k] for k in keys}
+            result = self._rule(partition).aggregate(
+                current, [parts[i] for i in senders], [weights[i] for i in senders]
+            )
+            if self.site_dp:
+                result = self.site_dp.noised(result, len(senders))
+            updated.update(result)
+            log.info(
+                "round %d: aggregated %d tensors of partition %r from %d sites",
+                server_round,
+                len(keys),
+                partition,
+                len(senders),
+            )
+        return updated
+
+    def _screen(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Drop non-finite and outlying updates (see server.validation), logged with the site's name."""
+        rejected = screen_updates(replies, self.weights, self.s.max_update_norm_ratio)
+        for rejection in rejected:
+            site = str(replies[rejection.index].content[SITE]["site"])
+            log.warning("round %d: update of site %s rejected: %s", server_round, site, rejection.reason)
+            self.records[server_round][site]["rejected"] = rejection.reason
+        dropped = {r.index for r in rejected}
+        return [reply for i, reply in enumerate(replies) if i not in dropped]
+
+    def _record_training(self, server_round: int, reply: Message) -> bool:
+        """Note a site's training scalars; False when it sent no update (its privacy budget is spent)."""
+        train = TrainReply.from_metrics(reply.content[METRICS])
+        entry = self.records[server_round][str(reply.content[SITE]["site"])]
+        entry["num_examples"] = train.num_patients
+        if train.train_loss is not None:
+            entry["train_loss"] = train.train_loss
+            entry["timing"] = {"first_batch_s": train.first_batch_s, "train_s": train.train_s}
+        if train.dp is not None:
+            entry["epsilon"] = train.dp.epsilon
+            entry["privacy"] = train.dp.record()
+            if train.dp.reproducible:
+                entry["not_private"] = NOT_PRIVATE.rstrip(": ")
+            if train.dp.budget_exhausted:
+                log.warning(
+                    "site %s: privacy budget %.3g spent (epsilon %.3f); it no longer trains, only evaluates",
+                    reply.content[SITE]["site"],
+                    train.dp.budget,
+                    train.dp.epsilon,
+                )
+                entry["privacy_budget_exhausted"] = True
+        return ARRAYS in reply.content
+
+    # ------------------------------------------------------------------ messages
+    def _prepare(
+        self, nodes: list[int], server_round: int, message_type: str, grid: Grid, full_split: bool = False
+    ) -> list[Message]:
+        """Identify the unknown among ``nodes``, then one message per identified node with what it lacks."""
+        self.records.setdefault(server_round, {})
+        unknown = [n for n in nodes if self.links.setdefault(n, SiteLink()).modality is None]
+        if unknown:
+            queries = [Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            self._sent = queries
+            list(
+                self._answered(
+                    server_round, MessageType.QUERY, grid.send_and_receive(queries, timeout=self.s.round_timeout)
+                )
+            )
+        self._sent, self._bytes_down = [], {}
+        for node in (n for n in nodes if self.links[n].modality is not None):
+            arrays, base = self._payload(node)
+            self._sent.append(self._message(node, arrays, server_round, base, message_type, full_split=full_split))
+            self._bytes_down[node] = _nbytes(arrays)
+        return self._sent
+
+    def _payload(self, node: int) -> tuple[ArrayRecord, int]:
+        """The weights ``node`` lacks to hold the current global version, and the version it must hold already."""
+        link, version = self.links[node], self.version
+        modalities = [link.modality]  # known (see _prepare): never another site's encoder
+        if link.version is None or link.version > version:
+            return to_arrays(select(self.weights, modalities=modalities)), FULL_SYNC
+        groups = self.s.schedule.groups_changed_between(link.version, version) if link.version < version else ()
+        return to_arrays(select(self.weights, groups=groups, modalities=modalities)), link.version
+
+    def _message(
+        self,
+        node: int,
+        arrays: ArrayRecord,
+        server_round: int,
+        base: int,
+        message_type: str,
+        foreign_model: str = "",
+        full_split: bool = False,
+    ) -> Message:
+        s = self.s
+        instructions = Instructions(
+            server_round,
+            s.schedule.stage_for_round(server_round),
+            s.model_config,
+            s.class_names,
+            self.version,
+            base,
+            s.proximal_mu,
+            s.local_steps,
+            s.seed,
+            foreign_model,
+            s.site_dp.clipping_norm if s.site_dp else 0.0,
+            s.study,
+            0 if full_split else s.eval_cases,
+            s.nsd_tolerance_mm,
+            s.num_rounds,
+            s.dp,
+        )
+        return Message(
+            content=RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())}),
+            dst_node_id=node,
+            message_type=message_type,
+        )
+
+    def _answered(self, server_round: int, message_type: str, replies: Iterable[Message]) -> list[Message]:
+        """The successful replies to the messages last sent, each node's identity learnt; every failure
+        (an error reply, or none within the timeout) recorded and its node's state forgotten."""
+        sent, sites = self._sent, self.records.setdefault(server_round, {})
+        answered, ok = set(), []
+        for reply in replies:
+            node = _addressee(reply, sent)
+            answered.add(node)
+            if reply.has_error():
+                self._failed(node, server_round, message_type, reply.error.reason)
+                continue
+            identity, link = reply.content[SITE], self.links.setdefault(node, SiteLink())
+            link.site, link.modality = str(identity["site"]), str(identity["modality"])
+            if message_type != MessageType.QUERY:
+                link.version = self.version
+                entry = sites.setdefault(link.site, {"modality": link.modality})
+                entry["bytes_down"] = entry.get("bytes_down", 0) + self._bytes_down.get(node, 0)
+                entry["bytes_up"] = entry.get("bytes_up", 0) + (
+                    _nbytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0
+                )
+            ok.append(reply)
+        for node in sorted({m.metadata.dst_node_id for m in sent} - answered):
+            self._failed(node, server_round, message_type, f"no reply within {self.s.round_timeout:.0f} s")
+        return ok
+
+    def _failed(self, node: int, server_round: int, message_type: str, reason: str) -> None:
+        """Note a node's failure. Whatever it holds, and whoever it is now (a restarted SuperNode may
+        play another site), is unknown: it is asked again, then sent everything of its modality."""
+        link = self.links.setdefault(node, SiteLink())
+        entry = self.records.setdefault(server_round, {}).setdefault(self._site_key(node), {"modality": link.modality})
+        entry.setdefault("errors", []).append(f"{message_type}: {reason}")
+        log.warning("round %d %s: site %s failed: %s", server_round, message_type, self._site_key(node), reason)
+        link.modality, link.version = None, None
+
+    def _site_key(self, node: int) -> str:
+        link = self.links.get(node)
+        return link.site if link and link.site else f"node-{node}"
+
+
+def _addressee(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for: the SuperLink itself sends the error reply of a node that went
+    offline (its source is the SuperLink, not the node), so match the message it replies to."""
+    for message in sent:
+        if message.metadata.message_id == reply.metadata.reply_to_message_id:
+            return message.metadata.dst_node_id
+    return reply.metadata.src_node_id
+
+
+def to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in arrays.items()}
+
+
+def _nbytes(arrays: ArrayRecord) -> int:
+    return sum(len(a.data) for a in arrays.values())
