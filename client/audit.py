@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
+
+from fed_swinumamba.flower_internals import ErrorCode
 
 AUDIT_LOG = "audit-log"
 log = logging.getLogger("fed_swinumamba.client")

@@ -5,8 +5,8 @@ from collections.abc import Callable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 
+from fed_swinumamba.flower_internals import ErrorCode
 from fed_swinumamba.logs import enable_console_logging
 from fed_swinumamba.protocol import redact_paths
 

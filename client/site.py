@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
-from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fed_swinumamba.data import SiteData, load_site_config
 from fed_swinumamba.data.site_config import PrivacySpec, SiteConfig
+from fed_swinumamba.flower_internals import compute_clip_model_update
 from fed_swinumamba.logs import NOT_PRIVATE, prefixed
 from fed_swinumamba.model import build_model
 from fed_swinumamba.params import select

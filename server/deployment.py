@@ -21,11 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from flwr.cli.flower_config import write_superlink_connection
-from flwr.cli.typing import SuperLinkConnection
-from flwr.supercore.utils import get_flwr_home
 
 from fed_swinumamba.deployment import CONNECTION, Background, descendants, last_lines, start_background, wait_for_output
+from fed_swinumamba.flower_internals import SuperLinkConnection, get_flwr_home, write_superlink_connection
 
 ACTIVE_RUN_STATUSES = ("pending", "starting", "running")
 START_TIMEOUT = 120.0  # seconds a run may stay pending: the SuperExec takes it within seconds

@@ -24,7 +24,7 @@ from fed_swinumamba.logs import NOT_PRIVATE, prefixed
 from fed_swinumamba.model import build_model
 from fed_swinumamba.model.pretrained import load_vmamba_checkpoint
 
-from .report import write_report
+from .report import score_text, write_report
 from .settings import FederationSettings
 from .strategy import EVAL_FULL_SPLIT, EVAL_MODEL, ModalityAwareStrategy, to_arrays
 
@@ -172,7 +172,7 @@ class Federation:
         checkpoint's model when it is another round's, are scored on every held-out case."""
         sites = self._evaluate(server_round, full_split=True)
         result = {"global": {"round": server_round, "sites": sites}}
-        log.info("final global model on every held-out case:\n%s", dice_table(sites, self.s.class_names))
+        log.info("final global model on every held-out case:\n%s", score_text(sites, self.s.class_names))
         best = (
             Checkpoint.load(self.out / "checkpoints" / "best.safetensors")
             if (self.out / "checkpoints" / "best.safetensors").is_file()
@@ -184,7 +184,7 @@ class Federation:
                 server_round, name, {k: v.numpy() for k, v in best.state.items()}, full_split=True
             )
             result["best"] = {"round": best.server_round, "sites": best_sites}
-            log.info("%s on every held-out case:\n%s", name, dice_table(best_sites, self.s.class_names))
+            log.info("%s on every held-out case:\n%s", name, score_text(best_sites, self.s.class_names))
         return result
 
     def _cross_site_evaluation(self, server_round: int) -> dict:
@@ -224,7 +224,7 @@ class Federation:
         if self.strategy.site_dp:
             entry["site_dp"] = self.strategy.site_dp.report()
         self.history.append(entry)
-        log.info("round %d global Dice per site:\n%s", server_round, dice_table(sites, self.s.class_names))
+        log.info("round %d global Dice per site:\n%s", server_round, score_text(sites, self.s.class_names))
         means = [s["dice_mean"] for s in sites.values() if "dice_mean" in s and s["dice_mean"] == s["dice_mean"]]
         score = float(np.mean(means)) if means else None
         if score is not None and score > self.best:
@@ -250,40 +250,6 @@ class Federation:
         tmp = self.out / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=1, default=str))
         tmp.replace(self.out / "metrics.json")
-
-
-def dice_table(sites: dict, class_names) -> str:
-    """Per site: Dice per class and its mean, HD95 (mm) and NSD per class, the cases scored, epsilon under DP."""
-    private = any("epsilon" in s for s in sites.values())
-    header = (
-        f"{'site':<20}{'modality':<9}"
-        + "".join(f"{'Dice ' + c:>12}" for c in class_names)
-        + f"{'mean':>7}"
-        + "".join(f"{'HD95 ' + c:>12}" for c in class_names)
-        + "".join(f"{'NSD ' + c:>11}" for c in class_names)
-        + f"{'cases':>7}"
-        + (f"{'epsilon':>9}" if private else "")
-    )
-    lines = [header]
-    for name, s in sorted(sites.items()):
-        if "dice" in s:
-            epsilon = (f"{s['epsilon']:>9.3f}" if "epsilon" in s else f"{'-':>9}") if private else ""
-            notes = ("  budget spent" if s.get("privacy_budget_exhausted") else "") + (
-                "  update rejected" if "rejected" in s else ""
-            )
-            lines.append(
-                f"{name:<20}{s['modality'] or '?':<9}"
-                + "".join(f"{s['dice'][c]:>12.3f}" for c in class_names)
-                + f"{s['dice_mean']:>7.3f}"
-                + "".join(f"{s['hd95'][c]:>12.1f}" for c in class_names)
-                + "".join(f"{s['nsd'][c]:>11.3f}" for c in class_names)
-                + f"{s['num_val_cases']:>4}/{s['held_out_cases']:<2}"
-                + epsilon
-                + notes
-            )
-        else:
-            lines.append(f"{name:<20}{s.get('modality') or '?':<9}  " + "; ".join(s.get("errors", ["not evaluated"])))
-    return "\n".join(lines)
 
 
 def cross_site_table(result: dict) -> str:

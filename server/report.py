@@ -137,8 +137,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _scores_table(sites: dict, classes: list[str]) -> str:
-    """Per site: Dice per class and its mean, HD95 (mm) and NSD per class, held-out cases scored; DP and notes."""
+def score_rows(sites: dict, classes: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The per-site table of a round, as the report and the console both show it: Dice per class and its mean,
+    HD95 (mm) and NSD per class, held-out cases scored and seconds per case; DP figures and notes."""
     private = any("epsilon" in s for s in sites.values())
     header = [
         "site",
@@ -176,7 +177,18 @@ def _scores_table(sites: dict, classes: list[str]) -> str:
         )
         notes += [f"update rejected: {s['rejected']}"] if "rejected" in s else []
         rows.append(row + ["; ".join(notes)])
-    return _table(header, rows)
+    return header, rows
+
+
+def _scores_table(sites: dict, classes: list[str]) -> str:
+    return _table(*score_rows(sites, classes))
+
+
+def score_text(sites: dict, classes: list[str]) -> str:
+    """:func:`score_rows` as aligned text, for the coordinator's log."""
+    header, rows = score_rows(sites, classes)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
 
 
 # What a site's DP-SGD guarantee covers and what it does not (README, "Differential privacy").

@@ -26,8 +26,14 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from fed_swinumamba.flower_internals import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
 
 log = logging.getLogger("fed_swinumamba.server")
 

@@ -162,3 +162,25 @@ def test_pyproject_lists_every_run_config_key_with_its_default():
     """`flwr run` reads pyproject; the simulation passes only overrides: the same run either way."""
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == defaults()
+
+
+@pytest.mark.parametrize(
+    "strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedtrimmedavg", "fedmedian"]
+)
+@pytest.mark.parametrize("modalities", [dict.fromkeys(STEPS, "ct"), MODALITIES], ids=["one modality", "two modalities"])
+def test_every_rule_trains_each_group_from_the_round_the_schedule_unfreezes_it(tmp_path, strategy, modalities):
+    """Rounds-per-stage 1 over 3 rounds: stage1 joins in round 2, stage2 in round 3; every rule moves each
+    group exactly in the rounds it is trained, each encoder only with its own modality's sites."""
+    federation = _run(
+        tmp_path, modalities=modalities, **{"num-server-rounds": 3, "rounds-per-stage": 1, "strategy": strategy}
+    )
+    initial = Federation(None, _settings(tmp_path / "fresh")).state
+    for group, trained in (("decoder", True), ("stage1", True), ("stage2", True), ("stage3", False)):
+        name = _a_tensor(initial, "shared", group)
+        assert np.array_equal(federation.state[name], initial[name]) != trained, (group, strategy)
+    for modality in set(modalities.values()):
+        name = _a_tensor(initial, modality, "stem")
+        assert not np.array_equal(federation.state[name], initial[name])
+    if set(modalities.values()) == {"ct"}:
+        name = _a_tensor(initial, "mri", "stem")
+        assert np.array_equal(federation.state[name], initial[name])  # no MRI site: its encoder stays as initialised
