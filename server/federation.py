@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import nullcontext
 
@@ -24,6 +25,7 @@ from fed_swinumamba.logs import NOT_PRIVATE, prefixed
 from fed_swinumamba.model import build_model
 from fed_swinumamba.model.pretrained import load_vmamba_checkpoint
 
+from .records import NOT_PRIVATE_MARK, RoundRecord, SiteRecord
 from .report import score_text, write_report
 from .settings import FederationSettings
 from .strategy import EVAL_FULL_SPLIT, EVAL_MODEL, ModalityAwareStrategy, to_arrays
@@ -211,21 +213,16 @@ class Federation:
         log.info("cross-site evaluation (rows: model, columns: site, mean Dice):\n%s", cross_site_table(result))
         return result
 
-    def _record(self, server_round: int, stage, sites: dict) -> None:
-        entry = {
-            "round": server_round,
-            "stage": stage.index,
-            "lr": stage.lr,
-            "trainable_groups": list(stage.trainable_groups),
-            "sites": sites,
-        }
-        if self.s.dp_reproducible:
-            entry["not_private"] = NOT_PRIVATE.rstrip(": ")
-        if self.strategy.site_dp:
-            entry["site_dp"] = self.strategy.site_dp.report()
-        self.history.append(entry)
-        log.info("round %d global Dice per site:\n%s", server_round, score_text(sites, self.s.class_names))
-        means = [s["dice_mean"] for s in sites.values() if "dice_mean" in s and s["dice_mean"] == s["dice_mean"]]
+    def _record(self, server_round: int, stage, sites: dict[str, SiteRecord]) -> None:
+        site_dp = self.strategy.site_dp.report() if self.strategy.site_dp else None
+        record = RoundRecord(
+            server_round, stage.index, stage.lr, stage.trainable_groups, sites, site_dp, self.s.dp_reproducible
+        ).to_json()
+        self.history.append(record)
+        log.info("round %d global Dice per site:\n%s", server_round, score_text(record["sites"], self.s.class_names))
+        means = [
+            s.evaluation.dice_mean for s in sites.values() if s.evaluation and not math.isnan(s.evaluation.dice_mean)
+        ]
         score = float(np.mean(means)) if means else None
         if score is not None and score > self.best:
             self.best = score
@@ -242,7 +239,7 @@ class Federation:
             "weighting": EQUAL_WEIGHTS if self.s.site_dp else PATIENT_WEIGHTS,
         }
         if self.s.dp_reproducible:
-            metrics["not_private"] = NOT_PRIVATE.rstrip(": ")
+            metrics["not_private"] = NOT_PRIVATE_MARK
         if self.cross_site:
             metrics["cross_site"] = self.cross_site
         if self.final_evaluation:

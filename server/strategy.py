@@ -29,10 +29,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fed_swinumamba.logs import NOT_PRIVATE
 from fed_swinumamba.params import SHARED, partition_of, select
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, EvalReply, Instructions, TrainReply
 
+from .records import SiteRecord
 from .rules import Rule, make_rule
 from .settings import FederationSettings
 from .site_dp import SiteLevelDP
@@ -62,7 +62,7 @@ class ModalityAwareStrategy(Strategy):
         self.links: dict[int, SiteLink] = {}
         self.rules: dict[str, Rule] = {}
         self.site_dp: SiteLevelDP | None = None
-        self.records: dict[int, dict[str, dict]] = {}  # round -> site -> what metrics.json records of it
+        self.records: dict[int, dict[str, SiteRecord]] = {}  # round -> site -> what the round records of it
         self.local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's locally trained models
         self.evaluations: dict[str, tuple[str, EvalReply]] = {}  # the last evaluation: site -> (modality, scores)
         self._sent: list[Message] = []  # the messages whose replies the next aggregate_* call gets
@@ -132,7 +132,7 @@ class ModalityAwareStrategy(Strategy):
                     self.s.min_train_sites,
                 )
             return None, None
-        weights = [1.0 if self.site_dp else float(sites[r.content[SITE]["site"]]["num_examples"]) for r in ok]
+        weights = [1.0 if self.site_dp else float(sites[r.content[SITE]["site"]].training.num_patients) for r in ok]
         updated = self._aggregate(server_round, [_numpy(r.content[ARRAYS]) for r in ok], weights)
         self.weights.update(updated)
         self.version = server_round
@@ -194,7 +194,7 @@ class ModalityAwareStrategy(Strategy):
                 scores = EvalReply.from_metrics(reply.content[METRICS], self.s.class_names)
                 site = str(reply.content[SITE]["site"])
                 self.evaluations[site] = (str(reply.content[SITE]["modality"]), scores)
-                self.records[server_round][site].update(scores.record())
+                self.records[server_round][site].evaluation = scores
         means = [e.dice_mean for _, e in self.evaluations.values() if e.dice_mean == e.dice_mean]
         return MetricRecord({"dice-mean": float(np.mean(means))}) if means else None
 
@@ -275,31 +275,21 @@ class ModalityAwareStrategy(Strategy):
         for rejection in rejected:
             site = str(replies[rejection.index].content[SITE]["site"])
             log.warning("round %d: update of site %s rejected: %s", server_round, site, rejection.reason)
-            self.records[server_round][site]["rejected"] = rejection.reason
+            self.records[server_round][site].rejected = rejection.reason
         dropped = {r.index for r in rejected}
         return [reply for i, reply in enumerate(replies) if i not in dropped]
 
     def _record_training(self, server_round: int, reply: Message) -> bool:
         """Note a site's training scalars; False when it sent no update (its privacy budget is spent)."""
         train = TrainReply.from_metrics(reply.content[METRICS])
-        entry = self.records[server_round][str(reply.content[SITE]["site"])]
-        entry["num_examples"] = train.num_patients
-        if train.train_loss is not None:
-            entry["train_loss"] = train.train_loss
-            entry["timing"] = {"first_batch_s": train.first_batch_s, "train_s": train.train_s}
-        if train.dp is not None:
-            entry["epsilon"] = train.dp.epsilon
-            entry["privacy"] = train.dp.record()
-            if train.dp.reproducible:
-                entry["not_private"] = NOT_PRIVATE.rstrip(": ")
-            if train.dp.budget_exhausted:
-                log.warning(
-                    "site %s: privacy budget %.3g spent (epsilon %.3f); it no longer trains, only evaluates",
-                    reply.content[SITE]["site"],
-                    train.dp.budget,
-                    train.dp.epsilon,
-                )
-                entry["privacy_budget_exhausted"] = True
+        self.records[server_round][str(reply.content[SITE]["site"])].training = train
+        if train.dp is not None and train.dp.budget_exhausted:
+            log.warning(
+                "site %s: privacy budget %.3g spent (epsilon %.3f); it no longer trains, only evaluates",
+                reply.content[SITE]["site"],
+                train.dp.budget,
+                train.dp.epsilon,
+            )
         return ARRAYS in reply.content
 
     # ------------------------------------------------------------------ messages
@@ -383,9 +373,9 @@ class ModalityAwareStrategy(Strategy):
             link.site, link.modality = str(identity["site"]), str(identity["modality"])
             if message_type != MessageType.QUERY:
                 link.version = self.version
-                entry = sites.setdefault(link.site, {"modality": link.modality})
-                entry["bytes_down"] = entry.get("bytes_down", 0) + self._bytes_down.get(node, 0)
-                entry["bytes_up"] = entry.get("bytes_up", 0) + (
+                entry = sites.setdefault(link.site, SiteRecord(link.modality))
+                entry.bytes_down = (entry.bytes_down or 0) + self._bytes_down.get(node, 0)
+                entry.bytes_up = (entry.bytes_up or 0) + (
                     _nbytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0
                 )
             ok.append(reply)
@@ -397,8 +387,8 @@ class ModalityAwareStrategy(Strategy):
         """Note a node's failure. Whatever it holds, and whoever it is now (a restarted SuperNode may
         play another site), is unknown: it is asked again, then sent everything of its modality."""
         link = self.links.setdefault(node, SiteLink())
-        entry = self.records.setdefault(server_round, {}).setdefault(self._site_key(node), {"modality": link.modality})
-        entry.setdefault("errors", []).append(f"{message_type}: {reason}")
+        entry = self.records.setdefault(server_round, {}).setdefault(self._site_key(node), SiteRecord(link.modality))
+        entry.errors.append(f"{message_type}: {reason}")
         log.warning("round %d %s: site %s failed: %s", server_round, message_type, self._site_key(node), reason)
         link.modality, link.version = None, None
 
