@@ -115,30 +115,31 @@ class ModalityAwareStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The updated tensors (also applied to the strategy's global weights), or None when nothing was aggregated."""
-        ok = [
+        trained = [
             r
             for r in self._answered(server_round, MessageType.TRAIN, replies)
             if self._record_training(server_round, r)
         ]
-        ok = self._screen(server_round, ok)
-        sites = self.records[server_round]
-        self.local_models = {r.content[SITE]["site"]: {**self.weights, **_numpy(r.content[ARRAYS])} for r in ok}
-        if not ok or len(ok) < self.s.min_train_sites:
-            if ok:
+        # Each reply's weights become arrays once; everything below works on these.
+        updates = self._screen(server_round, {str(r.content[SITE]["site"]): _numpy(r.content[ARRAYS]) for r in trained})
+        self.local_models = {site: {**self.weights, **update} for site, update in updates.items()}
+        if not updates or len(updates) < self.s.min_train_sites:
+            if updates:
                 log.warning(
                     "round %d: %d sites trained, fewer than min-train-sites=%d; global model unchanged",
                     server_round,
-                    len(ok),
+                    len(updates),
                     self.s.min_train_sites,
                 )
             return None, None
-        weights = [1.0 if self.site_dp else float(sites[r.content[SITE]["site"]].training.num_patients) for r in ok]
-        updated = self._aggregate(server_round, [_numpy(r.content[ARRAYS]) for r in ok], weights)
+        sites = self.records[server_round]
+        weights = [1.0 if self.site_dp else float(sites[site].training.num_patients) for site in updates]
+        updated = self._aggregate(server_round, list(updates.values()), weights)
         self.weights.update(updated)
         self.version = server_round
         if self.site_dp:
-            self.site_dp.record_release(len(ok))
-        return to_arrays(updated), MetricRecord({"sites": len(ok)})
+            self.site_dp.record_release(len(updates))
+        return to_arrays(updated), MetricRecord({"sites": len(updates)})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -269,15 +270,16 @@ class ModalityAwareStrategy(Strategy):
             )
         return updated
 
-    def _screen(self, server_round: int, replies: list[Message]) -> list[Message]:
+    def _screen(self, server_round: int, updates: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
         """Drop non-finite and outlying updates (see server.validation), logged with the site's name."""
-        rejected = screen_updates(replies, self.weights, self.s.max_update_norm_ratio)
+        sites = list(updates)
+        rejected = screen_updates(list(updates.values()), self.weights, self.s.max_update_norm_ratio)
         for rejection in rejected:
-            site = str(replies[rejection.index].content[SITE]["site"])
+            site = sites[rejection.index]
             log.warning("round %d: update of site %s rejected: %s", server_round, site, rejection.reason)
             self.records[server_round][site].rejected = rejection.reason
-        dropped = {r.index for r in rejected}
-        return [reply for i, reply in enumerate(replies) if i not in dropped]
+        dropped = {sites[r.index] for r in rejected}
+        return {site: update for site, update in updates.items() if site not in dropped}
 
     def _record_training(self, server_round: int, reply: Message) -> bool:
         """Note a site's training scalars; False when it sent no update (its privacy budget is spent)."""

@@ -13,9 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message
-
-from fed_swinumamba.protocol import ARRAYS
 
 
 @dataclass(frozen=True)
@@ -24,24 +21,22 @@ class Rejection:
     reason: str
 
 
-def update_norm(reply: Message, global_state: Mapping[str, np.ndarray]) -> float:
-    arrays = reply.content[ARRAYS]
-    return float(
-        np.sqrt(sum(float(np.sum((a.numpy().astype(np.float64) - global_state[k]) ** 2)) for k, a in arrays.items()))
-    )
+def update_norm(update: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum((v.astype(np.float64) - global_state[k]) ** 2)) for k, v in update.items())))
 
 
 def screen_updates(
-    replies: Sequence[Message], global_state: Mapping[str, np.ndarray], max_norm_ratio: float
+    updates: Sequence[Mapping[str, np.ndarray]], global_state: Mapping[str, np.ndarray], max_norm_ratio: float
 ) -> list[Rejection]:
-    """The replies that must not be aggregated, each with the reason (naming the tensor or the norms)."""
+    """The updates (the sites' trained weights) that must not be aggregated, each with the reason (naming the
+    tensor or the norms)."""
     rejections, norms = [], {}
-    for i, reply in enumerate(replies):
-        bad = next((k for k, a in reply.content[ARRAYS].items() if not np.isfinite(a.numpy()).all()), None)
+    for i, update in enumerate(updates):
+        bad = next((k for k, v in update.items() if not np.isfinite(v).all()), None)
         if bad is not None:
             rejections.append(Rejection(i, f"non-finite values in {bad}"))
         else:
-            norms[i] = update_norm(reply, global_state)
+            norms[i] = update_norm(update, global_state)
     if max_norm_ratio > 0 and len(norms) >= 2:
         for i, norm in norms.items():
             others = float(np.median([n for j, n in norms.items() if j != i]))
