@@ -184,3 +184,16 @@ def test_every_rule_trains_each_group_from_the_round_the_schedule_unfreezes_it(t
     if set(modalities.values()) == {"ct"}:
         name = _a_tensor(initial, "mri", "stem")
         assert np.array_equal(federation.state[name], initial[name])  # no MRI site: its encoder stays as initialised
+
+
+def test_the_latest_checkpoint_carries_the_optimiser_state_apart_from_the_model(tmp_path):
+    """predict and deployment load a checkpoint's model strictly: the moments must not be mistaken for weights."""
+    from fed_swinumamba.checkpoint import Checkpoint
+
+    federation = _run(tmp_path, **{"num-server-rounds": 2, "strategy": "fedadam"})
+    latest = Checkpoint.load(tmp_path / "checkpoints" / "latest.safetensors")
+    assert set(latest.state) == set(federation.state)
+    latest.build_model()  # strict: every parameter, nothing else
+    moments = federation.strategy.rules["shared"].m
+    assert {k for k in latest.server_state if k.startswith("shared/m.")} == {f"shared/m.{k}" for k in moments}
+    assert not Checkpoint.load(tmp_path / "checkpoints" / "best.safetensors").server_state
