@@ -47,20 +47,17 @@ class SiteDPSettings:
 
     @classmethod
     def from_run_config(cls, c: dict) -> SiteDPSettings | None:
-        """None when ``site-dp-noise-multiplier`` is 0 (off)."""
-        sigma = float(c["site-dp-noise-multiplier"])
+        """None when ``site-dp-noise-multiplier`` is 0 (off). ``c`` is resolved by ``fed_swinumamba.run_config``,
+        which has already checked each value's range; what is left is how the keys go together."""
+        sigma = c["site-dp-noise-multiplier"]
         if sigma == 0:
             return None
-        if sigma < 0 or float(c["site-dp-clipping-norm"]) <= 0 or not 0 < float(c["site-dp-delta"]) < 1:
-            raise ValueError(
-                "site-level DP needs site-dp-noise-multiplier > 0, site-dp-clipping-norm > 0 and 0 < site-dp-delta < 1"
-            )
         if c["strategy"] not in ("fedavg", "fedprox"):
             raise ValueError(
                 f"site-level DP needs an averaging strategy (fedavg or fedprox), not {c['strategy']!r}: its noise is calibrated to a mean"
             )
-        budget = float(c["site-dp-epsilon"])
-        return cls(sigma, float(c["site-dp-clipping-norm"]), float(c["site-dp-delta"]), budget if budget > 0 else None)
+        budget = c["site-dp-epsilon"]
+        return cls(sigma, c["site-dp-clipping-norm"], c["site-dp-delta"], budget if budget > 0 else None)
 
 
 class SiteLevelDP:
