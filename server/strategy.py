@@ -66,6 +66,7 @@ class ModalityAwareStrategy(Strategy):
         self.local_models: dict[str, dict[str, np.ndarray]] = {}  # the last round's locally trained models
         self.evaluations: dict[str, tuple[str, EvalReply]] = {}  # the last evaluation: site -> (modality, scores)
         self._sent: list[Message] = []  # the messages whose replies the next aggregate_* call gets
+        self._evaluated = ""  # the model those messages evaluate ("" = the global model)
         self._bytes_down: dict[int, int] = {}
         self._site_dp_state: dict | None = None
 
@@ -149,7 +150,7 @@ class ModalityAwareStrategy(Strategy):
         evaluates with its own modality's encoder from it and then forgets."""
         full_split = bool(config.get(EVAL_FULL_SPLIT, False))
         nodes = sorted(grid.get_node_ids())
-        name = str(config.get(EVAL_MODEL, ""))
+        name = self._evaluated = str(config.get(EVAL_MODEL, ""))
         if not name:
             return self._prepare(nodes, server_round, MessageType.EVALUATE, grid, full_split=full_split)
         weights = _numpy(arrays)
@@ -171,16 +172,13 @@ class ModalityAwareStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Each site's scores into :attr:`evaluations` (and, for the global model, the round's records);
         the mean over sites of their mean Dice."""
-        foreign = {Instructions.from_config(m.content[CONFIG]).foreign_model for m in self._sent} - {""}
-        if foreign:
-            replies = list(replies)
-            name = foreign.pop()
-            self.evaluations = {}
+        self.evaluations = {}
+        if self._evaluated:
             for reply in replies:
                 if reply.has_error():
                     log.warning(
                         "evaluation of %s at %s failed: %s",
-                        name,
+                        self._evaluated,
                         self._site_key(_addressee(reply, self._sent)),
                         reply.error.reason,
                     )
@@ -190,7 +188,6 @@ class ModalityAwareStrategy(Strategy):
                     EvalReply.from_metrics(reply.content[METRICS], self.s.class_names),
                 )
         else:
-            self.evaluations = {}
             for reply in self._answered(server_round, MessageType.EVALUATE, replies):
                 scores = EvalReply.from_metrics(reply.content[METRICS], self.s.class_names)
                 site = str(reply.content[SITE]["site"])
