@@ -113,11 +113,16 @@ class SiteConfig:
         return mapping
 
 
+def user_data_dir() -> Path:
+    """``$XDG_DATA_HOME/fed_swinumamba`` (default ``~/.local/share/fed_swinumamba``): what this user's
+    sites keep for themselves."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "fed_swinumamba"
+
+
 def default_state_dir(site: str) -> Path:
-    """``$XDG_DATA_HOME/fed_swinumamba/<site>`` (``~/.local/share/...``): kept apart from the data and
-    its cache, which may be wiped and rebuilt, because a privacy ledger must never be."""
-    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data_home) / "fed_swinumamba" / site
+    """``user_data_dir() / <site>``: kept apart from the data and its cache, which may be wiped and
+    rebuilt, because a privacy ledger must never be."""
+    return user_data_dir() / site
 
 
 # ---------------------------------------------------------------------------- validation helpers

@@ -6,11 +6,11 @@ site here by its partition id), so both run the same sites through the same load
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from filelock import FileLock
 
+from ..data.site_config import user_data_dir
 from .partition import split_dataset
 from .phantoms import generate_phantoms
 
@@ -33,8 +33,7 @@ def make_demo_sites(root: str | Path, num_cases: int = 16, seed: int = 0) -> lis
 
 def default_demo_root() -> Path:
     """Where ``flwr run .``'s virtual nodes generate the demo: ``$XDG_DATA_HOME/fed_swinumamba/demo``."""
-    data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(data_home) / "fed_swinumamba" / "demo"
+    return user_data_dir() / "demo"
 
 
 def demo_site(root: str | Path, partition_id: int) -> Path:
