@@ -31,14 +31,23 @@ class RunDPOptions:
     @classmethod
     def from_run_config(cls, c: Mapping) -> RunDPOptions:
         """From a run config resolved by :func:`fed_swinumamba.run_config.resolve_run_config` (checked there)."""
-        values = {f.name: c["dp-" + f.name.replace("_", "-")] for f in fields(cls)}
+        values = _dp_keys(cls, c)
         return cls(**{**values, "frozen": tuple(filter(None, (s.strip() for s in str(values["frozen"]).split(","))))})
 
     def to_config(self) -> dict:
-        """As fields of the round instructions (``dp-*``)."""
-        return {"dp-" + k.replace("_", "-"): list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """As fields of the round instructions, under the run config's names (``dp-*``)."""
+        return {_key(k): list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_config(cls, config: Mapping) -> RunDPOptions:
-        values = {f.name: config["dp-" + f.name.replace("_", "-")] for f in fields(cls)}
+        values = _dp_keys(cls, config)
         return cls(**{**values, "frozen": tuple(values["frozen"])})
+
+
+def _key(field_name: str) -> str:
+    """A field's name in the run config and the instructions: ``lr_scale`` -> ``dp-lr-scale``."""
+    return "dp-" + field_name.replace("_", "-")
+
+
+def _dp_keys(cls: type[RunDPOptions], source: Mapping) -> dict:
+    return {f.name: source[_key(f.name)] for f in fields(cls)}
