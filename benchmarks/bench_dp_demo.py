@@ -48,6 +48,16 @@ def run_once(out: Path, sites: list[Path], overrides: dict[str, object]) -> dict
         cmd += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
         started = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT)
+        failures = [
+            f"round {r['round']} {site}: {e}"
+            for r in json.loads((out / "metrics.json").read_text())["rounds"]
+            for site, entry in r["sites"].items()
+            for e in entry.get("errors", [])
+        ]
+        if failures:  # a site that failed a round (e.g. killed for memory) makes the run no measurement
+            raise SystemExit(
+                f"{out}: sites failed, the run is not counted (it runs again next time):\n" + "\n".join(failures)[:2000]
+            )
         wall.write_text(f"{time.perf_counter() - started:.0f}\n")
     return json.loads((out / "metrics.json").read_text()) | {"wall_s": float(wall.read_text())}
 
