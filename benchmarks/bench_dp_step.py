@@ -7,6 +7,8 @@ costliest case). Each measurement runs in a fresh process so peak RSS is its own
 
     python benchmarks/bench_dp_step.py --size demo     # the demo's network, 64x64 slices
     python benchmarks/bench_dp_step.py --size full     # full-size Swin-UMamba, 224x224 slices
+    python benchmarks/bench_dp_step.py --size demo --cases 256 --slices 1 --cases-per-pass 32
+                                                       # a large Poisson batch, in passes of 32 patients
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ SIZES = {
 }
 
 
-def measure(size: str, mode: str, repeats: int) -> dict:
+def measure(size: str, mode: str, repeats: int, cases_per_pass: int) -> dict:
     from fed_swinumamba.model import ModelConfig, build_model
     from fed_swinumamba.params import LAYER_GROUPS
     from fed_swinumamba.privacy import DPConfig, PrivacyLedger, train_private
@@ -76,6 +78,7 @@ def measure(size: str, mode: str, repeats: int) -> dict:
             cases_per_batch=n,
             slices_per_case=k,
             budget=None,
+            cases_per_pass=cases_per_pass,
         )
         for _ in range(repeats + 1):
             start = time.perf_counter()
@@ -101,24 +104,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="demo")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", type=int, help="cases per batch (default: the size's)")
+    parser.add_argument("--slices", type=int, help="slices per case (default: the size's)")
+    parser.add_argument("--cases-per-pass", type=int, default=0, help="DP: cases per vmap pass (0: all at once)")
     parser.add_argument("--child", choices=("plain", "dp"))
     args = parser.parse_args()
+    s = SIZES[args.size]
+    s["cases"], s["slices"] = args.cases or s["cases"], args.slices or s["slices"]
     if args.child:
-        print(json.dumps(measure(args.size, args.child, args.repeats)))
+        print(json.dumps(measure(args.size, args.child, args.repeats, args.cases_per_pass)))
         return
     results = {}
     for mode in ("plain", "dp"):
         out = subprocess.run(
-            [sys.executable, __file__, "--size", args.size, "--repeats", str(args.repeats), "--child", mode],
+            [sys.executable, __file__, *sys.argv[1:], "--child", mode],
             check=True,
             capture_output=True,
             text=True,
         )
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    s = SIZES[args.size]
     load = f"{os.getloadavg()[0]:.2f}"
     print(
-        f"| {args.size} ({s['image']}x{s['image']}, {s['cases']} cases x {s['slices']} slices) | {results['plain']['seconds']:.3f} s | "
+        f"| {args.size} ({s['image']}x{s['image']}, {s['cases']} cases x {s['slices']} slices, passes of {args.cases_per_pass or s['cases']}) | {results['plain']['seconds']:.3f} s | "
         f"{results['dp']['seconds']:.3f} s | {results['dp']['seconds'] / results['plain']['seconds']:.2f}x | "
         f"{results['plain']['peak_rss_gib']:.2f} GiB | {results['dp']['peak_rss_gib']:.2f} GiB | {load} |"
     )

@@ -62,6 +62,7 @@ class DPConfig:
     frozen: tuple[str, ...] = ()  # layer groups or parameter-name prefixes never trained under DP
     lr_scale: float = 1.0  # DP steps use the stage's learning rate times this
     disclosed_patients: int = 0  # the coarsened patient count the site discloses (0: not given)
+    cases_per_pass: int = 0  # patients whose gradients are computed at once (memory); 0: the whole batch
 
     def describe(self) -> str:
         budget = "none" if self.budget is None else f"{self.budget:g}"
@@ -74,8 +75,8 @@ class DPConfig:
 def privacy_spec(site: PrivacySpec, run: RunDPOptions) -> PrivacySpec:
     """The site's own privacy section if it enables DP; otherwise the run's DP request (``dp-*`` keys).
 
-    The site's lifetime budget per study and its consent to reproducible noise stay the site's own
-    either way: the coordinator can change neither.
+    The site's lifetime budget per study, its consent to reproducible noise and its memory setting
+    (``cases_per_pass``) stay the site's own either way: the coordinator can change none of them.
     """
     if site.enabled or not run.enabled:
         return site
@@ -90,6 +91,7 @@ def privacy_spec(site: PrivacySpec, run: RunDPOptions) -> PrivacySpec:
         local_steps=run.local_steps or None,
         frozen=run.frozen,
         lr_scale=run.lr_scale,
+        cases_per_pass=site.cases_per_pass,
         study_budget=site.study_budget,
         allow_insecure_reproducible=site.allow_insecure_reproducible,
     )
@@ -147,6 +149,7 @@ def resolve(spec: PrivacySpec, num_cases: int, batch_size: int, planned_steps: C
         spec.frozen,
         spec.lr_scale,
         disclosed,
+        spec.cases_per_pass,
     )
 
 
@@ -253,6 +256,15 @@ def per_case_gradients(
     return vmap(grad_and_value(case_loss), in_dims=(None, 0, 0), randomness="different")(params, images, labels)
 
 
+def _case_gradients(model, modality, loss_fn, cases, indices, num_classes, device):
+    """Per-case gradients and losses of the patients ``indices`` of ``cases``."""
+    items = [cases[i] for i in indices]
+    images = torch.stack([it["image"] for it in items]).to(device)
+    labels = torch.stack([it["label"] for it in items]).to(device)
+    labels = one_hot(labels.flatten(0, 1), num_classes).view(*labels.shape[:2], num_classes, *labels.shape[3:])
+    return per_case_gradients(model, modality, loss_fn, images, labels)
+
+
 def proximal_term(params: Sequence[nn.Parameter], mu: float) -> Callable[[DPOptimizer], None]:
     """A ``DPOptimizer`` step hook (it runs after the noise and the division by the batch size) that adds
     FedProx's gradient mu * (w - w_start) of mu/2 * ||w - w_start||^2, as ``train_local`` does."""
@@ -283,7 +295,9 @@ def train_private(
     """``steps`` DP-SGD steps (AdamW on the privatised gradient, learning rate ``lr * dp.lr_scale``) on the
     stage's groups, less ``dp.frozen``; noise and Poisson batches drawn from ``stream``.
 
-    ``cases`` yields one patient per item: image (k, C, H, W), label (k, 1, H, W). The optimiser is built
+    ``cases`` yields one patient per item: image (k, C, H, W), label (k, 1, H, W). A Poisson batch is
+    processed ``dp.cases_per_pass`` patients at a time (Opacus's virtual steps: clip and sum each pass,
+    noise once), so memory stays bounded whatever the batch size. The optimiser is built
     for this round's trainable groups (a stage change re-wraps it); ``ledger`` carries over.
     ``proximal_mu`` > 0 adds FedProx's gradient mu * (w - w_round_start) to the privatised one: it does
     not depend on the data, so adding it is post-processing and costs no privacy.
@@ -308,25 +322,30 @@ def train_private(
     total, sampled = 0.0, 0
     for step in range(1, steps + 1):
         indices = stream.poisson_sample(len(cases), dp.sample_rate)
-        if indices:
-            items = [cases[i] for i in indices]
-            images = torch.stack([it["image"] for it in items]).to(device)
-            labels = torch.stack([it["label"] for it in items]).to(device)
-            labels = one_hot(labels.flatten(0, 1), num_classes).view(*labels.shape[:2], num_classes, *labels.shape[3:])
-            grads, losses = per_case_gradients(model, modality, loss_fn, images, labels)
-            if not torch.isfinite(losses).all():
-                raise FloatingPointError(f"training loss became non-finite at DP step {step}")
-            total += losses.sum().item()
-            sampled += len(indices)
-        else:  # an empty Poisson batch is still a step: noise only
-            grads = {name: p.new_zeros((0, *p.shape)) for name, p in named}
-        for name, p in named:
-            p.grad_sample = grads[name]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        width = dp.cases_per_pass or max(1, len(indices))
+        passes = [indices[i : i + width] for i in range(0, len(indices), width)] or [[]]
+        step_losses = []
+        for n, chunk in enumerate(passes):
+            if chunk:
+                grads, losses = _case_gradients(model, modality, loss_fn, cases, chunk, num_classes, device)
+                if not torch.isfinite(losses).all():
+                    raise FloatingPointError(f"training loss became non-finite at DP step {step}")
+                step_losses.append(losses)
+            else:  # an empty Poisson batch is still a step: noise only
+                grads = {name: p.new_zeros((0, *p.shape)) for name, p in named}
+            for name, p in named:
+                p.grad_sample = grads[name]
+            # Opacus's virtual steps: every pass but the last only clips and adds to the sum.
+            optimizer.signal_skip_step(do_skip=n < len(passes) - 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         ledger.record(dp.noise_multiplier, dp.sample_rate)
+        if step_losses:
+            losses = torch.cat(step_losses)
+            total += losses.sum().item()
+            sampled += len(losses)
         if on_step:
-            on_step(step, losses.mean().item() if indices else float("nan"))
+            on_step(step, losses.mean().item() if step_losses else float("nan"))
     return TrainResult(total / sampled if sampled else float("nan"), steps, sampled)
 
 

@@ -56,7 +56,7 @@ class TrainingSpec:
 
 # The numeric fields of a site's privacy section: real numbers, and whole counts.
 _PRIVACY_REALS = ("target_epsilon", "noise_multiplier", "delta", "max_grad_norm", "lr_scale", "study_budget")
-_PRIVACY_COUNTS = ("slices_per_case", "cases_per_batch", "local_steps")
+_PRIVACY_COUNTS = ("slices_per_case", "cases_per_batch", "local_steps", "cases_per_pass")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,9 @@ class PrivacySpec:
     local_steps: int | None = None  # DP steps per round; None: the run's local steps (larger DP batches need fewer)
     frozen: tuple[str, ...] = ()  # layer groups or parameter-name prefixes this site never trains under DP
     lr_scale: float = 1.0  # DP steps use the stage's learning rate times this (noisy, clipped steps often need more)
+    cases_per_pass: int = (
+        32  # patients whose per-case gradients are computed at once: bounds DP's memory, not its result
+    )
     study_budget: float | None = None  # the most epsilon this site spends on one study over all its runs
     allow_insecure_reproducible: bool = False  # honour the run config's dp-insecure-reproducible (tests only)
 
