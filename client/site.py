@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -34,9 +33,9 @@ from fed_swinumamba.privacy import (
     study_ledger,
     train_private,
 )
-from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, EvalReply, Instructions, TrainReply
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions, TrainReply
 from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
-from fed_swinumamba.training import evaluate_cases, train_local
+from fed_swinumamba.training import evaluate_cases, round_seed, train_local
 
 log = logging.getLogger("fed_swinumamba.client")
 
@@ -158,8 +157,7 @@ class SiteRound:
     def _run_seed(self) -> int:
         """A seed from the run's seed, the round and the site: what the coordinator knows, so only
         for what may be reproducible (training without DP, and DP runs that are marked not private)."""
-        ins = self.instructions
-        return (ins.seed * 1_000_003 + ins.server_round * 7919 + zlib.crc32(self.config.site.encode())) % 2**31
+        return round_seed(self.instructions.seed, self.instructions.server_round, self.config.site)
 
     def _progress(self, step: int, loss: float) -> None:
         if step == 1:
@@ -323,16 +321,7 @@ class SiteRound:
             self.config.training.patch_size,
             ins.nsd_tolerance_mm,
         )
-        reply = EvalReply(
-            result.dice,
-            result.hd95,
-            result.nsd,
-            result.hd95_unbounded,
-            result.dice_mean,
-            result.num_cases,
-            len(data.val_cases),
-            result.seconds_per_case,
-        )
+        reply = result.reply(len(data.val_cases))
         model = f"model {ins.foreign_model}" if ins.foreign_model else "global model"
         log.info(
             "site %s round %d: %s on %d of %d held-out cases (%.1f s per case): Dice %s, HD95 %s, NSD %s",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from .data.cache import CachedCase
 from .metrics import SiteScores, case_scores
 from .params import group_of
+from .protocol import EvalReply
 
 
 def set_trainable(model: nn.Module, groups: Iterable[str], frozen: Iterable[str] = ()) -> list[nn.Parameter]:
@@ -57,6 +59,13 @@ class TrainResult:
     loss: float
     steps: int
     num_examples: int
+
+
+def round_seed(run_seed: int, server_round: int, site: str) -> int:
+    """The seed of a site's local training in a round: the same run seed, round and site give the same
+    batches and augmentations (so reruns, and a site's local-only baseline, reproduce its training). The
+    coordinator knows all three: only for what may be reproducible (never DP noise)."""
+    return (run_seed * 1_000_003 + server_round * 7919 + zlib.crc32(site.encode())) % 2**31
 
 
 def train_local(
@@ -180,6 +189,19 @@ class EvalResult:
     def dice_mean(self) -> float:
         valid = [v for v in self.dice.values() if not math.isnan(v)]
         return sum(valid) / len(valid) if valid else float("nan")
+
+    def reply(self, held_out_cases: int) -> EvalReply:
+        """These scores as a site sends them (and metrics.json records them), out of ``held_out_cases``."""
+        return EvalReply(
+            self.dice,
+            self.hd95,
+            self.nsd,
+            self.hd95_unbounded,
+            self.dice_mean,
+            self.num_cases,
+            held_out_cases,
+            self.seconds_per_case,
+        )
 
 
 def evaluate_cases(

@@ -22,8 +22,7 @@ from flwr.serverapp import Grid
 
 from fed_swinumamba.checkpoint import Checkpoint
 from fed_swinumamba.logs import NOT_PRIVATE, prefixed
-from fed_swinumamba.model import build_model
-from fed_swinumamba.model.pretrained import load_vmamba_checkpoint
+from fed_swinumamba.model.pretrained import initial_model
 
 from .records import NOT_PRIVATE_MARK, RoundRecord, SiteRecord
 from .report import score_text, write_report
@@ -80,10 +79,9 @@ class Federation:
             )
             log.info("resuming from %s: round %d done, stage %d", latest, ckpt.server_round, ckpt.stage)
             return strategy, ckpt.server_round + 1
-        torch.manual_seed(self.s.seed)
-        model = build_model(self.s.model_config)
-        if self.s.pretrained_checkpoint:
-            log.info(load_vmamba_checkpoint(model, self.s.pretrained_checkpoint).summary())
+        model, report = initial_model(self.s.model_config, self.s.seed, self.s.pretrained_checkpoint)
+        if report:
+            log.info(report.summary())
         return ModalityAwareStrategy(self.s, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}), 1
 
     def _checkpoint(self, server_round: int, stage: int, name: str) -> None:

@@ -48,13 +48,14 @@ def plot_dice(metrics: dict, path: Path) -> Path:
     for site in _sites(rounds):
         line = ax.plot(*_series(rounds, site, "dice_mean"), marker="o", label=f"{site} (federated)")[0]
         colors[site] = line.get_color()
-    for site in _sites(metrics.get("centralized") or []):
-        ax.plot(
-            *_series(metrics["centralized"], site, "dice_mean"),
-            linestyle="--",
-            color=colors.get(site),
-            label=f"{site} (centralized)",
-        )
+    for kind, style in (("centralized", "--"), ("local_only", ":")):
+        for site in _sites(metrics.get(kind) or []):
+            ax.plot(
+                *_series(metrics[kind], site, "dice_mean"),
+                linestyle=style,
+                color=colors.get(site),
+                label=f"{site} ({kind.replace('_', '-')})",
+            )
     for r, stage in _stage_changes(rounds)[1:]:
         ax.axvline(r - 0.5, color="grey", linestyle=":", linewidth=1)
         ax.text(r - 0.45, 0.02, f"stage {stage}", rotation=90, color="grey", fontsize=8, va="bottom")
@@ -184,11 +185,58 @@ def _scores_table(sites: dict, classes: list[str]) -> str:
     return _table(*score_rows(sites, classes))
 
 
-def score_text(sites: dict, classes: list[str]) -> str:
-    """:func:`score_rows` as aligned text, for the coordinator's log."""
-    header, rows = score_rows(sites, classes)
+def _class_mean(scores: dict) -> float:
+    valid = [v for v in scores.values() if v is not None and not math.isnan(v)]
+    return sum(valid) / len(valid) if valid else math.nan
+
+
+def _final_scores(metrics: dict) -> dict[str, dict]:
+    """Model -> site -> its final scores on every held-out case: the global model's, and each baseline's last round."""
+    final = metrics.get("final_evaluation")
+    models = {"global": final["global"]["sites"] if final else metrics["rounds"][-1]["sites"]}
+    if final and "best" in final:
+        models[f"best checkpoint (round {final['best']['round']})"] = final["best"]["sites"]
+    for kind in ("local_only", "centralized"):
+        if metrics.get(kind):
+            models[kind.replace("_", "-")] = metrics[kind][-1]["sites"]
+    return models
+
+
+def gain_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """What the federation gives each site: every model's final mean Dice, HD95 and NSD over the site's
+    held-out cases, and the gain in Dice over training alone (local-only), when that baseline was run."""
+    models = _final_scores(metrics)
+    header = ["site", "model", "mean Dice", "mean HD95 (mm)", "mean NSD", "Dice gain over local-only"]
+    rows = []
+    for site in sorted(models["global"]):
+        alone = models.get("local-only", {}).get(site, {}).get("dice_mean")
+        for model, sites in models.items():
+            s = sites.get(site)
+            if s is None:
+                continue
+            gain = "–" if alone is None or model == "local-only" else f"{s['dice_mean'] - alone:+.3f}"
+            rows.append(
+                [
+                    site,
+                    model,
+                    _fmt(s["dice_mean"]),
+                    _fmt(_class_mean(s.get("hd95", {}))),
+                    _fmt(_class_mean(s.get("nsd", {}))),
+                    gain,
+                ]
+            )
+    return header, rows
+
+
+def aligned_text(header: list[str], rows: list[list[str]]) -> str:
+    """A table as aligned text, for the coordinator's log and the console."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+def score_text(sites: dict, classes: list[str]) -> str:
+    """:func:`score_rows` as aligned text, for the coordinator's log."""
+    return aligned_text(*score_rows(sites, classes))
 
 
 # What a site's DP-SGD guarantee covers and what it does not (README, "Differential privacy").
@@ -273,10 +321,11 @@ def write_report(out: str | Path) -> Path:
                 f"<h2>Best checkpoint (round {final['best']['round']}) on every held-out case</h2>",
                 _scores_table(final["best"]["sites"], classes),
             ]
-    if metrics.get("centralized"):
-        last = metrics["centralized"][-1]
-        rows = [[s, _fmt(v.get("dice_mean"))] for s, v in sorted(last["sites"].items())]
-        sections += [f"<h2>Centralized baseline (round {last['round']})</h2>", _table(["site", "mean Dice"], rows)]
+    if metrics.get("centralized") or metrics.get("local_only"):
+        sections += [
+            "<h2>What the federation gives each site (final models, every held-out case)</h2>",
+            _table(*gain_rows(metrics)),
+        ]
     if any("site_dp" in r or any("epsilon" in s for s in r["sites"].values()) for r in metrics["rounds"]):
         sections += [
             "<h2>Differential privacy</h2>",

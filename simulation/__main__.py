@@ -4,13 +4,13 @@ python -m simulation demo                      # phantoms for 3 sites + the fede
 python -m simulation demo-data --out DIR [--ct-dicom]   # write CT, MRI and ultrasound phantom datasets
 python -m simulation demo-sites --out DIR      # the same as three sites with their YAMLs (for SuperNodes)
 python -m simulation split --data DIR --modality M --sites N --out DIR [--scheme iid|dirichlet|quantity]
-python -m simulation run --sites DIR_OR_YAMLS --rounds R --out OUT [--centralized] [--dp-epsilon E] [--set key=value ...]
+python -m simulation run --sites DIR_OR_YAMLS --rounds R --out OUT [--centralized] [--local-only] [--dp-epsilon E]
+                         [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tomllib
@@ -19,9 +19,9 @@ from pathlib import Path
 from fed_swinumamba.data import load_site_config
 from fed_swinumamba.run_config import parse_value
 from fed_swinumamba.simulated import DEMO_MODALITIES, generate_phantoms, make_demo_sites, split_dataset
-from server.report import write_report
+from server.report import aligned_text, gain_rows, write_report
 
-from .runner import run_centralized_baseline, run_federated_simulation
+from .runner import run_baseline, run_federated_simulation
 
 DEMO_RUN_CONFIG = tomllib.loads((Path(__file__).parent / "demo.toml").read_text())
 
@@ -60,6 +60,19 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _baseline_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--centralized",
+        action="store_true",
+        help="also train one model on the union of the sites' data with the same budget (the pooled baseline)",
+    )
+    p.add_argument(
+        "--local-only",
+        action="store_true",
+        help="also train each site alone on its own data with the same budget (what a site gets without the federation)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-seed", type=int, default=0, help="seed of the phantoms (other seeds: other cases)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--centralized", action="store_true", help="also run the centralized baseline")
+    _baseline_flags(p)
     p.add_argument(
         "--dp-epsilon",
         type=float,
@@ -122,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="run-config override, e.g. --set strategy=fedprox",
     )
-    p.add_argument(
-        "--centralized",
-        action="store_true",
-        help="also train one model on the union of the sites' data with the same budget (the baseline)",
-    )
+    _baseline_flags(p)
     p.add_argument(
         "--dp-epsilon",
         type=float,
@@ -171,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dp_epsilon is not None:
         overrides["dp-epsilon"] = args.dp_epsilon
     metrics = run_federated_simulation(sites, args.out, overrides)
-    if args.centralized:
-        metrics["centralized"] = run_centralized_baseline(sites, args.out, overrides)
-        write_report(args.out)  # again, with the baseline beside the federated curves
-    last = metrics["rounds"][-1] if metrics["rounds"] else {}
-    print(json.dumps({site: s.get("dice_mean") for site, s in last.get("sites", {}).items()}, indent=1))
+    baselines = [kind for kind, asked in (("local_only", args.local_only), ("centralized", args.centralized)) if asked]
+    for kind in baselines:
+        metrics[kind] = run_baseline(kind, sites, args.out, overrides)
+    if baselines:
+        write_report(args.out)  # again, with the baselines beside the federated curves
+    if metrics["rounds"]:
+        print(aligned_text(*gain_rows(metrics)))
     return 0
 
 

@@ -16,7 +16,7 @@ from flwr.simulation import run_simulation
 from client import client_app
 from fed_swinumamba.data import load_site_config
 from fed_swinumamba.run_config import resolve_run_config
-from fed_swinumamba.simulated.baseline import train_centralized
+from fed_swinumamba.simulated.baseline import Budget, train_centralized, train_local_only
 from server import server_app
 from server.settings import FederationSettings
 
@@ -73,21 +73,28 @@ def run_federated_simulation(sites: list[Path], out: Path, overrides: dict, cpus
     return json.loads((out / "metrics.json").read_text())
 
 
-def run_centralized_baseline(sites: list[Path], out: Path, overrides: dict) -> list[dict]:
-    """Train the pooled baseline with the federation's budget; written to ``out/metrics.json`` as ``centralized``."""
+BASELINES = {"centralized": train_centralized, "local_only": train_local_only}
+
+
+def run_baseline(kind: str, sites: list[Path], out: Path, overrides: dict) -> list[dict]:
+    """Train a baseline (``BASELINES``) with the federation's budget; written to ``out/metrics.json`` under ``kind``."""
     logging.getLogger("fed_swinumamba").setLevel(logging.INFO)
-    settings = FederationSettings.from_run_config(simulation_run_config(out, overrides))
-    history = train_centralized(
-        [load_site_config(p) for p in sites],
-        settings.model_config,
-        list(settings.class_names),
-        settings.schedule,
-        settings.num_rounds,
-        settings.local_steps,
-        settings.seed,
+    s = FederationSettings.from_run_config(simulation_run_config(out, overrides))
+    budget = Budget(
+        s.model_config,
+        tuple(s.class_names),
+        s.schedule,
+        s.num_rounds,
+        s.local_steps,
+        s.seed,
+        s.pretrained_checkpoint,
+        s.eval_interval,
+        s.eval_cases,
+        s.nsd_tolerance_mm,
     )
+    history = BASELINES[kind]([load_site_config(p) for p in sites], budget)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"rounds": []}
-    metrics["centralized"] = history
+    metrics[kind] = history
     metrics_path.write_text(json.dumps(metrics, indent=1, default=str))
     return history

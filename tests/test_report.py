@@ -49,12 +49,15 @@ def _metrics():
         },
     }
     centralized = [{"round": 2, "stage": 1, "sites": {"a_ct": {"dice_mean": 0.9087}, "b_us": {"dice_mean": 0.8876}}}]
+    alone = {"dice_mean": 0.7000, "hd95": {"organ": 3.0, "lesion": 5.5}, "nsd": {"organ": 0.9, "lesion": float("nan")}}
+    local_only = [{"round": 2, "stage": 1, "sites": {"a_ct": alone, "b_us": {"dice_mean": 0.8000}}}]
     return {
         "rounds": rounds,
         "config": {"class-names": "organ,lesion", "strategy": "fedavg"},
         "best_mean_dice": 0.7555,
         "cross_site": cross,
         "centralized": centralized,
+        "local_only": local_only,
     }
 
 
@@ -74,6 +77,12 @@ def test_report_shows_the_numbers_of_metrics_json(tmp_path):
     for row in metrics["cross_site"]["dice_mean"].values():
         assert all(f"{v:.3f}" in cells for v in row.values())
     assert "0.909" in cells and "0.888" in cells  # centralized baseline
+    # What the federation gives each site: final global 0.7456 / 0.7654 against 0.7000 / 0.8000 alone.
+    rows = re.findall(r"<tr><td>(\w+)</td><td>([\w-]+)</td>((?:<td>[^<]*</td>)+)</tr>", page)
+    gains = {(site, model): re.findall(r"<td>([^<]*)</td>", rest) for site, model, rest in rows}
+    assert gains[("a_ct", "global")] == ["0.746", "–", "–", "+0.046"]
+    assert gains[("a_ct", "local-only")] == ["0.700", "4.250", "0.900", "–"]  # HD95 and NSD: means over classes
+    assert gains[("a_ct", "centralized")][-1] == "+0.209" and gains[("b_us", "global")][-1] == "-0.035"
     assert all(f"{s['dice_mean']:.3f}" in cells for s in metrics["rounds"][0]["sites"].values())  # per-round table
     # Plots: written beside the page and embedded in it, so the page is self-contained.
     for name in ("dice_per_site", "epsilon_per_site", "cross_site", "bytes_per_round"):
@@ -87,11 +96,12 @@ def test_report_without_dp_or_cross_site_leaves_those_sections_out(tmp_path):
     for r in metrics["rounds"]:
         for s in r["sites"].values():
             s.pop("epsilon", None)
-    del metrics["cross_site"], metrics["centralized"]
+    del metrics["cross_site"], metrics["centralized"], metrics["local_only"]
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert "Differential privacy" not in page and "Cross-site" not in page and page.count("data:image/png") == 2
+    assert "What the federation gives" not in page  # no baseline was run
     assert not (tmp_path / "epsilon_per_site.png").exists()
 
 

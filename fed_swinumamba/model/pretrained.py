@@ -35,9 +35,17 @@ from safetensors.torch import load_file as load_safetensors
 from timm.models import adapt_input_conv
 
 from ..restricted_pickle import CodeExecutionRefused, InertObject, load_untrusted
+from .config import ModelConfig, build_model
 from .vmamba import PatchEmbed2D, VMambaEncoder
 
-__all__ = ["PretrainedReport", "CheckpointError", "CheckpointWeights", "load_vmamba_checkpoint", "read_checkpoint"]
+__all__ = [
+    "PretrainedReport",
+    "CheckpointError",
+    "CheckpointWeights",
+    "initial_model",
+    "load_vmamba_checkpoint",
+    "read_checkpoint",
+]
 
 VMAMBA_T_URL_HINT = "VMamba GitHub releases, tag #v0cls, file vssmtiny_dp01_ckpt_epoch_292.pth"
 _CLASSIFIER_PREFIXES = ("norm.", "head.")
@@ -224,3 +232,14 @@ def load_vmamba_checkpoint(module: nn.Module, path: str | Path, entry: str = "mo
     report.loaded = sorted(new_state)
     report.fresh = sorted(name for name, _ in module.named_parameters() if name not in new_state)
     return report
+
+
+def initial_model(
+    model_config: ModelConfig, seed: int, pretrained_checkpoint: str | Path | None = None
+) -> tuple[nn.Module, PretrainedReport | None]:
+    """The network a federation (and each of its baselines) starts from: initialised under ``seed``, then
+    the ImageNet release file's encoder if one is given."""
+    torch.manual_seed(seed)
+    model = build_model(model_config)
+    report = load_vmamba_checkpoint(model, pretrained_checkpoint) if pretrained_checkpoint else None
+    return model, report
