@@ -2,7 +2,8 @@
 
 The ClientApp process is short-lived (Flower starts one per message), so everything that must
 outlive a message sits in ``context.state``: the site's copy of the global model and its version.
-What must outlive the run, the privacy ledger of each study, sits in the site's ``state_dir``.
+What must outlive the run sits in the site's ``state_dir``: the privacy ledger of each study, and the
+site's personal model of each study (run config ``personalization``), which never leaves it.
 Patient data stays here; what goes back is weights and scalar metrics only.
 """
 
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
+from fed_swinumamba.checkpoint import Checkpoint, personal_model_file
 from fed_swinumamba.data import SiteData, load_site_config
 from fed_swinumamba.data.site_config import PrivacySpec, SiteConfig
 from fed_swinumamba.flower_internals import compute_clip_model_update
@@ -35,7 +38,7 @@ from fed_swinumamba.privacy import (
 )
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions, TrainReply
 from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
-from fed_swinumamba.training import evaluate_cases, round_seed, train_local
+from fed_swinumamba.training import TrainResult, evaluate_cases, round_seed, train_local
 
 log = logging.getLogger("fed_swinumamba.client")
 
@@ -173,27 +176,59 @@ class SiteRound:
                 "site %s round %d: step %d loss %.4f", self.config.site, self.instructions.server_round, step, loss
             )
 
+    def _local_budget(self) -> tuple[int | None, int]:
+        """(max steps, epochs) of a round's local training: the instructions', else the site's own."""
+        training = self.config.training
+        return self.instructions.local_steps or training.local_steps or None, training.local_epochs or 1
+
     def train(self) -> RecordDict:
-        ins, training = self.instructions, self.config.training
         data = self._data()
-        max_steps = ins.local_steps or training.local_steps or None
-        epochs = training.local_epochs or 1
-        privacy = privacy_spec(self.config.privacy, ins.dp)
-        if privacy.enabled:
-            return self._train_private(privacy, data, max_steps, epochs)
-        # Same run seed, round and site -> same batches and augmentations: reruns reproduce.
-        seed = self._run_seed()
+        reply = self._train_global(data)
+        if self.instructions.personal.method == "ditto":
+            # Ditto: the personal model's step of this round, pulled towards the global model the round began from.
+            anchor = self.context.state[GLOBAL_WEIGHTS].to_torch_state_dict()
+            held, server_round = self._personal_checkpoint(), self.instructions.server_round
+            # A run's first round starts the personal model afresh; a resumed run continues the one it left.
+            start = held.state if held and server_round > 1 and held.server_round < server_round else anchor
+            self._train_personal(data, start, *self._local_budget(), anchor, self.instructions.personal.ditto_lambda)
+        return reply
+
+    def _train_seeded(
+        self,
+        model: nn.Module,
+        data: SiteData,
+        seed: int,
+        max_steps: int | None,
+        epochs: int,
+        proximal_mu: float,
+        anchor: dict[str, torch.Tensor] | None = None,
+        on_step=None,
+    ) -> TrainResult:
+        """Non-DP local training of ``model`` on the stage's groups, its batches and augmentations from ``seed``."""
+        ins = self.instructions
         torch.manual_seed(seed)
-        result = train_local(
-            self.model,
+        return train_local(
+            model,
             self.config.modality,
-            data.training_batches(training.batch_size, np.random.default_rng(seed)),
+            data.training_batches(self.config.training.batch_size, np.random.default_rng(seed)),
             groups=ins.stage.trainable_groups,
             lr=ins.stage.lr,
             max_steps=max_steps,
             epochs=epochs,
-            proximal_mu=ins.proximal_mu,
-            on_step=self._progress,
+            proximal_mu=proximal_mu,
+            proximal_anchor=anchor,
+            on_step=on_step,
+        )
+
+    def _train_global(self, data: SiteData) -> RecordDict:
+        ins = self.instructions
+        max_steps, epochs = self._local_budget()
+        privacy = privacy_spec(self.config.privacy, ins.dp)
+        if privacy.enabled:
+            return self._train_private(privacy, data, max_steps, epochs)
+        # Same run seed, round and site -> same batches and augmentations: reruns reproduce.
+        result = self._train_seeded(
+            self.model, data, self._run_seed(), max_steps, epochs, ins.proximal_mu, on_step=self._progress
         )
         log.info(
             "site %s round %d: trained %d steps on %d examples, loss %.4f",
@@ -308,20 +343,94 @@ class SiteRound:
             arrays = clip_update(arrays, self.context.state[GLOBAL_WEIGHTS], self.instructions.clipping_norm)
         return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(reply.to_metrics()), SITE: self._identity()})
 
+    # ------------------------------------------------------------------ the personal model
+    def _personal_file(self) -> Path:
+        return personal_model_file(self.config.state_dir, self.instructions.study, self.config.site)
+
+    def _personal_checkpoint(self) -> Checkpoint | None:
+        """The site's personal model of this study, if it has one of this network."""
+        path = self._personal_file()
+        if not path.is_file():
+            return None
+        held = Checkpoint.load(path)
+        return held if held.model_config == self.model_config else None
+
+    def _train_personal(
+        self,
+        data: SiteData,
+        start: dict[str, torch.Tensor],
+        max_steps: int | None,
+        epochs: int,
+        anchor: dict[str, torch.Tensor] | None = None,
+        pull: float = 0.0,
+    ) -> nn.Module:
+        """Train the personal model from ``start`` on the stage's groups (``pull`` > 0: towards ``anchor``)
+        and keep it on the site's disk as a checkpoint ``predict`` can use. It never leaves the site."""
+        ins = self.instructions
+        model = build_model(self.model_config).to(self.device)
+        model.load_state_dict(start, strict=True)
+        seed = round_seed(ins.seed, ins.server_round, f"{self.config.site}/personal")
+        result = self._train_seeded(model, data, seed, max_steps, epochs, pull, anchor)
+        extra = {"personalization": ins.personal.method, "study": ins.study, "site": self.config.site}
+        Checkpoint(
+            model.state_dict(), self.model_config, ins.class_names, ins.server_round, ins.stage.index, extra
+        ).save(self._personal_file())
+        log.info(
+            "site %s round %d: personal model (%s) trained %d steps, loss %.4f, kept at the site",
+            self.config.site,
+            ins.server_round,
+            ins.personal.method,
+            result.steps,
+            result.loss,
+        )
+        return model
+
+    def _personal_model(self, data: SiteData) -> nn.Module | None:
+        """The personal model to score beside the global one: Ditto's, or at the final evaluation the
+        global model fine-tuned (``finetune``); None otherwise."""
+        ins = self.instructions
+        if ins.foreign_model or ins.personal.method == "none":
+            return None
+        if ins.personal.method == "finetune":
+            if not ins.final_evaluation:
+                return None
+            return self._train_personal(data, self.model.state_dict(), ins.personal.finetune_steps, 1)
+        held = self._personal_checkpoint()
+        if held is None or held.server_round != ins.server_round:
+            return None  # no Ditto step this round yet (e.g. the site did not train)
+        model = build_model(self.model_config).to(self.device)
+        model.load_state_dict(held.state, strict=True)
+        return model
+
+    def _score(self, model: nn.Module, cases: list, data: SiteData):
+        ins = self.instructions
+        patch = self.config.training.patch_size
+        result = evaluate_cases(model, self.config.modality, cases, ins.class_names, patch, ins.nsd_tolerance_mm)
+        return result, result.reply(len(data.val_cases))
+
     def evaluate(self) -> RecordDict:
         """Scores of the model on the held-out cases: the instructions' first ``eval_cases`` (a fixed subset,
-        the same every round), or all of them."""
+        the same every round), or all of them; and of the site's personal model, if it has one.
+
+        A DP site keeps its personal model's scores to itself: that model is trained on its private
+        patients without DP noise, so even its Dice is not covered by the site's guarantee."""
         ins, data = self.instructions, self._data()
         cases = data.val_cases[: ins.eval_cases] if ins.eval_cases else data.val_cases
-        result = evaluate_cases(
-            self.model,
-            self.config.modality,
-            cases,
-            ins.class_names,
-            self.config.training.patch_size,
-            ins.nsd_tolerance_mm,
-        )
-        reply = result.reply(len(data.val_cases))
+        result, reply = self._score(self.model, cases, data)
+        personal = self._personal_model(data)
+        if personal is not None:
+            own, own_reply = self._score(personal, cases, data)
+            private = privacy_spec(self.config.privacy, ins.dp).enabled
+            log.info(
+                "site %s round %d: personal model on %d held-out cases: Dice %s%s",
+                self.config.site,
+                ins.server_round,
+                own.num_cases,
+                _rounded(own.dice),
+                " (kept at this DP site)" if private else "",
+            )
+            if not private:
+                reply = dataclasses.replace(reply, personal=own_reply)
         model = f"model {ins.foreign_model}" if ins.foreign_model else "global model"
         log.info(
             "site %s round %d: %s on %d of %d held-out cases (%.1f s per case): Dice %s, HD95 %s, NSD %s",

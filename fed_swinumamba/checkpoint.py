@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .model import ModelConfig, build_model
+from .protocol import check_study
 
 _META_KEY = "fed_swinumamba"
 _SERVER_STATE = "server-state/"
@@ -85,3 +86,8 @@ class Checkpoint:
         model = build_model(self.model_config)
         model.load_state_dict(self.state, strict=True)
         return model
+
+
+def personal_model_file(state_dir: Path, study: str, site: str) -> Path:
+    """Where a site keeps its personal model of ``study``: ``<state_dir>/personal/<study>/<site>.safetensors``."""
+    return Path(state_dir) / "personal" / check_study(study) / f"{site}.safetensors"

@@ -27,6 +27,7 @@ FULL_SYNC = -1  # base_version of a message that carries every weight the site n
 # The metric Flower's strategies weight a site's update by: its number of training patients, at a DP
 # site the disclosed (coarsened) count (fed_swinumamba.privacy.disclosed_patient_count).
 NUM_EXAMPLES = "num-examples"
+_PERSONAL = "personal-"  # prefix of the personal model's scores in an evaluation reply
 
 # A study: the runs whose privacy a site accounts together (one ledger per site and study). Its name
 # becomes a file name at the sites, so it is checked on both sides.
@@ -51,6 +52,32 @@ def check_study(name: str) -> str:
             f"study name {name!r}: use 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+@dataclass(frozen=True)
+class PersonalOptions:
+    """The personal model every site keeps (it never leaves the site; only its scores may).
+
+    ``finetune``: the final global model fine-tuned for ``finetune_steps`` local steps at the final
+    evaluation. ``ditto`` (Li et al., 2021): a personal model trained every round beside the global one,
+    with the gradient of ``ditto_lambda``/2 * ||v - w_global||^2 pulling it towards the global model.
+    """
+
+    method: str = "none"
+    ditto_lambda: float = 0.1
+    finetune_steps: int = 20
+
+    def to_config(self) -> dict:
+        return {
+            "personalization": self.method,
+            "ditto-lambda": self.ditto_lambda,
+            "finetune-steps": self.finetune_steps,
+        }
+
+    @classmethod
+    def from_config(cls, c) -> PersonalOptions:
+        """From the instructions, or from a run config resolved by ``run_config`` (the same names)."""
+        return cls(str(c["personalization"]), float(c["ditto-lambda"]), int(c["finetune-steps"]))
 
 
 @dataclass(frozen=True)
@@ -82,6 +109,8 @@ class Instructions:
     nsd_tolerance_mm: tuple[float, ...] = (2.0,)  # surface Dice tolerance, one for all classes or one per class
     planned_rounds: int = 1  # rounds of the run: a DP site derives its noise for a target epsilon from them
     dp: RunDPOptions = RunDPOptions()  # the run's DP-SGD request, for a site without a privacy section of its own
+    personal: PersonalOptions = PersonalOptions()
+    final_evaluation: bool = False  # the run's last evaluation of the global model: where ``finetune`` personalises
 
     def to_config(self) -> dict:
         return {
@@ -101,6 +130,8 @@ class Instructions:
             "nsd-tolerance-mm": list(self.nsd_tolerance_mm),
             "planned-rounds": self.planned_rounds,
             **self.dp.to_config(),
+            **self.personal.to_config(),
+            "final-evaluation": self.final_evaluation,
         }
 
     @classmethod
@@ -123,6 +154,8 @@ class Instructions:
                 nsd_tolerance_mm=tuple(float(t) for t in config["nsd-tolerance-mm"]),
                 planned_rounds=int(config["planned-rounds"]),
                 dp=RunDPOptions.from_config(config),
+                personal=PersonalOptions.from_config(config),
+                final_evaluation=bool(config["final-evaluation"]),
             )
         except KeyError as err:
             raise ValueError(
@@ -236,10 +269,12 @@ class EvalReply:
     cases_scored: int
     held_out_cases: int
     seconds_per_case: float
+    personal: EvalReply | None = None  # the site's personal model on the same cases (scores only)
 
     def to_metrics(self) -> dict[str, float]:
         metrics = {f"{score}-{c}": v for score in ("dice", "hd95", "nsd") for c, v in getattr(self, score).items()}
         metrics |= {f"hd95-unbounded-{c}": n for c, n in self.hd95_unbounded.items()}
+        metrics |= {_PERSONAL + k: v for k, v in self.personal.to_metrics().items()} if self.personal else {}
         return metrics | {
             "dice-mean": self.dice_mean,
             NUM_EXAMPLES: self.cases_scored,
@@ -250,6 +285,7 @@ class EvalReply:
     @classmethod
     def from_metrics(cls, m, class_names) -> EvalReply:
         per_class = {score: {c: float(m[f"{score}-{c}"]) for c in class_names} for score in ("dice", "hd95", "nsd")}
+        personal = {k.removeprefix(_PERSONAL): v for k, v in m.items() if k.startswith(_PERSONAL)}
         return cls(
             **per_class,
             hd95_unbounded={c: int(m[f"hd95-unbounded-{c}"]) for c in class_names},
@@ -257,11 +293,12 @@ class EvalReply:
             cases_scored=int(m[NUM_EXAMPLES]),
             held_out_cases=int(m["num-val-cases"]),
             seconds_per_case=float(m["eval-seconds-per-case"]),
+            personal=cls.from_metrics(personal, class_names) if personal else None,
         )
 
     def record(self) -> dict:
         """As metrics.json states it."""
-        return {
+        return ({"personal": self.personal.record()} if self.personal else {}) | {
             "dice": self.dice,
             "hd95": self.hd95,
             "nsd": self.nsd,

@@ -24,6 +24,7 @@ class Key:
     rule: str = ""  # what ``check`` asks for, in the error message
 
 
+PERSONALIZATIONS = ("none", "finetune", "ditto")  # fed_swinumamba.protocol.PersonalOptions
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedtrimmedavg", "fedmedian")
 
 _non_negative, _positive = (lambda v: v >= 0), (lambda v: v > 0)
@@ -77,6 +78,18 @@ KEYS: Mapping[str, Key] = MappingProxyType(
             ">= 0",
         ),
         "nsd-tolerance-mm": Key("2.0", 'surface Dice tolerance in mm: one for all classes, or one per class ("2,1")'),
+        "personalization": Key(
+            "none",
+            "the personal model each site keeps: none, finetune (the final global model fine-tuned locally) or ditto",
+            lambda v: v in PERSONALIZATIONS,
+            f"one of {', '.join(PERSONALIZATIONS)}",
+        ),
+        "ditto-lambda": Key(
+            0.1, "Ditto's pull of a site's personal model towards the global one", _non_negative, ">= 0"
+        ),
+        "finetune-steps": Key(
+            20, "local steps that fine-tune the final global model into a personal one", _at_least_one, ">= 1"
+        ),
         "output-dir": Key("runs/latest", "metrics, checkpoints and the report"),
         "study": Key(
             "", 'the study whose privacy ledgers DP sites spend from, across runs ("": the output folder\'s name)'

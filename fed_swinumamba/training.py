@@ -78,13 +78,16 @@ def train_local(
     max_steps: int | None = None,
     epochs: int = 1,
     proximal_mu: float = 0.0,
+    proximal_anchor: Mapping[str, torch.Tensor] | None = None,
     weight_decay: float = 1e-5,
     optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """AdamW on the stage's groups for ``epochs`` passes over ``batches`` (or ``max_steps`` steps).
 
-    ``proximal_mu`` > 0 adds FedProx's term mu/2 * ||w - w_round_start||^2 over the trained weights.
+    ``proximal_mu`` > 0 adds the term mu/2 * ||w - anchor||^2 over the trained weights: the anchor is
+    FedProx's w_round_start (the weights at the start), or ``proximal_anchor`` by parameter name (Ditto's
+    global model, towards which a personal model is pulled).
     """
     device = next(model.parameters()).device
     params = set_trainable(model, groups)
@@ -93,7 +96,10 @@ def train_local(
     optimizer = (
         optimizer_factory(params) if optimizer_factory else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     )
-    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    anchors = None
+    if proximal_mu > 0:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        anchors = [(proximal_anchor[n].to(p) if proximal_anchor else p).detach().clone() for n, p in named]
     loss_fn = segmentation_loss(model)
     model.train()
     steps, examples, total, epoch = 0, 0, 0.0, 0

@@ -48,6 +48,14 @@ def plot_dice(metrics: dict, path: Path) -> Path:
     for site in _sites(rounds):
         line = ax.plot(*_series(rounds, site, "dice_mean"), marker="o", label=f"{site} (federated)")[0]
         colors[site] = line.get_color()
+    for site in _sites(rounds):
+        points = [
+            (r["round"], r["sites"][site]["personal"]["dice_mean"])
+            for r in rounds
+            if "personal" in r["sites"].get(site, {})
+        ]
+        if points:
+            ax.plot(*zip(*points, strict=True), linestyle="-.", color=colors[site], label=f"{site} (personalised)")
     for kind, style in (("centralized", "--"), ("local_only", ":")):
         for site in _sites(metrics.get(kind) or []):
             ax.plot(
@@ -177,6 +185,7 @@ def score_rows(sites: dict, classes: list[str]) -> tuple[list[str], list[list[st
             ["privacy budget spent: no longer trains"] if s.get("privacy_budget_exhausted") else []
         )
         notes += [f"update rejected: {s['rejected']}"] if "rejected" in s else []
+        notes += [f"personal model: mean Dice {_fmt(s['personal']['dice_mean'])}"] if "personal" in s else []
         rows.append(row + ["; ".join(notes)])
     return header, rows
 
@@ -191,11 +200,15 @@ def _class_mean(scores: dict) -> float:
 
 
 def _final_scores(metrics: dict) -> dict[str, dict]:
-    """Model -> site -> its final scores on every held-out case: the global model's, and each baseline's last round."""
+    """Model -> site -> its final scores on every held-out case: the global model's (and the best checkpoint's),
+    the sites' personal models', and each baseline's last round."""
     final = metrics.get("final_evaluation")
     models = {"global": final["global"]["sites"] if final else metrics["rounds"][-1]["sites"]}
     if final and "best" in final:
         models[f"best checkpoint (round {final['best']['round']})"] = final["best"]["sites"]
+    personal = {site: s["personal"] for site, s in models["global"].items() if "personal" in s}
+    if personal:
+        models["personalised"] = personal
     for kind in ("local_only", "centralized"):
         if metrics.get(kind):
             models[kind.replace("_", "-")] = metrics[kind][-1]["sites"]
@@ -204,7 +217,8 @@ def _final_scores(metrics: dict) -> dict[str, dict]:
 
 def gain_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     """What the federation gives each site: every model's final mean Dice, HD95 and NSD over the site's
-    held-out cases, and the gain in Dice over training alone (local-only), when that baseline was run."""
+    held-out cases (global, best checkpoint, the site's personalised model, the baselines that were run),
+    and the gain in Dice over training alone (local-only), when that baseline was run."""
     models = _final_scores(metrics)
     header = ["site", "model", "mean Dice", "mean HD95 (mm)", "mean NSD", "Dice gain over local-only"]
     rows = []
@@ -321,7 +335,7 @@ def write_report(out: str | Path) -> Path:
                 f"<h2>Best checkpoint (round {final['best']['round']}) on every held-out case</h2>",
                 _scores_table(final["best"]["sites"], classes),
             ]
-    if metrics.get("centralized") or metrics.get("local_only"):
+    if len(_final_scores(metrics)) > 1:
         sections += [
             "<h2>What the federation gives each site (final models, every held-out case)</h2>",
             _table(*gain_rows(metrics)),

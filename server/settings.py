@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fed_swinumamba.dp_options import RunDPOptions
 from fed_swinumamba.model import ModelConfig
-from fed_swinumamba.protocol import check_study
+from fed_swinumamba.protocol import PersonalOptions, check_study
 from fed_swinumamba.run_config import resolve_run_config
 from fed_swinumamba.schedule import UnfreezingSchedule
 
@@ -69,6 +69,7 @@ class FederationSettings:
     pretrained_checkpoint: str
     site_dp: SiteDPSettings | None
     dp: RunDPOptions  # the DP-SGD request sent to every site (dp-* keys)
+    personal: PersonalOptions  # the personal model every site keeps
     run_config: dict
 
     @property
@@ -128,5 +129,6 @@ class FederationSettings:
             pretrained_checkpoint=str(c["pretrained-checkpoint"]),
             site_dp=SiteDPSettings.from_run_config(c),
             dp=RunDPOptions.from_run_config(c),
+            personal=PersonalOptions.from_config(c),
             run_config=c,
         )

@@ -350,6 +350,12 @@ class ModalityAwareStrategy(Strategy):
             s.nsd_tolerance_mm,
             s.num_rounds,
             s.dp,
+            s.personal,
+            # The last scoring of the global model: its full-split scoring, or the last round's when every
+            # round scores every case (then there is no separate one).
+            message_type == MessageType.EVALUATE
+            and not foreign_model
+            and (full_split or (server_round == s.num_rounds and not s.eval_cases)),
         )
         return Message(
             content=RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())}),

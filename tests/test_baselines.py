@@ -64,8 +64,10 @@ def test_local_only_is_what_a_one_site_federation_trains(three_sites, tmp_path):
 
 @pytest.mark.slow
 def test_simulation_local_only_reports_each_site_s_gain(three_sites, tmp_path, capsys):
+    """...of the global model and of its personal (Ditto) model over training alone."""
     out = tmp_path / "run"
-    sets = [f"{k}={v}" for k, v in {**TINY, "rounds-per-stage": 1, "local-steps": 2, "lr": 1e-3}.items()]
+    run = {**TINY, "rounds-per-stage": 1, "local-steps": 2, "lr": 1e-3, "personalization": "ditto"}
+    sets = [f"{k}={v}" for k, v in run.items()]
     args = ["run", "--sites", *map(str, three_sites), "--rounds", "2", "--out", str(out), "--local-only"]
     assert simulation_main(args + [a for s in sets for a in ("--set", s)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -80,3 +82,9 @@ def test_simulation_local_only_reports_each_site_s_gain(three_sites, tmp_path, c
         assert re.search(rf"^{site}\s+local-only\s+{local[site]['dice_mean']:.3f}\s", printed, re.M)
         assert f"<td>{site}</td><td>global</td><td>{federated[site]['dice_mean']:.3f}</td>" in page
         assert f"<td>{gain}</td>" in page
+        personal = federated[site]["personal"]  # scored beside the global model every evaluation round
+        assert all("personal" in r["sites"][site] for r in metrics["rounds"])
+        gain = f"{personal['dice_mean'] - local[site]['dice_mean']:+.3f}"
+        assert re.search(
+            rf"^{site}\s+personalised\s+{personal['dice_mean']:.3f}\s.*\s{re.escape(gain)}$", printed, re.M
+        )

@@ -1,0 +1,169 @@
+"""Personalised site models: kept at the site, trained by Ditto or fine-tuned at the end, scored beside the global one."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import private_site, tiny_model
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client import client_app
+from fed_swinumamba.__main__ import main as predict_main
+from fed_swinumamba.checkpoint import Checkpoint, personal_model_file
+from fed_swinumamba.data import SiteData, load_site_config
+from fed_swinumamba.inference import Segmenter
+from fed_swinumamba.model import build_model
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, EvalReply, Instructions, PersonalOptions
+from fed_swinumamba.schedule import Stage
+from fed_swinumamba.training import evaluate_cases, set_trainable, train_local
+
+CLASSES = ("organ", "lesion")
+STAGE = Stage(0, ("stem", "stage4", "decoder", "heads"), 1e-3)
+
+
+def _message(kind, server_round, state, personal, final=False, study="trial"):
+    ins = Instructions(
+        server_round,
+        STAGE,
+        tiny_model(),
+        CLASSES,
+        version=server_round - 1,
+        base_version=FULL_SYNC,
+        local_steps=2,
+        seed=3,
+        study=study,
+        personal=personal,
+        final_evaluation=final,
+    )
+    content = RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())})
+    return Message(content=content, dst_node_id=1, message_type=kind)
+
+
+def _global_state(seed=0):
+    torch.manual_seed(seed)
+    return build_model(tiny_model()).state_dict()
+
+
+def _context(site_yaml):
+    return Context(run_id=1, node_id=1, node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={})
+
+
+@pytest.fixture
+def replies(monkeypatch, task_identity):
+    """Replies outside a running Flower node: give them the message's identity (as test_federation_e2e does)."""
+    from test_federation_e2e import _reply_without_task_identity
+
+    monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
+
+
+def _arrays(reply):
+    return {k: a.numpy() for k, a in reply.content[ARRAYS].items()}
+
+
+def test_ditto_s_pull_draws_the_trained_weights_towards_the_anchor(three_sites):
+    """With a strong pull the weights end nearer the anchor than without; the anchor, not the start, is the target."""
+    site = load_site_config(three_sites[0])
+    data = SiteData.from_config(site, list(CLASSES))
+
+    def distance_to_anchor(pull):
+        torch.manual_seed(0)
+        model = build_model(tiny_model())
+        params = dict(model.named_parameters())
+        anchor = {n: p.detach() + 0.05 for n, p in params.items()}  # a global model elsewhere than the start
+        torch.manual_seed(1)
+        train_local(
+            model,
+            "ct",
+            data.training_batches(4, np.random.default_rng(0)),
+            groups=STAGE.trainable_groups,
+            lr=1e-2,
+            max_steps=6,
+            proximal_mu=pull,
+            proximal_anchor=anchor,
+        )
+        trained = set_trainable(model, STAGE.trainable_groups)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return sum((p.detach() - anchor[n]).pow(2).sum() for n, p in zip(names, trained, strict=True)).sqrt().item()
+
+    free, pulled = distance_to_anchor(0.0), distance_to_anchor(100.0)
+    assert pulled < 0.7 * free
+
+
+def sent_state(arrays):
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def test_a_ditto_site_keeps_its_personal_model_and_sends_the_same_update_as_without(three_sites, tmp_path, replies):
+    ditto, none = PersonalOptions("ditto", ditto_lambda=0.5), PersonalOptions()
+    state = _global_state()
+    context = _context(three_sites[0])
+    with_ditto = client_app.train(_message(MessageType.TRAIN, 1, state, ditto), context)
+    without = client_app.train(_message(MessageType.TRAIN, 1, state, none), _context(three_sites[0]))
+    sent, plain = _arrays(with_ditto), _arrays(without)
+    assert set(sent) == set(plain) and all(np.array_equal(sent[k], plain[k]) for k in sent)  # global update as before
+
+    site = load_site_config(three_sites[0])
+    path = personal_model_file(site.state_dir, "trial", site.site)
+    first = Checkpoint.load(path)
+    assert (
+        first.server_round == 1
+        and first.extra["personalization"] == "ditto"
+        and first.model_config.modalities == ("ct",)
+    )
+    moved = [k for k in sent if not np.array_equal(first.state[k].numpy(), state[k].numpy())]
+    assert moved and any(not np.array_equal(first.state[k].numpy(), sent[k]) for k in moved)  # its own weights
+
+    scores = client_app.evaluate(_message(MessageType.EVALUATE, 1, {**state, **sent_state(sent)}, ditto), context)
+    reply = EvalReply.from_metrics(scores.content[METRICS], CLASSES)
+    data = SiteData.from_config(site, list(CLASSES))
+    own = evaluate_cases(first.build_model(), "ct", data.val_cases, CLASSES, site.training.patch_size)
+    assert reply.personal is not None and reply.personal.cases_scored == reply.cases_scored == own.num_cases
+    assert reply.personal.dice == pytest.approx(own.dice, nan_ok=True)  # the scores are of the kept model
+
+    # Round 2 continues round 1's personal model (another ClientApp process: only the disk carries it).
+    client_app.train(_message(MessageType.TRAIN, 2, state, ditto), _context(three_sites[0]))
+    continued = Checkpoint.load(path).state
+    path.unlink()
+    client_app.train(_message(MessageType.TRAIN, 2, state, ditto), _context(three_sites[0]))
+    afresh = Checkpoint.load(path).state  # no round-1 model on disk: started from the global one
+    assert any(not torch.equal(continued[k], afresh[k]) for k in continued)
+
+    # The personal checkpoint is self-describing: predict uses it (its weights) as it uses the federation's.
+    image = next(p for p in sorted((site.data.root / "imagesTr").iterdir()) if p.name.endswith(".nii.gz"))
+    out = tmp_path / "mask.nii.gz"
+    args = ["predict", "--checkpoint", str(path), "--modality", "ct", "--input", str(image), "--output", str(out)]
+    assert predict_main([*args, "--site-config", str(three_sites[0])]) == 0
+    assert nib.load(out).shape == nib.load(image).shape
+    segmenter = Segmenter.from_files(path, "ct", three_sites[0])
+    assert all(torch.equal(v, afresh[k]) for k, v in segmenter.model.state_dict().items())
+
+
+def test_finetune_personalises_at_the_final_evaluation_only(three_sites, replies):
+    finetune = PersonalOptions("finetune", finetune_steps=3)
+    state = _global_state()
+    site = load_site_config(three_sites[1])
+    path = personal_model_file(site.state_dir, "trial", site.site)
+    early = client_app.evaluate(_message(MessageType.EVALUATE, 1, state, finetune), _context(three_sites[1]))
+    assert EvalReply.from_metrics(early.content[METRICS], CLASSES).personal is None and not path.exists()
+    final = client_app.evaluate(
+        _message(MessageType.EVALUATE, 2, state, finetune, final=True), _context(three_sites[1])
+    )
+    reply = EvalReply.from_metrics(final.content[METRICS], CLASSES)
+    assert reply.personal is not None
+    tuned = Checkpoint.load(path)
+    assert tuned.extra["personalization"] == "finetune" and tuned.server_round == 2
+    assert any(not torch.equal(tuned.state[k], state[k]) for k in state if k in tuned.state)
+
+
+def test_a_dp_site_keeps_its_personal_model_s_scores_to_itself(three_sites, tmp_path, replies):
+    """Its personal model is trained on private patients without noise: not even its Dice leaves."""
+    dp_yaml = private_site(three_sites[2], tmp_path / "dp", noise_multiplier=1.0, slices_per_case=1)
+    ditto = PersonalOptions("ditto")
+    state = _global_state()
+    context = _context(dp_yaml)
+    trained = client_app.train(_message(MessageType.TRAIN, 1, state, ditto), context)
+    assert "epsilon" in trained.content[METRICS]
+    scores = client_app.evaluate(_message(MessageType.EVALUATE, 1, state, ditto), context)
+    assert not any(k.startswith("personal-") for k in scores.content[METRICS].keys())
+    site = load_site_config(dp_yaml)
+    assert personal_model_file(site.state_dir, "trial", site.site).is_file()  # it has one, kept at home
