@@ -167,3 +167,57 @@ def test_a_dp_site_keeps_its_personal_model_s_scores_to_itself(three_sites, tmp_
     assert not any(k.startswith("personal-") for k in scores.content[METRICS].keys())
     site = load_site_config(dp_yaml)
     assert personal_model_file(site.state_dir, "trial", site.site).is_file()  # it has one, kept at home
+
+
+def test_ditto_s_update_is_the_hand_computed_proximal_step():
+    """One AdamW step (its first: m/sqrt(v) = g/|g|) on loss + lambda/2 ||v - w||^2: the gradient is the
+    loss's plus lambda (v - w), computed here from the loss's own gradient and the anchor."""
+    from fed_swinumamba.training import segmentation_loss
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model())
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    anchor = {n: v + torch.randn_like(v) * 0.01 for n, v in start.items()}
+    batch = {"image": torch.randn(2, 1, 32, 32), "label": torch.randint(0, 3, (2, 1, 32, 32))}
+    lr, pull, wd, eps = 1e-3, 3.0, 1e-5, 1e-8
+
+    reference = build_model(tiny_model())
+    reference.load_state_dict(model.state_dict())
+    set_trainable(reference, ("heads",))
+    trained = {n for n, p in reference.named_parameters() if p.requires_grad}
+    segmentation_loss(reference)(reference(batch["image"], "ct"), batch["label"]).backward()
+    train_local(model, "ct", [batch], groups=("heads",), lr=lr, max_steps=1, proximal_mu=pull, proximal_anchor=anchor)
+
+    for name, p in model.named_parameters():
+        if name not in trained:
+            assert torch.equal(p.detach(), start[name]), name  # outside the stage: untouched
+            continue
+        loss_grad = dict(reference.named_parameters())[name].grad  # None: a head the loss does not use
+        g = (0 if loss_grad is None else loss_grad) + pull * (start[name] - anchor[name])
+        expected = start[name] * (1 - lr * wd) - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_no_reply_of_a_ditto_site_carries_its_personal_model(three_sites, replies):
+    """Audit of every reply of two rounds: weights named after the network and scalars only, and none of
+    the personal model's tensors among the weights."""
+    from conftest import assert_only_weights_and_scalars
+
+    from client.audit import describe
+
+    ditto = PersonalOptions("ditto", ditto_lambda=0.5)
+    site = load_site_config(three_sites[0])
+    path = personal_model_file(site.state_dir, "trial", site.site)
+    state, context = _global_state(), _context(three_sites[0])
+    for server_round in (1, 2):
+        for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+            msg = _message(kind, server_round, state, ditto)
+            content = (client_app.train if kind == MessageType.TRAIN else client_app.evaluate)(msg, context).content
+            assert_only_weights_and_scalars(describe(content), set(state), {"site": site.site, "modality": "ct"})
+            personal = Checkpoint.load(path).state
+            own = {k for k in personal if not torch.equal(personal[k], state[k])}
+            assert own  # the personal model has weights of its own...
+            sent = content["arrays"] if "arrays" in content else {}
+            assert not any(
+                np.array_equal(sent[k].numpy(), personal[k].numpy()) for k in own if k in sent
+            )  # ...never sent
