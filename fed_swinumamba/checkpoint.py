@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .model import ModelConfig, build_model
+from .params import modality_of, select, site_view
 from .protocol import check_study
 
 _META_KEY = "fed_swinumamba"
@@ -81,10 +82,19 @@ class Checkpoint:
             server_state,
         )
 
-    def build_model(self) -> torch.nn.Module:
-        """The network with these weights (strict: every parameter must be in the checkpoint)."""
-        model = build_model(self.model_config)
-        model.load_state_dict(self.state, strict=True)
+    def build_model(self, modality: str | None = None) -> torch.nn.Module:
+        """The network with these weights (strict: every parameter must be in the checkpoint).
+
+        A checkpoint that keeps normalisation layers per modality (``modality_norms.*``) describes one
+        network per modality: ``modality`` says which (that modality's encoder and norms)."""
+        config, state = self.model_config, self.state
+        if modality is not None:
+            config = ModelConfig.from_dict({**config.to_dict(), "modalities": [modality]})
+            state = select(site_view(state, modality), modalities=[modality])
+        elif any(modality_of(k) and not k.startswith("modality_encoders.") for k in state):
+            raise ValueError("this checkpoint keeps its normalisation layers per modality: give the modality")
+        model = build_model(config)
+        model.load_state_dict(state, strict=True)
         return model
 
 

@@ -25,6 +25,7 @@ from .checkpoint import Checkpoint
 from .data.datasets import geometry, intensity_transform, slices_first
 from .data.site_config import DEFAULT_PREPROCESSING, DataSpec, TrainingSpec, load_site_config
 from .model import ModelConfig, build_model
+from .params import site_view
 from .training import predict_slices
 
 NIFTI_SUFFIXES, PNG_SUFFIXES = (".nii.gz", ".nii"), (".png",)
@@ -57,7 +58,8 @@ class Segmenter:
         config = ModelConfig.from_dict({**checkpoint.model_config.to_dict(), "modalities": [modality]})
         self.model = build_model(config)
         own = self.model.state_dict()
-        self.model.load_state_dict({k: v for k, v in checkpoint.state.items() if k in own}, strict=True)
+        state = site_view(checkpoint.state, modality)  # its modality's norms, if kept per modality
+        self.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
         self.model.to(device).eval()
         data = data or DataSpec(root=Path("."))
         self.modality, self.slice_axis, self.channel, self.roi_size = (

@@ -25,6 +25,10 @@ class Key:
 
 
 PERSONALIZATIONS = ("none", "finetune", "ditto")  # fed_swinumamba.protocol.PersonalOptions
+NORM_PARTITIONS = (
+    "shared",
+    "modality",
+)  # fed_swinumamba.params: modality_norms.<m>.*  # fed_swinumamba.protocol.PersonalOptions
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedtrimmedavg", "fedmedian")
 
 _non_negative, _positive = (lambda v: v >= 0), (lambda v: v > 0)
@@ -78,6 +82,12 @@ KEYS: Mapping[str, Key] = MappingProxyType(
             ">= 0",
         ),
         "nsd-tolerance-mm": Key("2.0", 'surface Dice tolerance in mm: one for all classes, or one per class ("2,1")'),
+        "norm-partition": Key(
+            "shared",
+            "normalisation layers: shared (averaged over all sites) or modality (FedBN-style: within each modality)",
+            lambda v: v in NORM_PARTITIONS,
+            f"one of {', '.join(NORM_PARTITIONS)}",
+        ),
         "personalization": Key(
             "none",
             "the personal model each site keeps: none, finetune (the final global model fine-tuned locally) or ditto",

@@ -22,7 +22,9 @@ from flwr.serverapp import Grid
 
 from fed_swinumamba.checkpoint import Checkpoint
 from fed_swinumamba.logs import NOT_PRIVATE, prefixed
+from fed_swinumamba.model import normalisation_state_names
 from fed_swinumamba.model.pretrained import initial_model
+from fed_swinumamba.params import split_norms
 
 from .records import NOT_PRIVATE_MARK, RoundRecord, SiteRecord
 from .report import score_text, write_report
@@ -67,6 +69,8 @@ class Federation:
             ckpt = Checkpoint.load(latest)
             if ckpt.model_config != self.s.model_config:
                 raise ValueError(f"cannot resume {latest}: its model config differs from this run's")
+            if any(k.startswith("modality_norms.") for k in ckpt.state) != self.s.modality_norms:
+                raise ValueError(f"cannot resume {latest}: it was trained with another norm-partition than this run's")
             metrics = self.out / "metrics.json"
             if metrics.is_file():
                 self.history = [r for r in json.loads(metrics.read_text())["rounds"] if r["round"] <= ckpt.server_round]
@@ -82,7 +86,11 @@ class Federation:
         model, report = initial_model(self.s.model_config, self.s.seed, self.s.pretrained_checkpoint)
         if report:
             log.info(report.summary())
-        return ModalityAwareStrategy(self.s, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}), 1
+        weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        if self.s.modality_norms:  # FedBN-style: one copy of every shared norm layer per modality
+            split = split_norms(weights, normalisation_state_names(model), self.s.model_config.modalities)
+            weights = {k: np.array(v) for k, v in split.items()}  # each copy its own memory
+        return ModalityAwareStrategy(self.s, weights), 1
 
     def _checkpoint(self, server_round: int, stage: int, name: str) -> None:
         extra = {"run_config": self.s.run_config, "best": self.best, "version": self.strategy.version}

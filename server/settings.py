@@ -70,6 +70,7 @@ class FederationSettings:
     site_dp: SiteDPSettings | None
     dp: RunDPOptions  # the DP-SGD request sent to every site (dp-* keys)
     personal: PersonalOptions  # the personal model every site keeps
+    modality_norms: bool  # norm-partition = modality: normalisation layers aggregated within each modality
     run_config: dict
 
     @property
@@ -130,5 +131,6 @@ class FederationSettings:
             site_dp=SiteDPSettings.from_run_config(c),
             dp=RunDPOptions.from_run_config(c),
             personal=PersonalOptions.from_config(c),
+            modality_norms=c["norm-partition"] == "modality",
             run_config=c,
         )

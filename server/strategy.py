@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fed_swinumamba.params import SHARED, partition_of, select
+from fed_swinumamba.params import SHARED, federation_view, partition_of, select, site_view
 from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, EvalReply, Instructions, TrainReply
 
 from .records import SiteRecord
@@ -122,7 +122,15 @@ class ModalityAwareStrategy(Strategy):
             if self._record_training(server_round, r)
         ]
         # Each reply's weights become arrays once; everything below works on these.
-        updates = self._screen(server_round, {str(r.content[SITE]["site"]): _numpy(r.content[ARRAYS]) for r in trained})
+        updates = self._screen(
+            server_round,
+            {
+                str(r.content[SITE]["site"]): federation_view(
+                    _numpy(r.content[ARRAYS]), str(r.content[SITE]["modality"]), self.weights
+                )
+                for r in trained
+            },
+        )
         self.local_models = {site: {**self.weights, **update} for site, update in updates.items()}
         if not updates or len(updates) < self.s.min_train_sites:
             if updates:
@@ -158,7 +166,7 @@ class ModalityAwareStrategy(Strategy):
         self._sent = [
             self._message(
                 n,
-                to_arrays(select(weights, modalities=[self.links[n].modality])),
+                to_arrays(_for_site(weights, self.links[n].modality)),
                 server_round,
                 FULL_SYNC,
                 MessageType.EVALUATE,
@@ -316,11 +324,11 @@ class ModalityAwareStrategy(Strategy):
     def _payload(self, node: int) -> tuple[ArrayRecord, int]:
         """The weights ``node`` lacks to hold the current global version, and the version it must hold already."""
         link, version = self.links[node], self.version
-        modalities = [link.modality]  # known (see _prepare): never another site's encoder
+        modality = link.modality  # known (see _prepare): never another site's encoder or norms
         if link.version is None or link.version > version:
-            return to_arrays(select(self.weights, modalities=modalities)), FULL_SYNC
+            return to_arrays(_for_site(self.weights, modality)), FULL_SYNC
         groups = self.s.schedule.groups_changed_between(link.version, version) if link.version < version else ()
-        return to_arrays(select(self.weights, groups=groups, modalities=modalities)), link.version
+        return to_arrays(_for_site(self.weights, modality, groups)), link.version
 
     def _message(
         self,
@@ -413,6 +421,12 @@ def _addressee(reply: Message, sent: list[Message]) -> int:
 
 def to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def _for_site(weights: dict[str, np.ndarray], modality: str, groups=None) -> dict[str, np.ndarray]:
+    """What a site of ``modality`` gets of ``weights``: the shared ones and its modality's, under its own
+    network's names (its modality's norm copies under their plain names), in ``groups`` if given."""
+    return site_view(select(weights, groups=groups, modalities=[modality]), modality)
 
 
 def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:

@@ -218,3 +218,22 @@ def test_sliding_window_prediction_keeps_no_autograd_graph():
     labels = predict_slices(model, "ct", torch.rand(3, 64, 64), (32, 32), sw_batch_size=4)
     assert labels.shape == (3, 64, 64) and labels.dtype == torch.uint8
     assert grad_modes and not any(grad_modes)
+
+
+def test_predict_uses_the_modality_s_own_norms_of_a_checkpoint_that_keeps_them_apart(trained_checkpoint, tmp_path):
+    """norm-partition = modality: the CT segmenter gets the CT copies, the US segmenter the US copies."""
+    from fed_swinumamba.inference import Segmenter
+    from fed_swinumamba.model import normalisation_state_names
+    from fed_swinumamba.params import split_norms
+
+    path, model, ct, _ = trained_checkpoint
+    ckpt = Checkpoint.load(path)
+    split = split_norms(ckpt.state, normalisation_state_names(model), ("ct", "us"))
+    norm = "encoder.layers.3.blocks.0.ln_1.weight"
+    split = {k: v.clone() for k, v in split.items()}
+    split[f"modality_norms.us.{norm}"] += 1.0  # the US sites' norms moved elsewhere
+    fedbn = tmp_path / "fedbn.safetensors"
+    Checkpoint(split, ckpt.model_config, ckpt.class_names, 3, 1).save(fedbn)
+    for modality, expected in (("ct", ckpt.state[norm]), ("us", ckpt.state[norm] + 1.0)):
+        segmenter = Segmenter.from_files(fedbn, modality)
+        assert torch.equal(segmenter.model.state_dict()[norm], expected)

@@ -197,3 +197,31 @@ def test_the_latest_checkpoint_carries_the_optimiser_state_apart_from_the_model(
     moments = federation.strategy.rules["shared"].m
     assert {k for k in latest.server_state if k.startswith("shared/m.")} == {f"shared/m.{k}" for k in moments}
     assert not Checkpoint.load(tmp_path / "checkpoints" / "best.safetensors").server_state
+
+
+def test_modality_norms_stay_apart_while_shared_weights_are_averaged(tmp_path):
+    """norm-partition = modality (FedBN-style): each modality's copy of a shared norm layer is averaged over
+    that modality's sites only; the sites see their own copy under the network's name, never another's."""
+    from fed_swinumamba.checkpoint import Checkpoint
+
+    grid = ScriptedGrid(STEPS, num_examples=PATIENTS, modalities=MODALITIES)
+    federation = Federation(grid, _settings(tmp_path, **{"num-server-rounds": 1, "norm-partition": "modality"}))
+    federation.run()
+    initial = Federation(None, _settings(tmp_path / "fresh", **{"norm-partition": "modality"})).state
+    plain = "encoder.layers.3.blocks.0.ln_1.weight"  # a stage4 LayerNorm: trained in stage 0
+    ct, mri = f"modality_norms.ct.{plain}", f"modality_norms.mri.{plain}"
+    assert plain not in initial and group_of(ct) == "stage4" and partition_of(mri) == "mri"
+    np.testing.assert_allclose(federation.state[ct] - initial[ct], (10 * 1 + 30 * 2) / 40, rtol=1e-5)
+    np.testing.assert_allclose(federation.state[mri] - initial[mri], 3.0, rtol=1e-5)  # not diluted by CT
+    shared = _a_tensor(initial, "shared", "decoder")
+    np.testing.assert_allclose(federation.state[shared] - initial[shared], 130 / 60, rtol=1e-5)
+    assert not any("modality_norms" in k for m in grid.sent for k in m.content.array_records.get("arrays", {}).keys())
+    for site, copy in (("ct_a", ct), ("ct_b", ct), ("mri_a", mri)):  # after the round's evaluation message
+        assert np.array_equal(grid.held[site][plain], federation.state[copy])
+
+    latest = Checkpoint.load(tmp_path / "checkpoints" / "latest.safetensors")
+    assert np.array_equal(latest.build_model("mri").state_dict()[plain].numpy(), federation.state[mri])
+    with pytest.raises(ValueError, match="normalisation layers per modality: give the modality"):
+        latest.build_model()
+    with pytest.raises(ValueError, match="another norm-partition"):
+        Federation(None, _settings(tmp_path, **{"num-server-rounds": 2, "resume": True}))

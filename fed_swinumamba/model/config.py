@@ -87,4 +87,18 @@ def build_model(config: ModelConfig) -> nn.Module:
     return SwinUMambaD(**common)
 
 
-__all__ = ["ModelConfig", "build_model", "VARIANTS", "ENCODER_BLOCKS"]
+_NORMALISATIONS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)  # _NormBase: BatchNorm, InstanceNorm
+
+
+def normalisation_state_names(model: nn.Module) -> list[str]:
+    """The state-dict names of every normalisation layer's parameters and statistics (LayerNorm, GroupNorm,
+    BatchNorm, InstanceNorm): what FedBN-style aggregation keeps per modality."""
+    return [
+        f"{prefix}.{name}"
+        for prefix, module in model.named_modules()
+        if isinstance(module, _NORMALISATIONS)
+        for name in module.state_dict()
+    ]
+
+
+__all__ = ["ModelConfig", "build_model", "normalisation_state_names", "VARIANTS", "ENCODER_BLOCKS"]
