@@ -36,7 +36,7 @@ from fed_swinumamba.privacy import (
     study_ledger,
     train_private,
 )
-from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions, TrainReply
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, VALIDATION, Instructions, TrainReply
 from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
 from fed_swinumamba.training import TrainResult, evaluate_cases, round_seed, train_local
 
@@ -402,24 +402,27 @@ class SiteRound:
         model.load_state_dict(held.state, strict=True)
         return model
 
-    def _score(self, model: nn.Module, cases: list, data: SiteData):
+    def _score(self, model: nn.Module, cases: list, held_out: int, split: str):
         ins = self.instructions
         patch = self.config.training.patch_size
         result = evaluate_cases(model, self.config.modality, cases, ins.class_names, patch, ins.nsd_tolerance_mm)
-        return result, result.reply(len(data.val_cases))
+        return result, result.reply(held_out, split)
 
     def evaluate(self) -> RecordDict:
-        """Scores of the model on the held-out cases: the instructions' first ``eval_cases`` (a fixed subset,
-        the same every round), or all of them; and of the site's personal model, if it has one.
+        """Scores of the model on the held-out split the instructions name (the test cases if the site keeps
+        them apart, else the validation cases): its first ``eval_cases`` (a fixed subset, the same every
+        round), or all of them; and of the site's personal model, if it has one.
 
         A DP site keeps its personal model's scores to itself: that model is trained on its private
         patients without DP noise, so even its Dice is not covered by the site's guarantee."""
         ins, data = self.instructions, self._data()
-        cases = data.val_cases[: ins.eval_cases] if ins.eval_cases else data.val_cases
-        result, reply = self._score(self.model, cases, data)
+        held = data.held_out(ins.eval_split)
+        split = ins.eval_split if data.test_cases else VALIDATION  # what is scored
+        cases = held[: ins.eval_cases] if ins.eval_cases else held
+        result, reply = self._score(self.model, cases, len(held), split)
         personal = self._personal_model(data)
         if personal is not None:
-            own, own_reply = self._score(personal, cases, data)
+            own, own_reply = self._score(personal, cases, len(held), split)
             private = privacy_spec(self.config.privacy, ins.dp).enabled
             log.info(
                 "site %s round %d: personal model on %d held-out cases: Dice %s%s",
@@ -433,12 +436,13 @@ class SiteRound:
                 reply = dataclasses.replace(reply, personal=own_reply)
         model = f"model {ins.foreign_model}" if ins.foreign_model else "global model"
         log.info(
-            "site %s round %d: %s on %d of %d held-out cases (%.1f s per case): Dice %s, HD95 %s, NSD %s",
+            "site %s round %d: %s on %d of %d %s cases (%.1f s per case): Dice %s, HD95 %s, NSD %s",
             self.config.site,
             ins.server_round,
             model,
             result.num_cases,
-            len(data.val_cases),
+            len(held),
+            split,
             result.seconds_per_case,
             _rounded(result.dice),
             _rounded(result.hd95),

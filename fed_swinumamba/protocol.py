@@ -28,6 +28,9 @@ FULL_SYNC = -1  # base_version of a message that carries every weight the site n
 # site the disclosed (coarsened) count (fed_swinumamba.privacy.disclosed_patient_count).
 NUM_EXAMPLES = "num-examples"
 _PERSONAL = "personal-"  # prefix of the personal model's scores in an evaluation reply
+# The held-out splits an evaluation scores: the validation cases (every round; they choose the best
+# checkpoint) or the test cases (the final scores; a site without a test split scores its validation cases).
+VALIDATION, TEST = "validation", "test"
 
 # A study: the runs whose privacy a site accounts together (one ledger per site and study). Its name
 # becomes a file name at the sites, so it is checked on both sides.
@@ -111,6 +114,7 @@ class Instructions:
     dp: RunDPOptions = RunDPOptions()  # the run's DP-SGD request, for a site without a privacy section of its own
     personal: PersonalOptions = PersonalOptions()
     final_evaluation: bool = False  # the run's last evaluation of the global model: where ``finetune`` personalises
+    eval_split: str = VALIDATION  # the held-out split to score (VALIDATION or TEST)
 
     def to_config(self) -> dict:
         return {
@@ -132,6 +136,7 @@ class Instructions:
             **self.dp.to_config(),
             **self.personal.to_config(),
             "final-evaluation": self.final_evaluation,
+            "eval-split": self.eval_split,
         }
 
     @classmethod
@@ -156,6 +161,7 @@ class Instructions:
                 dp=RunDPOptions.from_config(config),
                 personal=PersonalOptions.from_config(config),
                 final_evaluation=bool(config["final-evaluation"]),
+                eval_split=str(config["eval-split"]),
             )
         except KeyError as err:
             raise ValueError(
@@ -270,6 +276,7 @@ class EvalReply:
     held_out_cases: int
     seconds_per_case: float
     personal: EvalReply | None = None  # the site's personal model on the same cases (scores only)
+    split: str = VALIDATION  # the held-out split scored
 
     def to_metrics(self) -> dict[str, float]:
         metrics = {f"{score}-{c}": v for score in ("dice", "hd95", "nsd") for c, v in getattr(self, score).items()}
@@ -280,6 +287,7 @@ class EvalReply:
             NUM_EXAMPLES: self.cases_scored,
             "num-val-cases": self.held_out_cases,
             "eval-seconds-per-case": self.seconds_per_case,
+            "eval-test-split": float(self.split == TEST),
         }
 
     @classmethod
@@ -294,6 +302,7 @@ class EvalReply:
             held_out_cases=int(m["num-val-cases"]),
             seconds_per_case=float(m["eval-seconds-per-case"]),
             personal=cls.from_metrics(personal, class_names) if personal else None,
+            split=TEST if m["eval-test-split"] else VALIDATION,
         )
 
     def record(self) -> dict:
@@ -307,4 +316,5 @@ class EvalReply:
             "num_val_cases": self.cases_scored,
             "held_out_cases": self.held_out_cases,
             "eval_s_per_case": self.seconds_per_case,
+            "split": self.split,
         }

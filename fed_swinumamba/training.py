@@ -21,7 +21,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from .data.cache import CachedCase
 from .metrics import SiteScores, case_scores
 from .params import group_of
-from .protocol import EvalReply
+from .protocol import VALIDATION, EvalReply
 
 
 def set_trainable(model: nn.Module, groups: Iterable[str], frozen: Iterable[str] = ()) -> list[nn.Parameter]:
@@ -196,8 +196,9 @@ class EvalResult:
         valid = [v for v in self.dice.values() if not math.isnan(v)]
         return sum(valid) / len(valid) if valid else float("nan")
 
-    def reply(self, held_out_cases: int) -> EvalReply:
-        """These scores as a site sends them (and metrics.json records them), out of ``held_out_cases``."""
+    def reply(self, held_out_cases: int, split: str = VALIDATION) -> EvalReply:
+        """These scores as a site sends them (and metrics.json records them): of ``split``, out of its
+        ``held_out_cases``."""
         return EvalReply(
             self.dice,
             self.hd95,
@@ -207,6 +208,7 @@ class EvalResult:
             self.num_cases,
             held_out_cases,
             self.seconds_per_case,
+            split=split,
         )
 
 

@@ -3,7 +3,7 @@
 The round logic — payloads, aggregation, screening, site-level DP — is the strategy's; this driver
 adds what a run needs around it: resuming, waiting for sites, the per-round record in metrics.json,
 checkpoints (``latest`` with the strategy's state, ``best`` by the mean of the sites' mean Dice), the
-final scoring on every held-out case, cross-site evaluation and the report. A run killed at any
+final scoring on every test case, cross-site evaluation and the report. A run killed at any
 point resumes at the next round with the right stage and the strategy's state.
 """
 
@@ -49,7 +49,7 @@ class Federation:
         self.out.mkdir(parents=True, exist_ok=True)
         self.history: list[dict] = []
         self.cross_site: dict | None = None
-        self.final_evaluation: dict | None = None  # every held-out case, when the rounds scored a subset
+        self.final_evaluation: dict | None = None  # the final and best models on every test case
         self.best = -1.0
         self.strategy, self.start_round = self._initial_strategy()
         if settings.site_dp and settings.cross_site_eval:
@@ -151,7 +151,7 @@ class Federation:
                 server_round, self.s.schedule.stage_for_round(server_round), strategy.records.pop(server_round, {})
             )
         finished = bool(self.history) and self.history[-1]["round"] == self.s.num_rounds
-        if self.s.eval_cases and finished:
+        if finished:
             self.final_evaluation = self._final_evaluation(self.s.num_rounds)
             self._write_metrics()
         if self.s.cross_site_eval and not self.s.site_dp and strategy.local_models and finished:
@@ -176,11 +176,12 @@ class Federation:
         }
 
     def _final_evaluation(self, server_round: int) -> dict:
-        """The rounds scored ``eval-cases`` held-out cases per site; the final global model, and the best
-        checkpoint's model when it is another round's, are scored on every held-out case."""
+        """The rounds scored the sites' validation cases (``eval-cases`` of them, or all), which chose the
+        best checkpoint; the final global model, and the best checkpoint's model when it is another round's,
+        are scored on every test case (a site without a test split: every validation case)."""
         sites = self._evaluate(server_round, full_split=True)
         result = {"global": {"round": server_round, "sites": sites}}
-        log.info("final global model on every held-out case:\n%s", score_text(sites, self.s.class_names))
+        log.info("final global model on every test case:\n%s", score_text(sites, self.s.class_names))
         best = (
             Checkpoint.load(self.out / "checkpoints" / "best.safetensors")
             if (self.out / "checkpoints" / "best.safetensors").is_file()
@@ -192,7 +193,7 @@ class Federation:
                 server_round, name, {k: v.numpy() for k, v in best.state.items()}, full_split=True
             )
             result["best"] = {"round": best.server_round, "sites": best_sites}
-            log.info("%s on every held-out case:\n%s", name, score_text(best_sites, self.s.class_names))
+            log.info("%s on every test case:\n%s", name, score_text(best_sites, self.s.class_names))
         return result
 
     def _cross_site_evaluation(self, server_round: int) -> dict:

@@ -200,7 +200,7 @@ def _class_mean(scores: dict) -> float:
 
 
 def _final_scores(metrics: dict) -> dict[str, dict]:
-    """Model -> site -> its final scores on every held-out case: the global model's (and the best checkpoint's),
+    """Model -> site -> its final scores on every test case: the global model's (and the best checkpoint's),
     the sites' personal models', and each baseline's last round."""
     final = metrics.get("final_evaluation")
     models = {"global": final["global"]["sites"] if final else metrics["rounds"][-1]["sites"]}
@@ -327,17 +327,17 @@ def write_report(out: str | Path) -> Path:
     final = metrics.get("final_evaluation")
     if final:
         sections += [
-            f"<h2>Final global model (round {final['global']['round']}) on every held-out case</h2>",
+            f"<h2>Final global model (round {final['global']['round']}) on every test case (a site without a test split: its validation cases)</h2>",
             _scores_table(final["global"]["sites"], classes),
         ]
         if "best" in final:
             sections += [
-                f"<h2>Best checkpoint (round {final['best']['round']}) on every held-out case</h2>",
+                f"<h2>Best checkpoint (round {final['best']['round']}) on every test case (a site without a test split: its validation cases)</h2>",
                 _scores_table(final["best"]["sites"], classes),
             ]
     if len(_final_scores(metrics)) > 1:
         sections += [
-            "<h2>What the federation gives each site (final models, every held-out case)</h2>",
+            "<h2>What the federation gives each site (final models, every test case)</h2>",
             _table(*gain_rows(metrics)),
         ]
     if any("site_dp" in r or any("epsilon" in s for s in r["sites"].values()) for r in metrics["rounds"]):

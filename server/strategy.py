@@ -30,7 +30,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fed_swinumamba.params import SHARED, federation_view, partition_of, select, site_view
-from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, EvalReply, Instructions, TrainReply
+from fed_swinumamba.protocol import (
+    ARRAYS,
+    CONFIG,
+    FULL_SYNC,
+    METRICS,
+    SITE,
+    TEST,
+    VALIDATION,
+    EvalReply,
+    Instructions,
+    TrainReply,
+)
 
 from .records import SiteRecord
 from .rules import Rule, make_rule
@@ -359,11 +370,8 @@ class ModalityAwareStrategy(Strategy):
             s.num_rounds,
             s.dp,
             s.personal,
-            # The last scoring of the global model: its full-split scoring, or the last round's when every
-            # round scores every case (then there is no separate one).
-            message_type == MessageType.EVALUATE
-            and not foreign_model
-            and (full_split or (server_round == s.num_rounds and not s.eval_cases)),
+            message_type == MessageType.EVALUATE and full_split and not foreign_model,  # the final evaluation
+            TEST if full_split else VALIDATION,  # the end's scores are the test cases', never used to choose
         )
         return Message(
             content=RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())}),

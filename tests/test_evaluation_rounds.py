@@ -1,15 +1,15 @@
-"""The coordinator's evaluation: a fixed subset of held-out cases per round, every case after the last round
-for the final and the best model, HD95 and NSD beside Dice."""
+"""The coordinator's evaluation: a fixed subset of the validation cases per round, every test case after the
+last round for the final and the best model, HD95 and NSD beside Dice."""
 
 import json
 
 import numpy as np
 import pytest
-from conftest import TINY, ScriptedGrid
+from conftest import TINY, ScriptedGrid, tiny_model
 from flwr.app import MessageType
 
 from fed_swinumamba.checkpoint import Checkpoint
-from fed_swinumamba.protocol import ARRAYS, CONFIG, Instructions
+from fed_swinumamba.protocol import ARRAYS, CONFIG, TEST, VALIDATION, Instructions
 from server.federation import Federation
 from server.settings import FederationSettings
 
@@ -35,6 +35,9 @@ def test_rounds_score_a_subset_and_the_end_scores_every_held_out_case_of_the_fin
         0
     ] * 4  # 2 rounds x 2 sites, then the final and the best
     assert all(ins.nsd_tolerance_mm == (2.0, 1.0) for ins, _ in evaluations)
+    # The rounds (which choose the best checkpoint) score the validation cases, the end the test cases.
+    assert [ins.eval_split for ins, _ in evaluations] == [VALIDATION] * 4 + [TEST] * 4
+    assert [ins.final_evaluation for ins, _ in evaluations] == [False] * 4 + [True] * 2 + [False] * 2
     best = [(ins, m) for ins, m in evaluations if ins.foreign_model]
     assert [ins.foreign_model for ins, _ in best] == ["best checkpoint (round 1)"] * 2
     round_1 = Checkpoint.load(tmp_path / "checkpoints" / "best.safetensors")
@@ -51,10 +54,10 @@ def test_rounds_score_a_subset_and_the_end_scores_every_held_out_case_of_the_fin
     assert site["hd95"] == {"organ": 3.0, "lesion": 3.0} and site["nsd"] == {"organ": 0.7, "lesion": 0.7}
     assert site["timing"] == {"first_batch_s": 0.5, "train_s": 1.0}
     report = (tmp_path / "report.html").read_text()
-    assert "Best checkpoint (round 1) on every held-out case" in report and "HD95 organ (mm)" in report
+    assert "Best checkpoint (round 1) on every test case" in report and "HD95 organ (mm)" in report
 
 
-def test_without_a_subset_the_rounds_already_score_every_case(tmp_path):
+def test_without_a_subset_the_rounds_score_every_validation_case_and_the_end_every_test_case(tmp_path):
     grid = ScriptedGrid({"site_a": 0.01})
     Federation(grid, _settings(tmp_path, **{"num-server-rounds": 1})).run()
     evaluations = [
@@ -62,11 +65,48 @@ def test_without_a_subset_the_rounds_already_score_every_case(tmp_path):
         for m in grid.sent
         if m.metadata.message_type == MessageType.EVALUATE
     ]
-    assert [ins.eval_cases for ins in evaluations] == [0]
-    assert "final_evaluation" not in json.loads((tmp_path / "metrics.json").read_text())
+    assert [(ins.eval_cases, ins.eval_split) for ins in evaluations] == [(0, VALIDATION), (0, TEST)]
+    assert json.loads((tmp_path / "metrics.json").read_text())["final_evaluation"]["global"]["round"] == 1
 
 
 @pytest.mark.parametrize("overrides", [{"eval-cases": -1}, {"nsd-tolerance-mm": "1,2,3"}, {"nsd-tolerance-mm": "-2"}])
 def test_bad_evaluation_settings_are_refused(tmp_path, overrides):
     with pytest.raises(ValueError, match=next(iter(overrides))):
         _settings(tmp_path, **overrides)
+
+
+def test_a_site_with_a_test_split_scores_it_only_when_told(three_sites, tmp_path, monkeypatch):
+    """Validation cases every round; the test cases, never seen by a round's choice, at the end only."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from test_federation_e2e import _reply_without_task_identity
+
+    from client import client_app
+    from fed_swinumamba.data import SiteData, load_site_config
+    from fed_swinumamba.model import build_model
+    from fed_swinumamba.protocol import FULL_SYNC, METRICS, EvalReply
+    from fed_swinumamba.schedule import Stage
+
+    monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
+    site_yaml = tmp_path / "ct.yaml"
+    root = load_site_config(three_sites[0]).data.root
+    text = three_sites[0].read_text().replace("root: ct_site", f"root: {root}")
+    site_yaml.write_text(text + "split:\n  val_fraction: 0.25\n  test_fraction: 0.25\n")
+    site = load_site_config(site_yaml)
+    data = SiteData.from_config(site, ["organ", "lesion"])
+    assert len(data.val_cases) == len(data.test_cases) == 1 and len(data.train_cases) == 2
+    context = Context(
+        run_id=1, node_id=1, node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={}
+    )
+    config = tiny_model()
+    state = build_model(config).state_dict()
+    scored = {}
+    for split in (VALIDATION, TEST):
+        ins = Instructions(1, Stage(0, ("heads",), 1e-3), config, ("organ", "lesion"), 0, FULL_SYNC, eval_split=split)
+        msg = Message(
+            content=RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())}),
+            dst_node_id=1,
+            message_type=MessageType.EVALUATE,
+        )
+        scored[split] = EvalReply.from_metrics(client_app.evaluate(msg, context).content[METRICS], ("organ", "lesion"))
+    assert [scored[s].split for s in (VALIDATION, TEST)] == [VALIDATION, TEST]
+    assert scored[TEST].held_out_cases == 1 and scored[TEST].record()["split"] == "test"

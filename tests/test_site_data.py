@@ -92,9 +92,23 @@ def test_phantoms_are_real_formats_with_exact_labels_and_deterministic(tmp_path)
 
 def test_split_is_by_case_and_seed_stable():
     cases = [f"c{i}" for i in range(10)]
-    train, val = split_cases(cases, 0.3, seed=1)
+    train, val, _ = split_cases(cases, 0.3, seed=1)
     assert not set(train) & set(val) and set(train) | set(val) == set(cases) and len(val) == 3
-    assert split_cases(cases, 0.3, seed=1) == (train, val)
+    assert split_cases(cases, 0.3, seed=1) == (train, val, [])
+
+
+def test_a_test_split_takes_whole_patients_from_training_and_leaves_validation_as_it_was():
+    cases = [f"p{i}-{k}" for i in range(10) for k in range(2)]  # 10 patients of 2 files each
+
+    def patient(c):
+        return c.split("-")[0]
+
+    train0, val0, none = split_cases(cases, 0.2, seed=4, patient_of=patient)
+    train, val, test = split_cases(cases, 0.2, seed=4, patient_of=patient, test_fraction=0.3)
+    assert none == [] and val == val0 and len(test) == 6 and set(train) == set(train0) - set(test)
+    sides = [{patient(c) for c in part} for part in (train, val, test)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])  # a patient on one side
+    assert split_cases(cases[:6], 0.2, seed=4, patient_of=patient, test_fraction=0.01)[2]  # at least one patient
 
 
 @pytest.mark.parametrize("scheme", ["iid", "quantity", "dirichlet"])

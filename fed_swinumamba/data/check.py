@@ -20,6 +20,7 @@ class SiteReport:
     problems: list[str] = field(default_factory=list)
     num_train: int = 0
     num_val: int = 0
+    num_test: int = 0
     patients: str = ""  # how many patients, and where the mapping came from
 
     @property
@@ -29,7 +30,8 @@ class SiteReport:
     def format(self) -> str:
         lines = [
             f"site {self.site} ({self.modality}) from {self.config_path}",
-            f"cases: {self.num_train} train, {self.num_val} held out",
+            f"cases: {self.num_train} train, {self.num_val} held out for validation"
+            + (f", {self.num_test} for the final test" if self.num_test else " (and the final scores)"),
             f"patients: {self.patients}",
         ]
         for c in self.cases:
@@ -58,8 +60,9 @@ def check_site(config_path: str | Path, class_names: list[str] | None = None) ->
     except (SiteDataError, SiteConfigError) as err:
         report.problems.append(str(err))
         return report
-    train, val = split_cases(cases, config.split.val_fraction, config.split.seed)
-    report.num_train, report.num_val = len(train), len(val)
+    split = config.split
+    train, val, test = split_cases(cases, split.val_fraction, split.seed, test_fraction=split.test_fraction)
+    report.num_train, report.num_val, report.num_test = len(train), len(val), len(test)
     num_patients = len({c.patient for c in cases})
     report.patients = (
         f"{num_patients} (from {mapping[1].name})"

@@ -19,7 +19,7 @@ import logging
 import random
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..protocol import TEST
 from .cache import CachedCase, cache_key, read_entry, write_entry
 from .site_config import SiteConfig
 
@@ -147,17 +148,28 @@ def list_cases(config: SiteConfig) -> list[Case]:
 
 
 def split_cases(
-    cases: Sequence, val_fraction: float, seed: int, patient_of=lambda c: getattr(c, "patient", c)
-) -> tuple[list, list]:
-    """Deterministic split by patient: all of a patient's cases fall on the same side."""
+    cases: Sequence,
+    val_fraction: float,
+    seed: int,
+    patient_of=lambda c: getattr(c, "patient", c),
+    test_fraction: float = 0.0,
+) -> tuple[list, list, list]:
+    """Deterministic split by patient into training, validation and test cases: all of a patient's cases
+    fall on one side. At least one patient trains; with ``test_fraction`` > 0 at least one is kept for the
+    test, and the validation patients are those of the split without a test part (adding one takes from
+    the training patients only)."""
     patients = sorted({patient_of(c) for c in cases})
     random.Random(seed).shuffle(patients)
     n = len(patients)
     n_val = min(max(1, round(n * val_fraction)), n - 1) if n >= 2 else 0
-    held_out = set(patients[:n_val])
+    n_test = min(max(1, round(n * test_fraction)), n - n_val - 1) if test_fraction > 0 else 0
+    side = {p: 1 for p in patients[:n_val]} | {p: 2 for p in patients[n_val : n_val + n_test]}
     order = {p: i for i, p in enumerate(patients)}
     ranked = sorted(cases, key=lambda c: order[patient_of(c)])  # stable: a patient's cases keep their order
-    return [c for c in ranked if patient_of(c) not in held_out], [c for c in ranked if patient_of(c) in held_out]
+    parts: tuple[list, list, list] = ([], [], [])
+    for c in ranked:
+        parts[side.get(patient_of(c), 0)].append(c)
+    return parts
 
 
 class CheckGeometryd(MapTransform):
@@ -488,6 +500,12 @@ class SiteData:
     val_cases: list[CachedCase]
     class_names: list[str]
     patients_mapped: bool  # False: the dataset maps no patients, so each case (file) counts as one
+    test_cases: list[CachedCase] = field(default_factory=list)  # scored only at the end; empty: none kept apart
+
+    def held_out(self, split: str) -> list[CachedCase]:
+        """The cases an evaluation of ``split`` scores: "test" (the validation cases when the site keeps no
+        test split) or "validation"."""
+        return self.test_cases or self.val_cases if split == TEST else self.val_cases
 
     @property
     def num_train_cases(self) -> int:
@@ -525,8 +543,9 @@ class SiteData:
     @classmethod
     def from_config(cls, config: SiteConfig, class_names: Sequence[str]) -> SiteData:
         cases = list_cases(config)
-        train, val = split_cases(cases, config.split.val_fraction, config.split.seed)
-        entries = cached_cases(config, class_names, train + val)
+        split = config.split
+        train, val, test = split_cases(cases, split.val_fraction, split.seed, test_fraction=split.test_fraction)
+        entries = cached_cases(config, class_names, train + val + test)
         for entry in entries:
             if entry.constant:
                 log.warning(
@@ -535,4 +554,5 @@ class SiteData:
                     entry.case_id,
                 )
         mapped = read_patient_mapping(config.data.root, config.site) is not None
-        return cls(config, entries[: len(train)], entries[len(train) :], list(class_names), mapped)
+        n, m = len(train), len(train) + len(val)
+        return cls(config, entries[:n], entries[n:m], list(class_names), mapped, entries[m:])

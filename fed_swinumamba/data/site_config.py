@@ -38,8 +38,9 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class SplitSpec:
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # patients held out to score every round and choose the best checkpoint
     seed: int = 0
+    test_fraction: float = 0.0  # patients held out for the final scores only (0: the validation cases serve)
 
 
 @dataclass(frozen=True)
@@ -228,13 +229,22 @@ def validate_site_config_dict(raw: Any, source: str = "<dict>", base_dir: Path |
     if not labels:
         raise SiteConfigError(source, "labels", "must map at least one label value")
 
-    s = _section(source, "split", top.get("split"), {"val_fraction", "seed"})
+    s = _section(source, "split", top.get("split"), {"val_fraction", "test_fraction", "seed"})
     val_fraction = float(
         _expect(source, "split.val_fraction", s.get("val_fraction", 0.2), (int, float), "a fraction in (0, 1)")
     )
     if not 0 < val_fraction < 1:
         raise SiteConfigError(source, "split.val_fraction", f"must be in (0, 1), got {val_fraction}")
-    split = SplitSpec(val_fraction, _expect(source, "split.seed", s.get("seed", 0), int, "an integer"))
+    test_fraction = float(
+        _expect(source, "split.test_fraction", s.get("test_fraction", 0.0), (int, float), "a fraction in [0, 1)")
+    )
+    if not 0 <= test_fraction < 1 - val_fraction:
+        raise SiteConfigError(
+            source,
+            "split.test_fraction",
+            f"must be in [0, 1 - val_fraction) = [0, {1 - val_fraction:g}), got {test_fraction}",
+        )
+    split = SplitSpec(val_fraction, _expect(source, "split.seed", s.get("seed", 0), int, "an integer"), test_fraction)
 
     known_pre = {"ct": {"window"}, "mri": {"percentiles"}, "us": set()}[modality]
     pre = {**DEFAULT_PREPROCESSING[modality], **_section(source, "preprocessing", top.get("preprocessing"), known_pre)}

@@ -2,8 +2,9 @@
 
 Both get the federation's budget: the same initial weights (seed and ImageNet file), rounds, unfreezing
 stages, learning rates and local steps per site, and a site's batches of a round are the ones it draws in
-the federation (``round_seed``); both are scored on each site's held-out cases as
-the global model is (the first ``eval_cases`` on evaluation rounds, every case after the last round).
+the federation (``round_seed``); both are scored as the global model is: on the site's validation cases
+on evaluation rounds (the first ``eval_cases``), on every test case after the last round (a site without
+a test split: every validation case).
 
 - **centralized**: one network (every modality encoder) trained on the union of the sites' training
   data, the sites' data one after another within a round: what pooling the data would give.
@@ -22,6 +23,7 @@ import torch
 from ..data import SiteConfig, SiteData
 from ..model import ModelConfig
 from ..model.pretrained import initial_model
+from ..protocol import TEST, VALIDATION
 from ..schedule import UnfreezingSchedule
 from ..training import evaluate_cases, round_seed, train_local
 
@@ -75,11 +77,13 @@ def train_pooled(sites: list[SiteConfig], budget: Budget, name: str = "pooled") 
         last = server_round == budget.num_rounds
         scores = {}
         for site, d in zip(sites, data):
-            cases = d.val_cases if last or not budget.eval_cases else d.val_cases[: budget.eval_cases]
+            split = TEST if last and d.test_cases else VALIDATION
+            held = d.held_out(split)
+            cases = held if last or not budget.eval_cases else held[: budget.eval_cases]
             result = evaluate_cases(
                 model, site.modality, cases, classes, site.training.patch_size, budget.nsd_tolerance_mm
             )
-            scores[site.site] = {"modality": site.modality, **result.reply(len(d.val_cases)).record()}
+            scores[site.site] = {"modality": site.modality, **result.reply(len(held), split).record()}
         log.info("%s round %d: %s", name, server_round, {k: round(v["dice_mean"], 3) for k, v in scores.items()})
         history.append({"round": server_round, "stage": stage.index, "sites": scores})
     return history
