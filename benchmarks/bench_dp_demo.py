@@ -23,43 +23,16 @@ benchmark continues where it stopped. Prints a Markdown table of each site's fin
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from federation_runs import ROOT, run_once
+
 DEMO_RUN_CONFIG = tomllib.loads((ROOT / "simulation" / "demo.toml").read_text())
-
-
-def run_once(out: Path, sites: list[Path], overrides: dict[str, object]) -> dict:
-    """One federated run on ``sites``, skipped when it has finished before; its metrics and wall time.
-
-    metrics.json is written every round, so the wall-time file, written at the end, marks a finished run;
-    an unfinished one is started again from nothing."""
-    wall = out / "wall_seconds.txt"
-    if not wall.is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "simulation", "run", "--sites", *map(str, sites), "--out", str(out)]
-        cmd += [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-        started = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        failures = [
-            f"round {r['round']} {site}: {e}"
-            for r in json.loads((out / "metrics.json").read_text())["rounds"]
-            for site, entry in r["sites"].items()
-            for e in entry.get("errors", [])
-        ]
-        if failures:  # a site that failed a round (e.g. killed for memory) makes the run no measurement
-            raise SystemExit(
-                f"{out}: sites failed, the run is not counted (it runs again next time):\n" + "\n".join(failures)[:2000]
-            )
-        wall.write_text(f"{time.perf_counter() - started:.0f}\n")
-    return json.loads((out / "metrics.json").read_text()) | {"wall_s": float(wall.read_text())}
 
 
 def _pairs(pairs: list[str]) -> dict[str, str]:

@@ -1,0 +1,127 @@
+"""What each site gets from the federation, personalised or not, against training alone.
+
+Per site, on its **test** cases (``split.test_fraction`` of its patients, which neither the rounds nor the
+best-checkpoint choice see): local-only, the FedAvg global model, the FedBN-style global model
+(``norm-partition=modality``), the global model fine-tuned at the site (``finetune``), FedBN + fine-tuning,
+Ditto's personal model, and the centralized baseline; mean and range over ``--seeds`` seeds (phantoms and
+run seed). Federations:
+
+- ``demo``: the demo's three sites, one per modality (CT, MRI, US), ``--cases`` phantoms each;
+- ``quantity`` / ``dirichlet``: ``--cases`` CT phantoms split into 4 sites by ``simulation split --scheme``
+  (``quantity`` gives one small site).
+
+Per federation and seed, three runs: FedAvg + ``finetune`` with ``--local-only --centralized``;
+``norm-partition=modality`` + ``finetune``; ``ditto``. Finished runs are kept (``OUT/<federation>/seed<s>/<run>``),
+so an interrupted benchmark continues. Prints a Markdown table per federation and the issue's targets: the
+best personalised model >= local-only at every site, and its mean over sites >= 0.97 x centralized.
+
+    python benchmarks/bench_personalization.py --federations demo,quantity --seeds 0,1,2 --out runs/bench_personal
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tomllib
+from pathlib import Path
+
+from federation_runs import ROOT, run_once
+
+from fed_swinumamba.simulated import generate_phantoms, make_demo_sites, split_dataset
+
+DEMO_RUN_CONFIG = tomllib.loads((ROOT / "simulation" / "demo.toml").read_text())
+PERSONALISED = ("finetune", "FedBN + finetune", "ditto")
+METHODS = ("local-only", "global", "FedBN global", *PERSONALISED, "centralized")
+
+
+def make_sites(federation: str, root: Path, cases: int, seed: int, test_fraction: float) -> list[Path]:
+    """The federation's site YAMLs (written once), each keeping a test split apart."""
+    if federation == "demo":
+        yamls = make_demo_sites(root, num_cases=cases, seed=seed)
+    else:
+        data = generate_phantoms(root / "data", "ct", num_cases=cases, seed=seed)
+        yamls = split_dataset(data, "ct", 4, federation, seed, root / "sites", site_prefix=f"{federation}_ct")
+    for path in yamls:
+        text = path.read_text()
+        if "test_fraction" not in text:
+            path.write_text(text + f"split:\n  val_fraction: 0.2\n  test_fraction: {test_fraction}\n  seed: {seed}\n")
+    return yamls
+
+
+def scores(out: Path, sites: list[Path], config: dict) -> dict[str, dict[str, float]]:
+    """Method -> site -> mean test Dice, from the three runs of one federation and seed."""
+    plain = run_once(
+        out / "fedavg", sites, {**config, "personalization": "finetune"}, ("--local-only", "--centralized")
+    )
+    fedbn = run_once(out / "fedbn", sites, {**config, "personalization": "finetune", "norm-partition": "modality"})
+    ditto = run_once(out / "ditto", sites, {**config, "personalization": "ditto"})
+
+    def final(metrics, personal=False):
+        sites = metrics["final_evaluation"]["global"]["sites"]
+        untested = [s for s, v in sites.items() if v["split"] != "test"]
+        if untested:
+            raise SystemExit(f"{out}: {untested} kept no test case (too few patients): give more --cases")
+        return {s: (v["personal"] if personal else v)["dice_mean"] for s, v in sites.items()}
+
+    return {
+        "local-only": {s: v["dice_mean"] for s, v in plain["local_only"][-1]["sites"].items()},
+        "global": final(plain),
+        "FedBN global": final(fedbn),
+        "finetune": final(plain, personal=True),
+        "FedBN + finetune": final(fedbn, personal=True),
+        "ditto": final(ditto, personal=True),
+        "centralized": {s: v["dice_mean"] for s, v in plain["centralized"][-1]["sites"].items()},
+    }
+
+
+def report(federation: str, runs: list[dict[str, dict[str, float]]]) -> str:
+    sites = sorted(runs[0]["global"])
+    lines = [f"### {federation} ({len(runs)} seeds)", "", "| site | " + " | ".join(METHODS) + " |"]
+    lines.append("|---" * (len(METHODS) + 1) + "|")
+    for site in sites:
+        cells = []
+        for method in METHODS:
+            values = [r[method][site] for r in runs]
+            cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})")
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
+
+    def mean_of(method, site):
+        return statistics.mean(r[method][site] for r in runs)
+
+    best = {site: max(PERSONALISED, key=lambda m: mean_of(m, site)) for site in sites}
+    beaten = [s for s in sites if mean_of(best[s], s) < mean_of("local-only", s)]
+    overall = {m: statistics.mean(mean_of(m, s) for s in sites) for m in METHODS}
+    top = max(PERSONALISED, key=overall.get)
+    lines += [
+        "",
+        f"- best personalised model per site: {', '.join(f'{s} {best[s]}' for s in sites)}; "
+        + (f"below local-only at {', '.join(beaten)}" if beaten else "at or above local-only at every site"),
+        f"- mean over sites: {top} {overall[top]:.3f} = {overall[top] / overall['centralized']:.3f} x centralized "
+        f"({overall['centralized']:.3f}; target >= 0.97)",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--federations", default="demo,quantity", help="comma-separated: demo, quantity, dirichlet")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--cases", type=int, default=16, help="phantom cases per site (demo) or in all (others: x4)")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--rounds", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_personal"))
+    args = parser.parse_args()
+    for federation in args.federations.split(","):
+        runs = []
+        for seed in (int(s) for s in args.seeds.split(",")):
+            out = args.out / federation / f"seed{seed}"
+            cases = args.cases if federation == "demo" else 4 * args.cases
+            sites = make_sites(federation, out / "sites", cases, seed, args.test_fraction)
+            config = {**DEMO_RUN_CONFIG, "seed": seed, "cross-site-eval": False}
+            config |= {"num-server-rounds": args.rounds} if args.rounds else {}
+            runs.append(scores(out, sites, config))
+        print(report(federation, runs), flush=True)
+
+
+if __name__ == "__main__":
+    main()
