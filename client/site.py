@@ -36,7 +36,7 @@ from fed_swinumamba.privacy import (
     study_ledger,
     train_private,
 )
-from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, VALIDATION, Instructions, TrainReply
+from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions, TrainReply
 from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
 from fed_swinumamba.training import TrainResult, evaluate_cases, round_seed, train_local
 
@@ -398,9 +398,7 @@ class SiteRound:
         held = self._personal_checkpoint()
         if held is None or held.server_round != ins.server_round:
             return None  # no Ditto step this round yet (e.g. the site did not train)
-        model = build_model(self.model_config).to(self.device)
-        model.load_state_dict(held.state, strict=True)
-        return model
+        return held.build_model().to(self.device)
 
     def _score(self, model: nn.Module, cases: list, held_out: int, split: str):
         ins = self.instructions
@@ -416,8 +414,7 @@ class SiteRound:
         A DP site keeps its personal model's scores to itself: that model is trained on its private
         patients without DP noise, so even its Dice is not covered by the site's guarantee."""
         ins, data = self.instructions, self._data()
-        held = data.held_out(ins.eval_split)
-        split = ins.eval_split if data.test_cases else VALIDATION  # what is scored
+        split, held = data.held_out(ins.eval_split)
         cases = held[: ins.eval_cases] if ins.eval_cases else held
         result, reply = self._score(self.model, cases, len(held), split)
         personal = self._personal_model(data)

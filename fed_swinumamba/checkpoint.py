@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .model import ModelConfig, build_model
-from .params import modality_of, select, site_view
+from .params import keeps_modality_norms, select, site_view
 from .protocol import check_study
 
 _META_KEY = "fed_swinumamba"
@@ -91,7 +91,7 @@ class Checkpoint:
         if modality is not None:
             config = ModelConfig.from_dict({**config.to_dict(), "modalities": [modality]})
             state = select(site_view(state, modality), modalities=[modality])
-        elif any(modality_of(k) and not k.startswith("modality_encoders.") for k in state):
+        elif keeps_modality_norms(state):
             raise ValueError("this checkpoint keeps its normalisation layers per modality: give the modality")
         model = build_model(config)
         model.load_state_dict(state, strict=True)

@@ -24,8 +24,6 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint
 from .data.datasets import geometry, intensity_transform, slices_first
 from .data.site_config import DEFAULT_PREPROCESSING, DataSpec, TrainingSpec, load_site_config
-from .model import ModelConfig, build_model
-from .params import site_view
 from .training import predict_slices
 
 NIFTI_SUFFIXES, PNG_SUFFIXES = (".nii.gz", ".nii"), (".png",)
@@ -55,11 +53,7 @@ class Segmenter:
             raise ValueError(
                 f"{source}: has no encoder for modality {modality!r}; it was trained for {', '.join(available)}"
             )
-        config = ModelConfig.from_dict({**checkpoint.model_config.to_dict(), "modalities": [modality]})
-        self.model = build_model(config)
-        own = self.model.state_dict()
-        state = site_view(checkpoint.state, modality)  # its modality's norms, if kept per modality
-        self.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+        self.model = checkpoint.build_model(modality)  # its encoder, and its norms if kept per modality
         self.model.to(device).eval()
         data = data or DataSpec(root=Path("."))
         self.modality, self.slice_axis, self.channel, self.roi_size = (
@@ -70,7 +64,7 @@ class Segmenter:
         )
         # Class index -> value written to the mask (the site's own label values when known).
         self.lut = torch.as_tensor(
-            label_values if label_values is not None else range(config.num_classes), dtype=torch.int64
+            label_values if label_values is not None else range(checkpoint.model_config.num_classes), dtype=torch.int64
         )
         self.load = LoadImaged("image", image_only=True, ensure_channel_first=True)
         self.geometry = Compose(geometry(data.orientation, data.spacing, keys=("image",)))

@@ -91,6 +91,11 @@ def select(
     return out
 
 
+def keeps_modality_norms(names: Iterable[str]) -> bool:
+    """Whether weights of these names keep normalisation layers per modality (``norm-partition = modality``)."""
+    return any(_MODALITY_NORM.match(name) for name in names)
+
+
 def modality_norm_name(modality: str, name: str) -> str:
     """The coordinator's name of modality ``modality``'s copy of the normalisation parameter ``name``."""
     return f"modality_norms.{modality}.{name}"

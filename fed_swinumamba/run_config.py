@@ -25,10 +25,7 @@ class Key:
 
 
 PERSONALIZATIONS = ("none", "finetune", "ditto")  # fed_swinumamba.protocol.PersonalOptions
-NORM_PARTITIONS = (
-    "shared",
-    "modality",
-)  # fed_swinumamba.params: modality_norms.<m>.*  # fed_swinumamba.protocol.PersonalOptions
+NORM_PARTITIONS = ("shared", "modality")  # fed_swinumamba.params: modality_norms.<m>.*
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedtrimmedavg", "fedmedian")
 
 _non_negative, _positive = (lambda v: v >= 0), (lambda v: v > 0)

@@ -24,7 +24,7 @@ from fed_swinumamba.checkpoint import Checkpoint
 from fed_swinumamba.logs import NOT_PRIVATE, prefixed
 from fed_swinumamba.model import normalisation_state_names
 from fed_swinumamba.model.pretrained import initial_model
-from fed_swinumamba.params import split_norms
+from fed_swinumamba.params import keeps_modality_norms, split_norms
 
 from .records import NOT_PRIVATE_MARK, RoundRecord, SiteRecord
 from .report import score_text, write_report
@@ -69,7 +69,7 @@ class Federation:
             ckpt = Checkpoint.load(latest)
             if ckpt.model_config != self.s.model_config:
                 raise ValueError(f"cannot resume {latest}: its model config differs from this run's")
-            if any(k.startswith("modality_norms.") for k in ckpt.state) != self.s.modality_norms:
+            if keeps_modality_norms(ckpt.state) != self.s.modality_norms:
                 raise ValueError(f"cannot resume {latest}: it was trained with another norm-partition than this run's")
             metrics = self.out / "metrics.json"
             if metrics.is_file():

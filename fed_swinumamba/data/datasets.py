@@ -46,7 +46,7 @@ from monai.transforms import (
 )
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..protocol import TEST
+from ..protocol import TEST, VALIDATION
 from .cache import CachedCase, cache_key, read_entry, write_entry
 from .site_config import SiteConfig
 
@@ -502,10 +502,12 @@ class SiteData:
     patients_mapped: bool  # False: the dataset maps no patients, so each case (file) counts as one
     test_cases: list[CachedCase] = field(default_factory=list)  # scored only at the end; empty: none kept apart
 
-    def held_out(self, split: str) -> list[CachedCase]:
-        """The cases an evaluation of ``split`` scores: "test" (the validation cases when the site keeps no
-        test split) or "validation"."""
-        return self.test_cases or self.val_cases if split == TEST else self.val_cases
+    def held_out(self, split: str) -> tuple[str, list[CachedCase]]:
+        """The split an evaluation asking for ``split`` scores, and its cases: the test cases, or the
+        validation cases (asked for, or the site keeps no test split)."""
+        if split == TEST and self.test_cases:
+            return TEST, self.test_cases
+        return VALIDATION, self.val_cases
 
     @property
     def num_train_cases(self) -> int:

@@ -77,8 +77,7 @@ def train_pooled(sites: list[SiteConfig], budget: Budget, name: str = "pooled") 
         last = server_round == budget.num_rounds
         scores = {}
         for site, d in zip(sites, data):
-            split = TEST if last and d.test_cases else VALIDATION
-            held = d.held_out(split)
+            split, held = d.held_out(TEST if last else VALIDATION)
             cases = held if last or not budget.eval_cases else held[: budget.eval_cases]
             result = evaluate_cases(
                 model, site.modality, cases, classes, site.training.patch_size, budget.nsd_tolerance_mm
