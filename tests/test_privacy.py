@@ -145,23 +145,28 @@ def test_run_config_switches_dp_on_for_sites_without_their_own_section():
     assert privacy_spec(off, _run_dp({"dp-epsilon": 8.0, "dp-local-steps": 0, "dp-frozen": ""})).local_steps is None
 
 
+def _train_tiny(dp, steps):
+    """The tiny network after ``steps`` DP steps on RandomCases under the fixed key: (its weights, flat; the result)."""
+    model = _tiny_model()
+    result = train_private(
+        model,
+        "ct",
+        RandomCases(),
+        groups=ALL_GROUPS,
+        lr=1e-3,
+        steps=steps,
+        dp=dp,
+        ledger=PrivacyLedger(),
+        stream=_stream(),
+    )
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), result
+
+
 def test_dp_lr_scale_multiplies_the_step_and_comes_from_the_run_config_or_the_site():
     def first_step(lr_scale):
-        model = _tiny_model()
-        before = torch.cat([p.detach().flatten() for p in model.parameters()])
-        dp = DPConfig(1.0, 1.0, 1e-5, 0.5, 3, 2, None, lr_scale=lr_scale)
-        train_private(
-            model,
-            "ct",
-            RandomCases(),
-            groups=ALL_GROUPS,
-            lr=1e-3,
-            steps=1,
-            dp=dp,
-            ledger=PrivacyLedger(),
-            stream=_stream(),
-        )
-        return torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+        before = torch.cat([p.detach().flatten() for p in _tiny_model().parameters()])
+        after, _ = _train_tiny(DPConfig(1.0, 1.0, 1e-5, 0.5, 3, 2, None, lr_scale=lr_scale), steps=1)
+        return after - before
 
     # Same key: same batch, same noise. AdamW's step (and its decoupled weight decay) is linear in the rate.
     plain, scaled = first_step(1.0), first_step(2.5)
@@ -182,20 +187,7 @@ def test_a_batch_processed_in_passes_trains_exactly_as_in_one_and_the_pass_size_
     gives the same step for any pass size (same key: same Poisson batches, same noise)."""
 
     def trained(cases_per_pass):
-        model = _tiny_model()
-        dp = DPConfig(1.0, 1.0, 1e-5, 0.7, 4, 2, None, cases_per_pass=cases_per_pass)
-        result = train_private(
-            model,
-            "ct",
-            RandomCases(),
-            groups=ALL_GROUPS,
-            lr=1e-3,
-            steps=3,
-            dp=dp,
-            ledger=PrivacyLedger(),
-            stream=_stream(),
-        )
-        return torch.cat([p.detach().flatten() for p in model.parameters()]), result
+        return _train_tiny(DPConfig(1.0, 1.0, 1e-5, 0.7, 4, 2, None, cases_per_pass=cases_per_pass), steps=3)
 
     whole, whole_result = trained(0)
     assert whole_result.num_examples > 3  # some step's batch really is split into passes below
