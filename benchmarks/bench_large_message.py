@@ -5,7 +5,10 @@ authenticated SuperNode, then runs a small Flower app (this file, copied into a 
 whose ServerApp sends a CT site's share of the full-size network (ModelConfig defaults: the shared
 weights plus the CT encoder, float32) to the node and whose ClientApp sends it straight back: one round
 trip = the global model down plus an update of the same size up. An empty message's round trip (the
-fixed cost: polling, a fresh ClientApp process) is measured beside it.
+fixed cost: polling, a fresh ClientApp process) is measured beside it. With ``--compression``, a third
+message: the same tensors as a change compressed as the federation compresses it
+(``fed_swinumamba.compression``), which the ClientApp decodes and compresses again as its update; the
+round trip includes both sides' compression and decompression.
 
 Reported per round trip: wall seconds seen by the ServerApp, and peak RSS of the SuperLink, the
 SuperNode, the ClientApp process and the ServerApp (peaks reset before each round trip through
@@ -15,6 +18,7 @@ outlived the run.
 
     python benchmarks/bench_large_message.py --repeats 3              # as deployed: SuperLink state in SQLite
     python benchmarks/bench_large_message.py --repeats 3 --in-memory  # for comparison: no database
+    python benchmarks/bench_large_message.py --repeats 3 --compression int8  # also the int8 packet
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -56,6 +60,8 @@ shapes = ""
 result = ""
 pids = ""
 repeats = 3
+compression = ""
+block = 256
 """
 
 server_app = ServerApp()
@@ -75,39 +81,75 @@ def _peak_rss_mib(pid: int) -> float:
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
+def _packet_content(changes: dict, options) -> RecordDict:
+    from fed_swinumamba.compression import compress
+
+    packet = compress(changes, options)
+    arrays = ArrayRecord({k: Array(v) for k, v in packet.arrays().items()})
+    return RecordDict({"arrays": arrays, "compressed": ConfigRecord({"names": list(packet.names)})})
+
+
+def _unpacked(content: RecordDict, shapes: dict, block: int) -> dict:
+    from fed_swinumamba.compression import Packet, decompress
+
+    packet = Packet.from_arrays(content["compressed"]["names"], {k: a.numpy() for k, a in content["arrays"].items()})
+    return decompress(packet, shapes, block)
+
+
+def _options(config):
+    from fed_swinumamba.compression import CompressionOptions
+
+    return CompressionOptions(str(config["compression"]), int(config["block"]))
+
+
 @client_app.train()
 def echo(msg: Message, context: Context) -> Message:
-    """Send the arrays back, with this ClientApp process's peak RSS."""
-    content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"peak-rss-mib": _peak_mib()})})
+    """Send the arrays back (a packet: decoded, then compressed again), with this ClientApp process's peak RSS."""
+    if "compressed" in msg.content:
+        shapes = json.loads(Path(str(context.run_config["shapes"])).read_text())
+        options = _options(context.run_config)
+        content = _packet_content(_unpacked(msg.content, shapes, options.block), options)
+    else:
+        content = RecordDict({"arrays": msg.content["arrays"]})
+    content["metrics"] = MetricRecord({"peak-rss-mib": _peak_mib()})
     return Message(content=content, reply_to=msg)
 
 
-def _round_trip(grid: Grid, node: int, arrays: dict, pids: dict[str, int]) -> dict:
-    record = ArrayRecord()
-    for name, array in arrays.items():
-        record[name] = Array(array)
+def _round_trip(grid: Grid, node: int, arrays: dict, pids: dict[str, int], options=None, shapes=None) -> dict:
+    """One round trip of ``arrays`` (as a packet with ``options``), timed from building the message to
+    having the reply's arrays (decoded, for a packet)."""
     for pid in pids.values():
         _reset_peak(pid)
     start = time.perf_counter()
-    (message_id,) = grid.push_messages(
-        [Message(RecordDict({"arrays": record}), dst_node_id=node, message_type=MessageType.TRAIN)]
-    )
+    if options is None:
+        content = RecordDict({"arrays": ArrayRecord({name: Array(array) for name, array in arrays.items()})})
+    else:
+        content = _packet_content(arrays, options)
+    (message_id,) = grid.push_messages([Message(content, dst_node_id=node, message_type=MessageType.TRAIN)])
     while not (replies := list(grid.pull_messages([message_id]))):
         time.sleep(0.05)
-    seconds = time.perf_counter() - start
     (reply,) = replies
     assert not reply.has_error(), reply.error.reason
-    back = reply.content["arrays"]
-    assert set(back.keys()) == set(arrays) and all(back[k].numpy().shape == v.shape for k, v in arrays.items())
+    if options is None:
+        back = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    else:
+        back = _unpacked(reply.content, shapes, options.block)
+    seconds = time.perf_counter() - start
+    assert set(back) == set(arrays) and all(back[k].shape == v.shape for k, v in arrays.items())
     peaks = {name: _peak_rss_mib(pid) for name, pid in pids.items()}
     return {
         "seconds": seconds,
+        "bytes_each_way": [_nbytes(content["arrays"]), _nbytes(reply.content["arrays"])],
         "peak_rss_mib": {
             **peaks,
             "clientapp": float(reply.content["metrics"]["peak-rss-mib"]),
             "serverapp": _peak_mib(),
         },
     }
+
+
+def _nbytes(arrays: ArrayRecord) -> int:
+    return sum(len(a.data) for a in arrays.values())
 
 
 @server_app.main()
@@ -120,10 +162,14 @@ def measure(grid: Grid, context: Context) -> None:
     while not (nodes := list(grid.get_node_ids())):
         time.sleep(0.5)
     results = {"load_before": os.getloadavg(), "empty": [], "full": []}
+    messages = [("empty", {}, None), ("full", full, None)]
+    if config["compression"]:
+        messages.append((str(config["compression"]), full, _options(config)))
+        results[str(config["compression"])] = []
     for _ in range(int(config["repeats"])):
-        for name, arrays in (("empty", {}), ("full", full)):
+        for name, arrays, options in messages:
             try:
-                results[name].append(_round_trip(grid, nodes[0], arrays, pids))
+                results[name].append(_round_trip(grid, nodes[0], arrays, pids, options, shapes))
             except Exception as err:  # a failed round trip is a result too (the SuperLink's database busy, say)
                 results[name].append({"error": f"{type(err).__name__}: {err}"})
             results["load_after"] = os.getloadavg()
@@ -195,6 +241,13 @@ def main() -> None:
         "--in-memory", action="store_true", help="run the SuperLink without its database (the deployment uses one)"
     )
     parser.add_argument(
+        "--compression",
+        choices=("int8", "int8+topk"),
+        default=None,
+        help="also a compressed message of the same tensors",
+    )
+    parser.add_argument("--block", type=int, default=256, help="elements per int8 scale (the run config's default)")
+    parser.add_argument(
         "--keep", type=Path, default=None, help="work in this folder and keep it (default: a temporary one)"
     )
     args = parser.parse_args()
@@ -221,6 +274,7 @@ def main() -> None:
     try:
         pids = json.dumps({"superlink": superlink.pid, "supernode": node.pid})
         config = f"shapes='{work / 'shapes.json'}' result='{work / 'result.json'}' pids='{pids}' repeats={args.repeats}"
+        config += f" compression='{args.compression or ''}' block={args.block}"
         status = follow_run(submit_run(app, CONNECTION, [config]))
         probed.set()
         print(f"benchmark run: {status}; SuperLink log {superlink.log_file}")
@@ -246,13 +300,16 @@ def _report(results: dict, shapes: dict, database: bool) -> None:
         f"load average (1 min) {results['load_before'][0]:.1f} before, {results['load_after'][0]:.1f} after\n"
     )
     print(
-        "| message | round trips ok | round trip (s), median [min-max] | SuperLink peak RSS | SuperNode peak RSS | ClientApp peak RSS | ServerApp peak RSS |"
+        "| message | MiB each way | round trips ok | round trip (s), median [min-max] | SuperLink peak RSS | SuperNode peak RSS | ClientApp peak RSS | ServerApp peak RSS |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for name in ("empty", "full"):
+    print("|---|---|---|---|---|---|---|---|")
+    for name in (k for k in results if k not in ("load_before", "load_after")):
         runs = [r for r in results[name] if "error" not in r]
+        size = (
+            f"{runs[0]['bytes_each_way'][0] / 2**20:.1f} / {runs[0]['bytes_each_way'][1] / 2**20:.1f}" if runs else "-"
+        )
         print(
-            f"| {name} | {len(runs)} of {len(results[name])} | "
+            f"| {name} | {size} | {len(runs)} of {len(results[name])} | "
             + (_timing_and_memory(runs) if runs else "- | - | - | - | - |")
         )
         for failure in (r["error"] for r in results[name] if "error" in r):

@@ -25,27 +25,11 @@ import statistics
 import tomllib
 from pathlib import Path
 
-from federation_runs import ROOT, run_once
-
-from fed_swinumamba.simulated import generate_phantoms, make_demo_sites, split_dataset
+from federation_runs import ROOT, make_sites, run_once
 
 DEMO_RUN_CONFIG = tomllib.loads((ROOT / "simulation" / "demo.toml").read_text())
 PERSONALISED = ("finetune", "FedBN + finetune", "ditto")
 METHODS = ("local-only", "global", "FedBN global", *PERSONALISED, "centralized")
-
-
-def make_sites(federation: str, root: Path, cases: int, seed: int, test_fraction: float) -> list[Path]:
-    """The federation's site YAMLs (written once), each keeping a test split apart."""
-    if federation == "demo":
-        yamls = make_demo_sites(root, num_cases=cases, seed=seed)
-    else:
-        data = generate_phantoms(root / "data", "ct", num_cases=cases, seed=seed)
-        yamls = split_dataset(data, "ct", 4, federation, seed, root / "sites", site_prefix=f"{federation}_ct")
-    for path in yamls:
-        text = path.read_text()
-        if "test_fraction" not in text:
-            path.write_text(text + f"split:\n  val_fraction: 0.2\n  test_fraction: {test_fraction}\n  seed: {seed}\n")
-    return yamls
 
 
 def scores(out: Path, sites: list[Path], config: dict) -> dict[str, dict[str, float]]:

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from fed_swinumamba.simulated import generate_phantoms, make_demo_sites, split_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,17 @@ def run_once(out: Path, sites: list[Path], overrides: dict[str, object], flags: 
             )
         wall.write_text(f"{time.perf_counter() - started:.0f}\n")
     return json.loads((out / "metrics.json").read_text()) | {"wall_s": float(wall.read_text())}
+
+
+def make_sites(federation: str, root: Path, cases: int, seed: int, test_fraction: float) -> list[Path]:
+    """The federation's site YAMLs (written once), each keeping a test split apart."""
+    if federation == "demo":
+        yamls = make_demo_sites(root, num_cases=cases, seed=seed)
+    else:
+        data = generate_phantoms(root / "data", "ct", num_cases=cases, seed=seed)
+        yamls = split_dataset(data, "ct", 4, federation, seed, root / "sites", site_prefix=f"{federation}_ct")
+    for path in yamls:
+        text = path.read_text()
+        if "test_fraction" not in text:
+            path.write_text(text + f"split:\n  val_fraction: 0.2\n  test_fraction: {test_fraction}\n  seed: {seed}\n")
+    return yamls

@@ -20,7 +20,15 @@ import torch
 import torch.nn as nn
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from fed_swinumamba.checkpoint import Checkpoint, personal_model_file
+from fed_swinumamba.checkpoint import Checkpoint, personal_model_file, residual_file
+from fed_swinumamba.compression import (
+    CompressionError,
+    Packet,
+    decompress,
+    load_residual,
+    save_residual,
+    with_error_feedback,
+)
 from fed_swinumamba.data import SiteData, load_site_config
 from fed_swinumamba.data.site_config import PrivacySpec, SiteConfig
 from fed_swinumamba.flower_internals import compute_clip_model_update
@@ -36,7 +44,7 @@ from fed_swinumamba.privacy import (
     study_ledger,
     train_private,
 )
-from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, Instructions, TrainReply
+from fed_swinumamba.protocol import ARRAYS, COMPRESSED, CONFIG, FULL_SYNC, METRICS, SITE, Instructions, TrainReply
 from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
 from fed_swinumamba.training import TrainResult, evaluate_cases, round_seed, train_local
 
@@ -116,11 +124,11 @@ class SiteRound:
         )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model(self.model_config).to(self.device)
-        self._sync(content[ARRAYS])
+        self._sync(content)
 
-    def _sync(self, arrays: ArrayRecord) -> None:
+    def _sync(self, content: RecordDict) -> None:
         """Bring the cached global model to the message's version and load it into the network."""
-        ins, state = self.instructions, self.context.state
+        ins, state, arrays = self.instructions, self.context.state, content[ARRAYS]
         own = {k: v for k, v in arrays.items() if k in self.model.state_dict()}
         if ins.foreign_model:  # another site's model, to evaluate only
             self.model.load_state_dict(ArrayRecord(own).to_torch_state_dict(), strict=True)
@@ -134,6 +142,8 @@ class SiteRound:
                     f"site {self.config.site}: holds global version {held}, the update is for version {ins.base_version}; a full resend is needed"
                 )
             weights = state[GLOBAL_WEIGHTS]
+            if COMPRESSED in content:
+                self._apply_change(weights, content)
             for k, v in own.items():
                 weights[k] = v
         expected = self.model.state_dict()
@@ -150,6 +160,39 @@ class SiteRound:
         self.model.load_state_dict(weights.to_torch_state_dict(), strict=True)
         state[GLOBAL_WEIGHTS] = weights
         state[CONFIG] = ConfigRecord({GLOBAL_VERSION: ins.version})
+
+    def _apply_change(self, weights: ArrayRecord, content: RecordDict) -> None:
+        """Add the compressed change a message brings to the copy of the global model ``weights``."""
+        arrays = {k: a.numpy() for k, a in content[ARRAYS].items()}
+        try:
+            packet = Packet.from_arrays(content[COMPRESSED]["names"], arrays)
+            shapes = {k: tuple(a.shape) for k, a in weights.items()}
+            changes = decompress(packet, shapes, self.instructions.compression.block)
+        except CompressionError as err:
+            raise SiteError(
+                f"site {self.config.site}: the coordinator's compressed change does not fit: {err}"
+            ) from err
+        for k, change in changes.items():
+            weights[k] = Array(weights[k].numpy() + change)
+
+    def _compressed_update(self, trained: ArrayRecord) -> RecordDict:
+        """The change of the trained weights from the copy they started from, compressed with the
+        residual earlier rounds left out (kept on the site's disk, so a restarted SuperNode keeps it).
+
+        Under DP-SGD the change and the residual are functions of the DP-trained weights only, so the
+        site's guarantee holds for them as for the weights (post-processing); under site-level DP the
+        coordinator clips what it receives again (server.site_dp)."""
+        ins, start = self.instructions, self.context.state[GLOBAL_WEIGHTS]
+        changes = {k: a.numpy() - start[k].numpy() for k, a in trained.items()}
+        path = residual_file(self.config.state_dir, ins.study, self.config.site)
+        packet, residual = with_error_feedback(changes, load_residual(path, ins.server_round), ins.compression)
+        save_residual(path, residual, ins.server_round)
+        return RecordDict(
+            {
+                ARRAYS: ArrayRecord({k: Array(v) for k, v in packet.arrays().items()}),
+                COMPRESSED: ConfigRecord({"names": list(packet.names)}),
+            }
+        )
 
     def _identity(self) -> ConfigRecord:
         return site_identity(self.config)
@@ -341,7 +384,11 @@ class SiteRound:
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in trained.items()})
         if self.instructions.clipping_norm > 0:
             arrays = clip_update(arrays, self.context.state[GLOBAL_WEIGHTS], self.instructions.clipping_norm)
-        return RecordDict({ARRAYS: arrays, METRICS: MetricRecord(reply.to_metrics()), SITE: self._identity()})
+        sent = (
+            self._compressed_update(arrays) if self.instructions.compression.enabled else RecordDict({ARRAYS: arrays})
+        )
+        sent[METRICS], sent[SITE] = MetricRecord(reply.to_metrics()), self._identity()
+        return sent
 
     # ------------------------------------------------------------------ the personal model
     def _personal_file(self) -> Path:

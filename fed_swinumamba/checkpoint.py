@@ -101,3 +101,9 @@ class Checkpoint:
 def personal_model_file(state_dir: Path, study: str, site: str) -> Path:
     """Where a site keeps its personal model of ``study``: ``<state_dir>/personal/<study>/<site>.safetensors``."""
     return Path(state_dir) / "personal" / check_study(study) / f"{site}.safetensors"
+
+
+def residual_file(state_dir: Path, study: str, site: str) -> Path:
+    """Where a site keeps what its compressed updates of ``study`` left out (fed_swinumamba.compression):
+    ``<state_dir>/compression/<study>/<site>.safetensors``."""
+    return Path(state_dir) / "compression" / check_study(study) / f"{site}.safetensors"

@@ -6,9 +6,10 @@ Python types that fit Flower's ConfigRecord / MetricRecord; nothing here imports
 A node's first message, and its first after an error, is a query (Flower's ``MessageType.QUERY``)
 with no content: the reply's ``site`` record tells the coordinator which site and modality the node
 is, so that no weights of another modality's encoder are ever sent to it.
-A train or evaluate message holds an ArrayRecord ``arrays`` (weights to load) and a ConfigRecord ``config``
-(the instructions below). A reply holds ``arrays`` (train only: the weights the site trained; absent when a
-site whose privacy budget is spent declines to train),
+A train or evaluate message holds an ArrayRecord ``arrays`` (weights to load, or with compression the
+change of the site's copy since ``base_version``) and a ConfigRecord ``config`` (the instructions below).
+A reply holds ``arrays`` (train only: the weights the site trained, or with compression their change from
+the copy it started from; absent when a site whose privacy budget is spent declines to train),
 ``metrics`` (scalars only) and ``site`` (the site's name and modality: sites are known by name).
 """
 
@@ -18,11 +19,15 @@ import json
 import re
 from dataclasses import dataclass
 
+from .compression import CompressionOptions
 from .dp_options import RunDPOptions
 from .model import ModelConfig
 from .schedule import Stage
 
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
+# With compression, ``arrays`` hold a compressed change (fed_swinumamba.compression.Packet) and this
+# ConfigRecord names the tensors it changes ("names"), in the packet's order.
+COMPRESSED = "compressed"
 FULL_SYNC = -1  # base_version of a message that carries every weight the site needs
 # The metric Flower's strategies weight a site's update by: its number of training patients, at a DP
 # site the disclosed (coarsened) count (fed_swinumamba.privacy.disclosed_patient_count).
@@ -115,6 +120,7 @@ class Instructions:
     personal: PersonalOptions = PersonalOptions()
     final_evaluation: bool = False  # the run's last evaluation of the global model: where ``finetune`` personalises
     eval_split: str = VALIDATION  # the held-out split to score (VALIDATION or TEST)
+    compression: CompressionOptions = CompressionOptions()  # how the site sends its update
 
     def to_config(self) -> dict:
         return {
@@ -137,6 +143,7 @@ class Instructions:
             **self.personal.to_config(),
             "final-evaluation": self.final_evaluation,
             "eval-split": self.eval_split,
+            **self.compression.to_config(),
         }
 
     @classmethod
@@ -162,6 +169,7 @@ class Instructions:
                 personal=PersonalOptions.from_config(config),
                 final_evaluation=bool(config["final-evaluation"]),
                 eval_split=str(config["eval-split"]),
+                compression=CompressionOptions.from_config(config),
             )
         except KeyError as err:
             raise ValueError(

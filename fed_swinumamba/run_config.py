@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from .compression import METHODS as COMPRESSIONS
+
 
 @dataclass(frozen=True)
 class Key:
@@ -96,6 +98,20 @@ KEYS: Mapping[str, Key] = MappingProxyType(
         ),
         "finetune-steps": Key(
             20, "local steps that fine-tune the final global model into a personal one", _at_least_one, ">= 1"
+        ),
+        "compression": Key(
+            "none",
+            "model changes on the wire, both ways: none (float32), int8 (8-bit blocks) or int8+topk (and only the largest)",
+            lambda v: v in COMPRESSIONS,
+            f"one of {', '.join(COMPRESSIONS)}",
+        ),
+        "compression-block": Key(256, "elements sharing one int8 scale", _at_least_one, ">= 1"),
+        "compression-topk": Key(0.1, "int8+topk: fraction of each tensor's elements sent", _fraction, "in (0, 1]"),
+        "compression-resync": Key(
+            10,
+            "with compression, send each node the exact global model every this many rounds (0: only when needed)",
+            _non_negative,
+            ">= 0",
         ),
         "output-dir": Key("runs/latest", "metrics, checkpoints and the report"),
         "study": Key(

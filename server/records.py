@@ -23,6 +23,9 @@ class SiteRecord:
     modality: str | None
     bytes_down: int | None = None  # None: the site answered no message this round
     bytes_up: int | None = None
+    # With compression: what the same tensors would have cost as float32.
+    bytes_down_uncompressed: int | None = None
+    bytes_up_uncompressed: int | None = None
     training: TrainReply | None = None
     evaluation: EvalReply | None = None
     errors: list[str] = field(default_factory=list)
@@ -32,6 +35,8 @@ class SiteRecord:
         out: dict = {"modality": self.modality}
         if self.bytes_down is not None:
             out |= {"bytes_down": self.bytes_down, "bytes_up": self.bytes_up}
+            for key in ("bytes_down_uncompressed", "bytes_up_uncompressed"):
+                out |= {key: getattr(self, key)} if getattr(self, key) is not None else {}
         t = self.training
         if t is not None:
             out["num_examples"] = t.num_patients

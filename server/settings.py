@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fed_swinumamba.compression import CompressionOptions
 from fed_swinumamba.dp_options import RunDPOptions
 from fed_swinumamba.model import ModelConfig
 from fed_swinumamba.protocol import PersonalOptions, check_study
@@ -71,6 +72,8 @@ class FederationSettings:
     dp: RunDPOptions  # the DP-SGD request sent to every site (dp-* keys)
     personal: PersonalOptions  # the personal model every site keeps
     modality_norms: bool  # norm-partition = modality: normalisation layers aggregated within each modality
+    compression: CompressionOptions  # model changes on the wire, both ways
+    compression_resync: int  # with compression: rounds between exact syncs of a node's copy (0: only when needed)
     run_config: dict
 
     @property
@@ -132,5 +135,7 @@ class FederationSettings:
             dp=RunDPOptions.from_run_config(c),
             personal=PersonalOptions.from_config(c),
             modality_norms=c["norm-partition"] == "modality",
+            compression=CompressionOptions.from_config(c),
+            compression_resync=int(c["compression-resync"]),
             run_config=c,
         )

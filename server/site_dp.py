@@ -98,6 +98,16 @@ class SiteLevelDP:
         rng = np.random.default_rng()  # seeded from OS entropy
         return {k: (v + rng.normal(0.0, std, v.shape)).astype(v.dtype) for k, v in mean.items()}
 
+    def clipped(self, changes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A site's whole change scaled to L2 norm at most C: the coordinator's own clip of what it aggregates.
+
+        Needed with compression: a site clips its update, then adds the residual its earlier packets left
+        out (error feedback), so what arrives may exceed C by that residual; clipped again here, every
+        aggregated update is within C and the noise stays calibrated."""
+        norm = float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in changes.values())))
+        factor = min(1.0, self.s.clipping_norm / norm) if norm > 0 else 1.0
+        return {k: (v * factor).astype(v.dtype) for k, v in changes.items()}
+
     def record_release(self, num_replies: int) -> None:
         self.accountant.compose(self._event(num_replies))
         log.info(

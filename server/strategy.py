@@ -29,9 +29,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fed_swinumamba.compression import CompressionError, Packet, compress, decompress, uncompressed_bytes
 from fed_swinumamba.params import SHARED, federation_view, partition_of, select, site_view
 from fed_swinumamba.protocol import (
     ARRAYS,
+    COMPRESSED,
     CONFIG,
     FULL_SYNC,
     METRICS,
@@ -63,6 +65,18 @@ class SiteLink:
     site: str | None = None
     modality: str | None = None  # None: unknown, ask the node (a query) before sending it any weights
     version: int | None = None  # None: unknown, send everything of its modality
+    synced_round: int = 0  # with compression: the round of its last exact copy of the global model
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The weights of one message to a node: plain tensors, or with compression the packet (``names``)
+    of the change its copy lacks; and what the same tensors cost as float32."""
+
+    arrays: ArrayRecord
+    base_version: int
+    uncompressed_bytes: int
+    names: tuple[str, ...] | None = None  # the packet's tensors; None: plain tensors
 
 
 class ModalityAwareStrategy(Strategy):
@@ -78,8 +92,11 @@ class ModalityAwareStrategy(Strategy):
         self.evaluations: dict[str, tuple[str, EvalReply]] = {}  # the last evaluation: site -> (modality, scores)
         self._sent: list[Message] = []  # the messages whose replies the next aggregate_* call gets
         self._evaluated = ""  # the model those messages evaluate ("" = the global model)
-        self._bytes_down: dict[int, int] = {}
+        self._bytes_down: dict[int, tuple[int, int]] = {}  # node -> bytes sent, as float32
         self._site_dp_state: dict | None = None
+        # With compression: what each node holds of the global model (its site's names), from which the
+        # change it lacks is sent; one copy of a site's part of the model per node, kept in memory only.
+        self.held: dict[int, dict[str, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ Flower's Strategy
     def summary(self) -> None:
@@ -133,15 +150,8 @@ class ModalityAwareStrategy(Strategy):
             if self._record_training(server_round, r)
         ]
         # Each reply's weights become arrays once; everything below works on these.
-        updates = self._screen(
-            server_round,
-            {
-                str(r.content[SITE]["site"]): federation_view(
-                    _numpy(r.content[ARRAYS]), str(r.content[SITE]["modality"]), self.weights
-                )
-                for r in trained
-            },
-        )
+        received = {str(r.content[SITE]["site"]): self._trained_weights(server_round, r) for r in trained}
+        updates = self._screen(server_round, {site: w for site, w in received.items() if w is not None})
         self.local_models = {site: {**self.weights, **update} for site, update in updates.items()}
         if not updates or len(updates) < self.s.min_train_sites:
             if updates:
@@ -177,9 +187,8 @@ class ModalityAwareStrategy(Strategy):
         self._sent = [
             self._message(
                 n,
-                to_arrays(_for_site(weights, self.links[n].modality)),
+                Payload(to_arrays(_for_site(weights, self.links[n].modality)), FULL_SYNC, 0),
                 server_round,
-                FULL_SYNC,
                 MessageType.EVALUATE,
                 name,
                 full_split,
@@ -286,6 +295,27 @@ class ModalityAwareStrategy(Strategy):
             )
         return updated
 
+    def _trained_weights(self, server_round: int, reply: Message) -> dict[str, np.ndarray] | None:
+        """A site's trained weights under the coordinator's names: as sent, or its compressed change
+        applied to the global weights (under site-level DP clipped again first: see SiteLevelDP.clipped).
+        None for a packet that does not fit the site's part of the model (recorded as the site's error)."""
+        site, modality = str(reply.content[SITE]["site"]), str(reply.content[SITE]["modality"])
+        arrays = _numpy(reply.content[ARRAYS])
+        if COMPRESSED in reply.content:
+            start = _for_site(self.weights, modality)
+            try:
+                packet = Packet.from_arrays(reply.content[COMPRESSED]["names"], arrays)
+                changes = decompress(packet, {k: v.shape for k, v in start.items()}, self.s.compression.block)
+            except CompressionError as err:
+                self.records[server_round][site].errors.append(f"train: {err}")
+                log.warning("round %d: update of site %s not used: %s", server_round, site, err)
+                return None
+            if self.site_dp:
+                changes = self.site_dp.clipped(changes)
+            self.records[server_round][site].bytes_up_uncompressed = uncompressed_bytes(changes)
+            arrays = {k: start[k] + v for k, v in changes.items()}
+        return federation_view(arrays, modality, self.weights)
+
     def _screen(self, server_round: int, updates: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
         """Drop non-finite and outlying updates (see server.validation), logged with the site's name."""
         sites = list(updates)
@@ -327,26 +357,51 @@ class ModalityAwareStrategy(Strategy):
             )
         self._sent, self._bytes_down = [], {}
         for node in (n for n in nodes if self.links[n].modality is not None):
-            arrays, base = self._payload(node)
-            self._sent.append(self._message(node, arrays, server_round, base, message_type, full_split=full_split))
-            self._bytes_down[node] = _nbytes(arrays)
+            # The final evaluation scores the exact global model, whatever compression left out.
+            payload = self._payload(node, server_round, exact=full_split)
+            self._sent.append(self._message(node, payload, server_round, message_type, full_split=full_split))
+            self._bytes_down[node] = (_nbytes(payload.arrays), payload.uncompressed_bytes)
         return self._sent
 
-    def _payload(self, node: int) -> tuple[ArrayRecord, int]:
-        """The weights ``node`` lacks to hold the current global version, and the version it must hold already."""
-        link, version = self.links[node], self.version
-        modality = link.modality  # known (see _prepare): never another site's encoder or norms
+    def _payload(self, node: int, server_round: int, exact: bool = False) -> Payload:
+        """What ``node`` lacks to hold the current global version, from the version it holds already:
+        the tensors of the groups changed since, or with compression the packet of its copy's change
+        (an exact copy when its copy is unknown, every ``compression-resync`` rounds, or if ``exact``).
+        The packet is the change of the global model plus what earlier packets left out (the node's copy
+        lags the global model by that residual, which this error feedback keeps from growing)."""
+        link, version, compression = self.links[node], self.version, self.s.compression
         if link.version is None or link.version > version:
-            return to_arrays(_for_site(self.weights, modality)), FULL_SYNC
+            return self._full_sync(node, server_round)
+        if compression.enabled:
+            resync = self.s.compression_resync
+            if exact or node not in self.held or (resync and server_round - link.synced_round >= resync):
+                return self._full_sync(node, server_round)
+            held, current = self.held[node], _for_site(self.weights, link.modality)
+            # Nothing new since its last packet: what that one left out waits for the next change.
+            changed = link.version < version
+            changes = {k: current[k] - v for k, v in held.items() if changed and not np.array_equal(current[k], v)}
+            packet = compress(changes, compression)
+            for k, change in decompress(packet, {k: v.shape for k, v in changes.items()}, compression.block).items():
+                held[k] += change  # what the node holds once it applies the packet
+            return Payload(to_arrays(packet.arrays()), link.version, uncompressed_bytes(changes), packet.names)
         groups = self.s.schedule.groups_changed_between(link.version, version) if link.version < version else ()
-        return to_arrays(_for_site(self.weights, modality, groups)), link.version
+        weights = _for_site(self.weights, link.modality, groups)
+        return Payload(to_arrays(weights), link.version, uncompressed_bytes(weights))
+
+    def _full_sync(self, node: int, server_round: int) -> Payload:
+        """Every weight of the node's modality (never another site's encoder or norms), exact."""
+        link = self.links[node]
+        weights = _for_site(self.weights, link.modality)
+        if self.s.compression.enabled:
+            self.held[node] = {k: v.copy() for k, v in weights.items()}
+            link.synced_round = server_round
+        return Payload(to_arrays(weights), FULL_SYNC, uncompressed_bytes(weights))
 
     def _message(
         self,
         node: int,
-        arrays: ArrayRecord,
+        payload: Payload,
         server_round: int,
-        base: int,
         message_type: str,
         foreign_model: str = "",
         full_split: bool = False,
@@ -358,7 +413,7 @@ class ModalityAwareStrategy(Strategy):
             s.model_config,
             s.class_names,
             self.version,
-            base,
+            payload.base_version,
             s.proximal_mu,
             s.local_steps,
             s.seed,
@@ -372,12 +427,12 @@ class ModalityAwareStrategy(Strategy):
             s.personal,
             message_type == MessageType.EVALUATE and full_split and not foreign_model,  # the final evaluation
             TEST if full_split else VALIDATION,  # the end's scores are the test cases', never used to choose
+            s.compression,
         )
-        return Message(
-            content=RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(instructions.to_config())}),
-            dst_node_id=node,
-            message_type=message_type,
-        )
+        content = RecordDict({ARRAYS: payload.arrays, CONFIG: ConfigRecord(instructions.to_config())})
+        if payload.names is not None:
+            content[COMPRESSED] = ConfigRecord({"names": list(payload.names)})
+        return Message(content=content, dst_node_id=node, message_type=message_type)
 
     def _answered(self, server_round: int, message_type: str, replies: Iterable[Message]) -> list[Message]:
         """The successful replies to the messages last sent, each node's identity learnt; every failure
@@ -395,7 +450,10 @@ class ModalityAwareStrategy(Strategy):
             if message_type != MessageType.QUERY:
                 link.version = self.version
                 entry = sites.setdefault(link.site, SiteRecord(link.modality))
-                entry.bytes_down = (entry.bytes_down or 0) + self._bytes_down.get(node, 0)
+                down, uncompressed = self._bytes_down.get(node, (0, 0))
+                entry.bytes_down = (entry.bytes_down or 0) + down
+                if self.s.compression.enabled:
+                    entry.bytes_down_uncompressed = (entry.bytes_down_uncompressed or 0) + uncompressed
                 entry.bytes_up = (entry.bytes_up or 0) + (
                     _nbytes(reply.content[ARRAYS]) if ARRAYS in reply.content else 0
                 )
@@ -412,6 +470,7 @@ class ModalityAwareStrategy(Strategy):
         entry.errors.append(f"{message_type}: {reason}")
         log.warning("round %d %s: site %s failed: %s", server_round, message_type, self._site_key(node), reason)
         link.modality, link.version = None, None
+        self.held.pop(node, None)
 
     def _site_key(self, node: int) -> str:
         link = self.links.get(node)

@@ -10,10 +10,21 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
+from fed_swinumamba.compression import Packet, decompress, with_error_feedback
 from fed_swinumamba.data import load_site_config
 from fed_swinumamba.model import ModelConfig
 from fed_swinumamba.params import group_of
-from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, SITE, EvalReply, Instructions, TrainReply
+from fed_swinumamba.protocol import (
+    ARRAYS,
+    COMPRESSED,
+    CONFIG,
+    FULL_SYNC,
+    METRICS,
+    SITE,
+    EvalReply,
+    Instructions,
+    TrainReply,
+)
 from fed_swinumamba.simulated import generate_phantoms, split_dataset
 
 
@@ -86,6 +97,10 @@ class ScriptedGrid:
     (a full sync replaces it, an update overwrites what it brings); a train reply is that copy's
     trainable weights moved by the site's step.
 
+    With compression a site applies the packets it gets and sends its change as a packet, with error
+    feedback, as a real site does (``replies`` keeps each train reply; ``held_at_train`` each site's copy
+    when it starts training, per round).
+
     Queries are answered with the site's name and modality (``modalities``, CT by default). A site in
     ``offline`` answers no train message: the SuperLink's own error reply for a node that stopped
     sending heartbeats comes instead.
@@ -106,6 +121,9 @@ class ScriptedGrid:
         self.train_instructions: list[Instructions] = []
         self.sent: list[Message] = []
         self.held: dict[str, dict[str, np.ndarray]] = {site: {} for site in steps}
+        self.held_at_train: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+        self.residuals: dict[str, dict[str, np.ndarray]] = {site: {} for site in steps}
+        self.replies: list[Message] = []
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -125,24 +143,23 @@ class ScriptedGrid:
             elif msg.metadata.message_type == MessageType.TRAIN:
                 ins = Instructions.from_config(msg.content[CONFIG])
                 self.train_instructions.append(ins)
-                held = self._sync(site, ins, msg.content[ARRAYS])
-                trained = {
-                    k: v + np.float32(self.steps[site])
-                    for k, v in held.items()
-                    if group_of(k) in ins.stage.trainable_groups
-                }
+                held = self._sync(site, ins, msg.content)
+                self.held_at_train[(ins.server_round, site)] = {k: v.copy() for k, v in held.items()}
+                step = np.float32(self.steps[site])
+                trained = {k: v + step for k, v in held.items() if group_of(k) in ins.stage.trainable_groups}
                 reply = TrainReply(self.num_examples[site], 2, train_loss=1.0, first_batch_s=0.5, train_s=1.0)
-                content = RecordDict(
-                    {
-                        ARRAYS: ArrayRecord({k: Array(v) for k, v in trained.items()}),
-                        METRICS: MetricRecord(reply.to_metrics()),
-                        SITE: identity,
-                    }
-                )
+                content = RecordDict({METRICS: MetricRecord(reply.to_metrics()), SITE: identity})
+                if ins.compression.enabled:
+                    changes = {k: v - held[k] for k, v in trained.items()}
+                    packet, self.residuals[site] = with_error_feedback(changes, self.residuals[site], ins.compression)
+                    content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in packet.arrays().items()})
+                    content[COMPRESSED] = ConfigRecord({"names": list(packet.names)})
+                else:
+                    content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in trained.items()})
             else:
                 ins = Instructions.from_config(msg.content[CONFIG])
                 if not ins.foreign_model:
-                    self._sync(site, ins, msg.content[ARRAYS])
+                    self._sync(site, ins, msg.content)
                 classes = ("organ", "lesion")
                 scores = EvalReply(
                     dict.fromkeys(classes, 0.5),
@@ -167,10 +184,16 @@ class ScriptedGrid:
                 message_type=msg.metadata.message_type,
             )
             replies.append(Message(content=content, metadata=metadata))
+        self.replies += [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
         return replies
 
-    def _sync(self, site: str, ins: Instructions, arrays: ArrayRecord) -> dict[str, np.ndarray]:
-        sent = {k: a.numpy() for k, a in arrays.items()}
+    def _sync(self, site: str, ins: Instructions, content: RecordDict) -> dict[str, np.ndarray]:
+        sent = {k: a.numpy() for k, a in content[ARRAYS].items()}
+        if COMPRESSED in content:
+            packet = Packet.from_arrays(content[COMPRESSED]["names"], sent)
+            shapes = {k: v.shape for k, v in self.held[site].items()}
+            changes = decompress(packet, shapes, ins.compression.block)
+            sent = {k: self.held[site][k] + v for k, v in changes.items()}
         self.held[site] = sent if ins.base_version == FULL_SYNC else {**self.held[site], **sent}
         return self.held[site]
 
