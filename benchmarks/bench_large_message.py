@@ -18,7 +18,7 @@ outlived the run.
 
     python benchmarks/bench_large_message.py --repeats 3              # as deployed: SuperLink state in SQLite
     python benchmarks/bench_large_message.py --repeats 3 --in-memory  # for comparison: no database
-    python benchmarks/bench_large_message.py --repeats 3 --compression int8  # also the int8 packet
+    python benchmarks/bench_large_message.py --repeats 3 --compression int8,int8+topk  # also the packets
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ def _packet_content(changes: dict, options) -> RecordDict:
 
     packet = compress(changes, options)
     arrays = ArrayRecord({k: Array(v) for k, v in packet.arrays().items()})
-    return RecordDict({"arrays": arrays, "compressed": ConfigRecord({"names": list(packet.names)})})
+    return RecordDict(
+        {"arrays": arrays, "compressed": ConfigRecord({"names": list(packet.names), "method": options.method})}
+    )
 
 
 def _unpacked(content: RecordDict, shapes: dict, block: int) -> dict:
@@ -96,10 +98,10 @@ def _unpacked(content: RecordDict, shapes: dict, block: int) -> dict:
     return decompress(packet, shapes, block)
 
 
-def _options(config):
+def _options(config, method: str):
     from fed_swinumamba.compression import CompressionOptions
 
-    return CompressionOptions(str(config["compression"]), int(config["block"]))
+    return CompressionOptions(method, int(config["block"]))
 
 
 @client_app.train()
@@ -107,7 +109,7 @@ def echo(msg: Message, context: Context) -> Message:
     """Send the arrays back (a packet: decoded, then compressed again), with this ClientApp process's peak RSS."""
     if "compressed" in msg.content:
         shapes = json.loads(Path(str(context.run_config["shapes"])).read_text())
-        options = _options(context.run_config)
+        options = _options(context.run_config, str(msg.content["compressed"]["method"]))
         content = _packet_content(_unpacked(msg.content, shapes, options.block), options)
     else:
         content = RecordDict({"arrays": msg.content["arrays"]})
@@ -163,9 +165,9 @@ def measure(grid: Grid, context: Context) -> None:
         time.sleep(0.5)
     results = {"load_before": os.getloadavg(), "empty": [], "full": []}
     messages = [("empty", {}, None), ("full", full, None)]
-    if config["compression"]:
-        messages.append((str(config["compression"]), full, _options(config)))
-        results[str(config["compression"])] = []
+    for method in filter(None, str(config["compression"]).split(",")):
+        messages.append((method, full, _options(config, method)))
+        results[method] = []
     for _ in range(int(config["repeats"])):
         for name, arrays, options in messages:
             try:
@@ -242,9 +244,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--compression",
-        choices=("int8", "int8+topk"),
-        default=None,
-        help="also a compressed message of the same tensors",
+        default="",
+        help="also compressed messages of the same tensors: int8, int8+topk or both (comma-separated)",
     )
     parser.add_argument("--block", type=int, default=256, help="elements per int8 scale (the run config's default)")
     parser.add_argument(
@@ -274,7 +275,7 @@ def main() -> None:
     try:
         pids = json.dumps({"superlink": superlink.pid, "supernode": node.pid})
         config = f"shapes='{work / 'shapes.json'}' result='{work / 'result.json'}' pids='{pids}' repeats={args.repeats}"
-        config += f" compression='{args.compression or ''}' block={args.block}"
+        config += f" compression='{args.compression}' block={args.block}"
         status = follow_run(submit_run(app, CONNECTION, [config]))
         probed.set()
         print(f"benchmark run: {status}; SuperLink log {superlink.log_file}")

@@ -89,14 +89,42 @@ def plot_epsilon(metrics: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def compression_shares(metrics: dict) -> dict[str, float]:
+    """Bytes sent over what the same tensors cost as float32, up and down over every site and round
+    (empty without compression)."""
+    entries = [s for r in metrics["rounds"] for s in r["sites"].values() if "bytes_up_uncompressed" in s]
+    if not entries:
+        return {}
+    return {
+        d: sum(s[f"bytes_{d}"] for s in entries) / max(1, sum(s[f"bytes_{d}_uncompressed"] for s in entries))
+        for d in ("up", "down")
+    }
+
+
 def plot_bytes(metrics: dict, path: Path) -> Path:
     rounds, fig = metrics["rounds"], plt.figure(figsize=(8, 4))
     ax = fig.gca()
     xs = [r["round"] for r in rounds]
+    compressed = any("bytes_up_uncompressed" in s for r in rounds for s in r["sites"].values())
     for key, offset in (("bytes_down", -0.2), ("bytes_up", 0.2)):
         ys = [sum(s.get(key, 0) for s in r["sites"].values()) / 2**20 for r in rounds]
-        ax.bar([x + offset for x in xs], ys, width=0.4, label=key.replace("_", " ") + " (all sites)")
-    ax.set(xlabel="round", ylabel="MiB", title="Communication per round")
+        bars = ax.bar([x + offset for x in xs], ys, width=0.4, label=key.replace("_", " ") + " (all sites)")
+        if compressed:  # outlined: what the same tensors would have cost as float32
+            full = [sum(s.get(f"{key}_uncompressed", 0) for s in r["sites"].values()) / 2**20 for r in rounds]
+            ax.bar(
+                [x + offset for x in xs],
+                full,
+                width=0.4,
+                fill=False,
+                edgecolor=bars.patches[0].get_facecolor(),
+                linestyle="--",
+                label=key.replace("_", " ") + " as float32",
+            )
+    ax.set(
+        xlabel="round",
+        ylabel="MiB",
+        title="Communication per round" + (" (compressed; dashed: as float32)" if compressed else ""),
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -356,6 +384,13 @@ def write_report(out: str | Path) -> Path:
             _cross_table(cross),
         ]
     sections += ["<h2>Communication</h2>", _img(plot_bytes(metrics, out / "bytes_per_round.png"), "bytes per round")]
+    shares = compression_shares(metrics)
+    if shares:
+        sections.append(
+            f"<p>Compression {html.escape(str(config.get('compression', '?')))}: the sites sent "
+            f"{shares['up']:.1%} of their updates' float32 bytes, and received {shares['down']:.1%} of what the "
+            "same tensors cost as float32 (exact resyncs included).</p>"
+        )
     meta = (
         f"{len(metrics['rounds'])} rounds, strategy {html.escape(str(config.get('strategy', '?')))}, model "
         f"{html.escape(str(config.get('model-variant', '?')))}, best mean Dice {_fmt(metrics.get('best_mean_dice'))}"

@@ -11,6 +11,11 @@
   DP adds the calibrated noise and accounts the release.
 - ``configure_evaluate`` / ``aggregate_evaluate`` do the same for the global model, or for another
   model (a site's local model, the best checkpoint) evaluated without touching the sites' copies.
+- With compression (run config ``compression``; fed_swinumamba.compression) the sites send their
+  updates as packets, decoded here before screening, so every rule, the screening and site-level DP
+  see real-valued updates; each node gets the change of its copy of the global model as a packet, the
+  strategy keeping a copy of what each node holds, and an exact copy when that is unknown (first
+  contact, after a failure), every ``compression-resync`` rounds and for the final evaluation.
 
 The strategy owns all of its state — the global weights (one ``dict`` of NumPy arrays from reply to
 checkpoint), each partition's rule with its server-optimiser moments, the site-level DP accountant —

@@ -175,6 +175,17 @@ def test_the_coordinator_aggregates_the_changes_it_decodes(tmp_path):
     np.testing.assert_allclose(expected, (10 * 0.01 + 30 * 0.02 + 20 * 0.03) / 60, atol=0.03 / 254)
 
 
+@pytest.mark.parametrize("strategy", ["fedmedian", "fedadam"])
+def test_every_rule_aggregates_decoded_changes_as_it_would_plain_weights(tmp_path, strategy):
+    plain, _ = _federation(tmp_path / "plain", 2, compression="none", strategy=strategy)
+    packed, _ = _federation(tmp_path / "packed", 2, compression="int8", strategy=strategy)
+    plain.run()
+    packed.run()
+    for name in plain.state:  # a site's step is the same for every weight: int8 holds it to float rounding
+        np.testing.assert_allclose(packed.state[name], plain.state[name], atol=1e-5, err_msg=name)
+    assert any(not np.array_equal(packed.state[k], plain.state[k]) for k in plain.state)
+
+
 def test_nodes_copies_drift_by_at_most_a_quantisation_step_and_the_final_evaluation_resyncs(tmp_path):
     federation, grid = _federation(tmp_path / "run", 3, **{"rounds-per-stage": 1, "compression-resync": 0})
     federation.run()

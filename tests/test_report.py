@@ -150,3 +150,21 @@ def test_report_of_a_reproducible_dp_run_says_not_private_and_what_dp_covers(tmp
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     main(["report", str(tmp_path)])
     assert "NOT PRIVATE" not in (tmp_path / "report.html").read_text()
+
+
+def test_report_of_a_compressed_run_gives_the_share_of_float32_bytes(tmp_path):
+    metrics = _metrics()
+    metrics["config"]["compression"] = "int8"
+    for r in metrics["rounds"]:  # 1 MiB up of 4 MiB, 3 MiB down of 6 MiB, at each site and round
+        for s in r["sites"].values():
+            s.update(bytes_up_uncompressed=4 * 2**20, bytes_down_uncompressed=6 * 2**20)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "Compression int8: the sites sent 25.0% of their updates' float32 bytes" in page
+    assert "received 50.0%" in page
+    uncompressed = tmp_path / "plain"
+    uncompressed.mkdir()
+    (uncompressed / "metrics.json").write_text(json.dumps(_metrics()))
+    assert main(["report", str(uncompressed)]) == 0
+    assert "Compression" not in (uncompressed / "report.html").read_text()
