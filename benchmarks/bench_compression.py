@@ -8,9 +8,10 @@ tensors (their size does not depend on the values) and measured as Flower serial
 headers included); also the seconds to compress and decompress one full-size upload.
 
 ``--dice``: the demo's three sites (``--cases`` phantoms each, a test split kept apart), ``--seeds`` seeds,
-a run per method (``none``, ``int8``, ``int8+topk``) through ``python -m simulation run``; per site the final
+a run per method (``none``, ``int8``, ``int8+topk``; ``--block`` and ``--topk`` as the run config's
+``compression-block`` and ``compression-topk``) through ``python -m simulation run``; per site the final
 global model's Dice on the test cases, and the bytes per site per round from metrics.json. Finished runs
-are kept under ``OUT/seed<s>/<method>``.
+are kept under ``OUT/seed<s>/<method>`` (``int8+topk-<topk>``).
 
     python benchmarks/bench_compression.py --bytes
     python benchmarks/bench_compression.py --dice --seeds 0,1,2 --out runs/bench_compression
@@ -120,14 +121,16 @@ def print_bytes(block: int, topk: float) -> None:
 DEMO_MODEL_BYTES = {m: _wire_bytes(_site_model(DEMO_MODEL, m)) for m in DEMO_MODEL.modalities}
 
 
-def dice(seeds: list[int], cases: int, out: Path) -> None:
+def dice(seeds: list[int], cases: int, out: Path, block: int, topk: float) -> None:
     scores = {m: {} for m in METHODS}  # method -> site -> [Dice per seed]
     shares = {m: {"up": [], "down": []} for m in METHODS}  # per site and round, of the site's float32 model
     for seed in seeds:
         sites = make_sites("demo", out / f"seed{seed}" / "sites", cases, seed, 0.2)
         for method in METHODS:
             config = {**DEMO_RUN_CONFIG, "seed": seed, "cross-site-eval": False, "compression": method}
-            metrics = run_once(out / f"seed{seed}" / method, sites, config)
+            config |= {"compression-block": block, "compression-topk": topk}
+            folder = f"{method}-{topk}" if method == "int8+topk" else method
+            metrics = run_once(out / f"seed{seed}" / folder, sites, config)
             for site, v in metrics["final_evaluation"]["global"]["sites"].items():
                 if v["split"] != "test":
                     raise SystemExit(f"{site} kept no test case: give more --cases")
@@ -162,7 +165,7 @@ def main() -> None:
     if args.bytes:
         print_bytes(args.block, args.topk)
     if args.dice:
-        dice([int(s) for s in args.seeds.split(",")], args.cases, args.out)
+        dice([int(s) for s in args.seeds.split(",")], args.cases, args.out, args.block, args.topk)
 
 
 if __name__ == "__main__":

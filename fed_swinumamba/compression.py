@@ -63,6 +63,14 @@ class CompressionOptions:
     def sparse(self) -> bool:
         return self.method == "int8+topk"
 
+    @property
+    def downlink(self) -> CompressionOptions:
+        """How the coordinator sends a node its copy's change: int8, dense even with top-k. A node's copy
+        lacking most of the last aggregate (what top-k leaves for later) gives updates relative to a
+        stale point, which the coordinator adds to the current one: measured on the demo, top-k on the
+        downlink too cost up to 0.4 Dice in 6 rounds (benchmarks/RESULTS.md)."""
+        return CompressionOptions("int8", self.block) if self.enabled else self
+
     def to_config(self) -> dict:
         return {"compression": self.method, "compression-block": self.block, "compression-topk": self.topk}
 

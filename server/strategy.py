@@ -385,7 +385,7 @@ class ModalityAwareStrategy(Strategy):
             # Nothing new since its last packet: what that one left out waits for the next change.
             changed = link.version < version
             changes = {k: current[k] - v for k, v in held.items() if changed and not np.array_equal(current[k], v)}
-            packet = compress(changes, compression)
+            packet = compress(changes, compression.downlink)
             for k, change in decompress(packet, {k: v.shape for k, v in changes.items()}, compression.block).items():
                 held[k] += change  # what the node holds once it applies the packet
             return Payload(to_arrays(packet.arrays()), link.version, uncompressed_bytes(changes), packet.names)
