@@ -2,8 +2,9 @@
 
 The ClientApp process is short-lived (Flower starts one per message), so everything that must
 outlive a message sits in ``context.state``: the site's copy of the global model and its version.
-What must outlive the run sits in the site's ``state_dir``: the privacy ledger of each study, and the
-site's personal model of each study (run config ``personalization``), which never leaves it.
+What must outlive the run sits in the site's ``state_dir``: the privacy ledger of each study, the
+site's personal model of each study (run config ``personalization``), which never leaves it, and what
+its compressed updates left out (run config ``compression``).
 Patient data stays here; what goes back is weights and scalar metrics only.
 """
 
