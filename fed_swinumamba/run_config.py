@@ -88,7 +88,7 @@ KEYS: Mapping[str, Key] = MappingProxyType(
             f"one of {', '.join(NORM_PARTITIONS)}",
         ),
         "personalization": Key(
-            "none",
+            "finetune",
             "the personal model each site keeps: none, finetune (the final global model fine-tuned locally) or ditto",
             lambda v: v in PERSONALIZATIONS,
             f"one of {', '.join(PERSONALIZATIONS)}",

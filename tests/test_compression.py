@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TINY, ScriptedGrid
+from conftest import TINY, ScriptedGrid, private_site
 
 from fed_swinumamba.checkpoint import residual_file
 from fed_swinumamba.compression import (
@@ -286,18 +286,21 @@ def test_under_site_level_dp_the_coordinator_clips_the_changes_it_decodes(tmp_pa
 
 @pytest.mark.slow
 def test_real_sites_send_and_apply_packets_and_keep_their_residual_on_disk(three_sites, tmp_path):
-    """Through the simulation: sites decode the coordinator's packets (int8, dense) and send theirs (about
-    6 % of the float32 update with top-k 0.1), the run trains as usual, and each site's residual is on its disk."""
+    """Through the simulation, one site under DP-SGD: sites decode the coordinator's packets (int8, dense) and
+    send theirs (about 6 % of the float32 update with top-k 0.1), the run trains as usual, and each site's
+    residual is on its disk."""
+    sites = [private_site(three_sites[0], tmp_path / "dp", noise_multiplier=1.0, cases_per_batch=1), *three_sites[1:]]
     overrides = {**TINY, "num-server-rounds": 2, "rounds-per-stage": 1, "local-steps": 2, "lr": 1e-3}
     overrides |= {"compression": "int8+topk", "compression-topk": 0.1, "cross-site-eval": False, "study": "packets"}
-    metrics = run_federated_simulation(three_sites, tmp_path / "run", overrides)
+    metrics = run_federated_simulation(sites, tmp_path / "run", overrides)
     for rnd in metrics["rounds"]:
         for site, entry in rnd["sites"].items():
             assert "errors" not in entry and 0.0 <= entry["dice_mean"] <= 1.0, site
             assert entry["bytes_up"] < 0.07 * entry["bytes_up_uncompressed"]
+        assert rnd["sites"]["ct_site"]["epsilon"] > 0  # the DP site trained under its guarantee
     second = metrics["rounds"][1]["sites"]
     assert all(s["bytes_down"] < 0.27 * s["bytes_down_uncompressed"] for s in second.values())  # int8, dense
-    for yaml_path in three_sites:
+    for yaml_path in sites:
         config = load_site_config(yaml_path)
         path = residual_file(config.state_dir, "packets", config.site)
         residual = load_residual(path, 3)  # kept at round 2, for a round 3 that would follow
