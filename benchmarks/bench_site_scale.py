@@ -275,7 +275,7 @@ def main() -> None:
         consume = (
             8 * args.local_steps / max(timing.get("train_s", float("nan")) - timing.get("first_batch_s", 0.0), 1e-9)
         )
-        final_site = next(iter(final.get("sites", {}).values()), {}) if final else {}
+        final_site = next(iter(final.get("global", {}).get("sites", {}).values()), {})
         print(
             f"| {r['cases']} | {r['peak_rss_site'] / 2**30:.2f} / {r['peak_rss_driver'] / 2**30:.2f} GiB | {r['import_s']:.1f} s + {r['open_s']:.2f} s | {timing.get('first_batch_s', float('nan')):.1f} s | {timing.get('train_s', float('nan')):.0f} s "
             f"| {s.get('eval_s_per_case', float('nan')):.1f} s / {final_site.get('eval_s_per_case', float('nan')):.1f} s ({final_site.get('num_val_cases', '?')} cases) "
