@@ -65,10 +65,10 @@ class CompressionOptions:
 
     @property
     def downlink(self) -> CompressionOptions:
-        """How the coordinator sends a node its copy's change: int8, dense even with top-k. A node's copy
-        lacking most of the last aggregate (what top-k leaves for later) gives updates relative to a
-        stale point, which the coordinator adds to the current one: measured on the demo, top-k on the
-        downlink too cost up to 0.4 Dice in 6 rounds (benchmarks/RESULTS.md)."""
+        """How the coordinator sends a node its copy's change: int8, dense even with top-k, so that every
+        node trains from within one quantisation step of the global model (with top-k a node's copy would
+        lack most of the last aggregate, and its update, relative to that stale point, is added to the
+        current one). Top-k's loss on the demo is the uplink's as much (benchmarks/RESULTS.md)."""
         return CompressionOptions("int8", self.block) if self.enabled else self
 
     def to_config(self) -> dict:
