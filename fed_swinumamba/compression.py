@@ -102,11 +102,6 @@ class Packet:
         mask = arrays.get(_MASK)
         return cls(tuple(names), np.asarray(arrays[_VALUES]), np.asarray(arrays[_SCALES]), mask)
 
-    @staticmethod
-    def holds(arrays: Mapping[str, object]) -> bool:
-        """Whether message arrays are a packet rather than plain tensors."""
-        return _VALUES in arrays
-
 
 def _blocks(n: int, block: int) -> int:
     return -(-n // block)

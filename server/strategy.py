@@ -382,9 +382,9 @@ class ModalityAwareStrategy(Strategy):
             if exact or node not in self.held or (resync and server_round - link.synced_round >= resync):
                 return self._full_sync(node, server_round)
             held, current = self.held[node], _for_site(self.weights, link.modality)
-            # Nothing new since its last packet: what that one left out waits for the next change.
-            changed = link.version < version
-            changes = {k: current[k] - v for k, v in held.items() if changed and not np.array_equal(current[k], v)}
+            changes = {}  # nothing new since its last packet: what that one left out waits for the next change
+            if link.version < version:
+                changes = {k: current[k] - v for k, v in held.items() if not np.array_equal(current[k], v)}
             packet = compress(changes, compression.downlink)
             for k, change in decompress(packet, {k: v.shape for k, v in changes.items()}, compression.block).items():
                 held[k] += change  # what the node holds once it applies the packet
