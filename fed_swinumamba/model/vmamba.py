@@ -171,9 +171,10 @@ class SS2D(nn.Module):
         b, d_inner, h, w = x.shape
         k, n, length = self.num_directions, self.d_state, h * w
         xs = cross_scan(x)  # (B, K, D_inner, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        # Batched matrix products (k, c, d) @ (b, k, d, l): one MatMul node in ONNX (an Einsum ran 4x slower there).
+        x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        dts = torch.matmul(self.dt_projs_weight, dts)  # (B, K, D_inner, L)
         ys = selective_scan(
             xs.reshape(b, k * d_inner, length).float(),
             dts.reshape(b, k * d_inner, length).float(),
