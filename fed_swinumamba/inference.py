@@ -1,6 +1,6 @@
 """Segmenting new images with a trained checkpoint (``python -m fed_swinumamba predict``).
 
-The checkpoint describes its network, so nothing else is needed; a site config, when given, supplies
+The checkpoint (or an ONNX export of it, ``fed_swinumamba.export``) describes its network, so nothing else is needed; a site config, when given, supplies
 that site's preprocessing, geometry (orientation, spacing, channel), slice axis, patch size and label
 values. Images go through the same MONAI loading, geometry and intensity transforms as training data,
 then slice-wise sliding-window inference; the mask is brought back through the inverse of the geometry
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint
 from .data.datasets import geometry, intensity_transform, slices_first
 from .data.site_config import DEFAULT_PREPROCESSING, DataSpec, TrainingSpec, load_site_config
+from .export import OnnxNetwork
 from .training import predict_slices
 
 NIFTI_SUFFIXES, PNG_SUFFIXES = (".nii.gz", ".nii"), (".png",)
@@ -34,27 +35,20 @@ def _is_image(path: Path) -> bool:
 
 
 class Segmenter:
-    """One modality's network from a checkpoint, with that modality's preprocessing."""
+    """One modality's network (from a checkpoint or an export), with that modality's preprocessing."""
 
     def __init__(
         self,
-        checkpoint: Checkpoint,
+        network: torch.nn.Module | OnnxNetwork,
         modality: str,
+        class_names: Sequence[str],
         *,
-        source: str = "checkpoint",
         preprocessing: dict | None = None,
         data: DataSpec | None = None,
         roi_size: Sequence[int] = TrainingSpec.patch_size,
         label_values: Sequence[int] | None = None,
-        device: str = "cpu",
     ):
-        available = checkpoint.model_config.modalities
-        if modality not in available:
-            raise ValueError(
-                f"{source}: has no encoder for modality {modality!r}; it was trained for {', '.join(available)}"
-            )
-        self.model = checkpoint.build_model(modality)  # its encoder, and its norms if kept per modality
-        self.model.to(device).eval()
+        self.network = network
         data = data or DataSpec(root=Path("."))
         self.modality, self.slice_axis, self.channel, self.roi_size = (
             modality,
@@ -64,7 +58,7 @@ class Segmenter:
         )
         # Class index -> value written to the mask (the site's own label values when known).
         self.lut = torch.as_tensor(
-            label_values if label_values is not None else range(checkpoint.model_config.num_classes), dtype=torch.int64
+            label_values if label_values is not None else range(len(class_names) + 1), dtype=torch.int64
         )
         self.load = LoadImaged("image", image_only=True, ensure_channel_first=True)
         self.geometry = Compose(geometry(data.orientation, data.spacing, keys=("image",)))
@@ -79,28 +73,28 @@ class Segmenter:
 
     @classmethod
     def from_files(
-        cls, checkpoint: str | Path, modality: str, site_config: str | Path | None = None, device: str = "cpu"
+        cls, model: str | Path, modality: str, site_config: str | Path | None = None, device: str = "cpu"
     ) -> Segmenter:
-        ckpt = Checkpoint.load(checkpoint)
+        """``model``: a checkpoint (.safetensors) or an export of ``fed_swinumamba export`` (.onnx)."""
+        network, class_names = load_network(model, modality, device)
         if site_config is None:
-            return cls(ckpt, modality, source=str(checkpoint), device=device)
+            return cls(network, modality, class_names)
         site = load_site_config(site_config)
         if site.modality != modality:
             raise ValueError(f"{site_config}: site {site.site} is {site.modality}, not {modality}")
-        index_of = site.class_mapping_for(list(ckpt.class_names))  # site value -> class index
-        values = [0] * (len(ckpt.class_names) + 1)
+        index_of = site.class_mapping_for(list(class_names))  # site value -> class index
+        values = [0] * (len(class_names) + 1)
         for value, index in index_of.items():
             if index:
                 values[index] = value
         return cls(
-            ckpt,
+            network,
             modality,
-            source=str(checkpoint),
+            class_names,
             preprocessing=site.preprocessing,
             data=site.data,
             roi_size=site.training.patch_size,
             label_values=values,
-            device=device,
         )
 
     def _one_channel(self, image: MetaTensor, path: str | Path) -> MetaTensor:
@@ -120,7 +114,7 @@ class Segmenter:
         item = self.geometry({"image": self._one_channel(loaded["image"], path)})
         image = self.intensity(item)["image"]  # (1, X, Y[, Z]) on the site's grid
         slices = slices_first(image, self.slice_axis)  # (S, H, W)
-        labels = predict_slices(self.model, self.modality, slices, self.roi_size)  # (S, H, W)
+        labels = predict_slices(self.network, self.modality, slices, self.roi_size)  # (S, H, W)
         grid = labels[0] if image.ndim == 3 else labels.movedim(0, self.slice_axis)  # 2-D image: its one slice
         if self.invert is not None:  # back on the input's grid
             item["mask"] = MetaTensor(grid[None].float(), affine=image.affine)
@@ -139,6 +133,26 @@ class Segmenter:
             header.set_data_dtype(dtype)
             nib.save(nib.Nifti1Image(mask.astype(dtype), original.affine, header), str(target))
         return target
+
+
+def load_network(
+    path: str | Path, modality: str, device: str = "cpu"
+) -> tuple[torch.nn.Module | OnnxNetwork, tuple[str, ...]]:
+    """``modality``'s network and the class names from a checkpoint or an ONNX export (by the file's suffix)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        if device != "cpu":
+            raise ValueError(f"{path}: an ONNX export runs on the CPU (ONNX Runtime), not on {device}")
+        network = OnnxNetwork(path)
+        if network.modality != modality:
+            raise ValueError(f"{path}: exported for modality {network.modality!r}, not {modality!r}")
+        return network, network.class_names
+    ckpt = Checkpoint.load(path)
+    available = ckpt.model_config.modalities
+    if modality not in available:
+        raise ValueError(f"{path}: has no encoder for modality {modality!r}; it was trained for {', '.join(available)}")
+    model = ckpt.build_model(modality)  # its encoder, and its norms if kept per modality
+    return model.to(device).eval(), ckpt.class_names
 
 
 def predict(segmenter: Segmenter, source: str | Path, target: str | Path, progress: bool = True) -> list[Path]:

@@ -151,7 +151,7 @@ def once_per_constant_window(predict: Callable[[torch.Tensor], torch.Tensor]) ->
 
 @torch.inference_mode()
 def predict_slices(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor, str], torch.Tensor],
     modality: str,
     slices: torch.Tensor | np.ndarray,
     roi_size: Sequence[int],
@@ -164,9 +164,12 @@ def predict_slices(
     ``sw_batch_size`` (batches run faster per window than single windows on a CPU; 16 as fast as 64 with
     the demo network, at half the memory: benchmarks/RESULTS.md), while the logits in
     memory stay a few slices' worth. Windows of one constant value are computed once per value.
+    ``model`` is a network or anything called like one (``export.OnnxNetwork``, which runs on the CPU).
     """
-    model.eval()
-    device = next(model.parameters()).device
+    device = torch.device("cpu")
+    if isinstance(model, nn.Module):
+        model.eval()
+        device = next(model.parameters()).device
     network = once_per_constant_window(lambda x: model(x, modality))
     out = torch.empty((slices.shape[0], *slices.shape[-2:]), dtype=torch.uint8)
     for start in range(0, slices.shape[0], slices_per_pass):

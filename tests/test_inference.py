@@ -236,4 +236,4 @@ def test_predict_uses_the_modality_s_own_norms_of_a_checkpoint_that_keeps_them_a
     Checkpoint(split, ckpt.model_config, ckpt.class_names, 3, 1).save(fedbn)
     for modality, expected in (("ct", ckpt.state[norm]), ("us", ckpt.state[norm] + 1.0)):
         segmenter = Segmenter.from_files(fedbn, modality)
-        assert torch.equal(segmenter.model.state_dict()[norm], expected)
+        assert torch.equal(segmenter.network.state_dict()[norm], expected)

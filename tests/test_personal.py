@@ -135,7 +135,7 @@ def test_a_ditto_site_keeps_its_personal_model_and_sends_the_same_update_as_with
     assert predict_main([*args, "--site-config", str(three_sites[0])]) == 0
     assert nib.load(out).shape == nib.load(image).shape
     segmenter = Segmenter.from_files(path, "ct", three_sites[0])
-    assert all(torch.equal(v, afresh[k]) for k, v in segmenter.model.state_dict().items())
+    assert all(torch.equal(v, afresh[k]) for k, v in segmenter.network.state_dict().items())
 
 
 def test_finetune_personalises_at_the_final_evaluation_only(three_sites, replies):

@@ -13,6 +13,9 @@ inputs plus one state per time chunk and recompute each chunk in the backward pa
 - torch (where the kernel cannot be built or run): the recurrence as one in-place op per step on
   small time chunks that stay in cache. Both paths compute in fp32 (fp64 for fp64 inputs).
 
+Under ``torch.export`` (the ONNX export) the scan is one opaque operator, ``fed_swinumamba::selective_scan``,
+which ``scan_onnx`` writes as a single ONNX node.
+
 ``FED_SWINUMAMBA_SCAN=torch`` forces the PyTorch path; ``=native`` requires the kernel (an error
 where it cannot run); unset or ``auto`` uses the kernel where it can. Both paths support
 ``torch.func`` (vmap / grad), which Opacus uses for per-sample gradients.
@@ -73,6 +76,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z: (b, d, l); A: (d, n) real; B, C: (b, n, l) or (b, g, n, l) with channel i using
     group i // (d // g); D, delta_bias: (d,). Returns u's dtype.
     """
+    if torch.compiler.is_exporting():
+        return _exported_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     # mamba-ssm's autograd.Function has no functorch support, so vmap/grad (Opacus) stays on ours.
     if u.is_cuda and not torch._C._functorch.is_functorch_wrapped_tensor(u):
         fn = _mamba_selective_scan_fn()
@@ -90,6 +95,35 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if z is not None:
         y = y * F.silu(z.to(ct))
     return y.to(u.dtype).contiguous()
+
+
+def _exported_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The scan as ``torch.export`` records it: one ``fed_swinumamba::selective_scan`` node, then the z gate."""
+    D = u.new_zeros(u.shape[1]) if D is None else D
+    delta_bias = u.new_zeros(u.shape[1]) if delta_bias is None else delta_bias
+    y = torch.ops.fed_swinumamba.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return y if z is None else y * F.silu(z)
+
+
+@torch.library.custom_op("fed_swinumamba::selective_scan", mutates_args=())
+def _scan_operator(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    delta_softplus: bool,
+) -> torch.Tensor:
+    """Inference only (no autograd formula): what an exported network runs in place of the scan."""
+    with torch.no_grad():
+        return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
+@_scan_operator.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus):
+    return torch.empty_like(u)
 
 
 def _use_native(x: torch.Tensor, n: int) -> bool:

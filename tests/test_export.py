@@ -1,0 +1,123 @@
+"""`python -m fed_swinumamba export`: an ONNX file that ONNX Runtime runs as PyTorch does, and that `predict` uses."""
+
+import dataclasses
+import json
+
+import nibabel as nib
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from fed_swinumamba.__main__ import main
+from fed_swinumamba.checkpoint import Checkpoint
+from fed_swinumamba.data import load_site_config
+from fed_swinumamba.export import PARITY_RTOL, ExportError, OnnxNetwork
+from fed_swinumamba.model import build_model
+from fed_swinumamba.ops import scan_onnx
+
+CLASSES = ("organ", "lesion")
+
+
+def _checkpoint(path, variant: str) -> tuple:
+    config = dataclasses.replace(TINY_MODEL, variant=variant, modalities=("ct", "us"))
+    torch.manual_seed(1)
+    model = build_model(config).eval()
+    Checkpoint(model.state_dict(), config, CLASSES, server_round=4, stage=2).save(path)
+    return path, model
+
+
+@pytest.fixture(scope="module", params=["swin_umamba", "swin_umamba_d"])
+def exported(request, tmp_path_factory):
+    """A tiny CT + US checkpoint of each variant and the CT network's export (through the CLI)."""
+    root = tmp_path_factory.mktemp(request.param)
+    path, model = _checkpoint(root / "best.safetensors", request.param)
+    assert main(["export", "--checkpoint", str(path), "--modality", "ct", "--out", str(root / "export")]) == 0
+    return path, model, root / "export" / "ct.onnx"
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64, 64), (3, 1, 32, 96), (2, 1, 128, 64)])
+def test_onnx_runtime_equals_pytorch_at_any_batch_and_image_size(exported, shape):
+    _, model, onnx_file = exported
+    image = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    with torch.no_grad():
+        expected = model(image, "ct")
+    got = OnnxNetwork(onnx_file)(image, "ct")
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max() / expected.abs().max()) < PARITY_RTOL
+
+
+def test_every_scan_is_one_custom_node_and_the_file_describes_itself(exported):
+    path, model, onnx_file = exported
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    scans = [n for n in graph.node if n.op_type == scan_onnx.OP_TYPE]
+    expected_scans = sum(1 for m in model.modules() if type(m).__name__ == "SS2D")
+    assert len(scans) == expected_scans and all(n.domain == scan_onnx.OP_DOMAIN for n in scans)
+    assert not any(n.op_type in ("Loop", "Scan") for n in graph.node)
+
+    network = OnnxNetwork(onnx_file)
+    assert network.modality == "ct" and network.class_names == CLASSES
+    assert network.model_config == Checkpoint.load(path).model_config
+    assert network.meta["source"]["round"] == 4 and len(network.meta["source"]["sha256"]) == 64
+
+
+def test_predict_gives_the_same_mask_from_the_checkpoint_and_from_its_export(exported, three_sites, tmp_path):
+    path, _, onnx_file = exported
+    site = three_sites[0]  # the CT site
+    image = sorted((load_site_config(site).data.root / "imagesTr").iterdir())[0]
+    masks = {}
+    for name, model in (("checkpoint", path), ("export", onnx_file)):
+        out = tmp_path / f"{name}.nii.gz"
+        args = ["predict", "--checkpoint", str(model), "--modality", "ct", "--input", str(image), "--output", str(out)]
+        assert main([*args, "--site-config", str(site)]) == 0
+        masks[name] = np.asarray(nib.load(str(out)).dataobj)
+    assert masks["export"].shape == masks["checkpoint"].shape
+    assert (masks["export"] != masks["checkpoint"]).mean() < 1e-3  # argmax ties at float rounding only
+
+
+def test_a_corrupt_or_foreign_export_is_a_clear_error_naming_the_file(exported, tmp_path, capsys):
+    _, _, onnx_file = exported
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(onnx_file.read_bytes()[:4096])
+    with pytest.raises(ExportError, match="corrupt.onnx is not a readable ONNX model"):
+        OnnxNetwork(corrupt)
+
+    foreign = onnx.load(str(onnx_file))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(ExportError, match="foreign.onnx has no fed_swinumamba metadata"):
+        OnnxNetwork(tmp_path / "foreign.onnx")
+
+    newer = onnx.load(str(onnx_file))
+    meta = json.loads(newer.metadata_props[0].value)
+    newer.metadata_props[0].value = json.dumps({**meta, "format": meta["format"] + 1})
+    onnx.save(newer, str(tmp_path / "newer.onnx"))
+    with pytest.raises(ExportError, match="newer.onnx: export format"):
+        OnnxNetwork(tmp_path / "newer.onnx")
+
+    args = ["predict", "--checkpoint", str(onnx_file), "--modality", "us", "--input", str(tmp_path), "--output", "x"]
+    assert main(args) == 2
+    assert "exported for modality 'ct', not 'us'" in capsys.readouterr().err
+
+
+def test_export_refuses_a_modality_the_checkpoint_has_no_encoder_for(tmp_path, capsys):
+    path, _ = _checkpoint(tmp_path / "ct_us.safetensors", "swin_umamba")
+    assert main(["export", "--checkpoint", str(path), "--modality", "mri", "--out", str(tmp_path / "out")]) == 2
+    assert "ct_us.safetensors: has no encoder for modality 'mri'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_hybrid_encoder_exports_too(tmp_path):
+    """Swin-UMamba with window-attention blocks in its encoder (encoder_block = hybrid)."""
+    config = dataclasses.replace(TINY_MODEL, encoder_block="hybrid", modalities=("ct",), num_heads=(1, 2, 4, 8))
+    config = dataclasses.replace(config, window_size=2)
+    torch.manual_seed(2)
+    model = build_model(config).eval()
+    path = Checkpoint(model.state_dict(), config, CLASSES).save(tmp_path / "hybrid.safetensors")
+    assert main(["export", "--checkpoint", str(path), "--modality", "ct", "--out", str(tmp_path)]) == 0
+    image = torch.randn(2, 1, 64, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(image, "ct")
+    got = OnnxNetwork(tmp_path / "ct.onnx")(image, "ct")
+    assert float((got - expected).abs().max() / expected.abs().max()) < PARITY_RTOL
