@@ -98,6 +98,15 @@ class Checkpoint:
         return model
 
 
+def load_modality_model(path: str | Path, modality: str) -> tuple[Checkpoint, torch.nn.Module]:
+    """The checkpoint at ``path`` and ``modality``'s network of it; a ValueError naming the file if it has none."""
+    ckpt = Checkpoint.load(path)
+    available = ckpt.model_config.modalities
+    if modality not in available:
+        raise ValueError(f"{path}: has no encoder for modality {modality!r}; it was trained for {', '.join(available)}")
+    return ckpt, ckpt.build_model(modality)  # its encoder, and its norms if kept per modality
+
+
 def personal_model_file(state_dir: Path, study: str, site: str) -> Path:
     """Where a site keeps its personal model of ``study``: ``<state_dir>/personal/<study>/<site>.safetensors``."""
     return Path(state_dir) / "personal" / check_study(study) / f"{site}.safetensors"

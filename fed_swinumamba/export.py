@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import load_modality_model
 from .model import ModelConfig
 from .ops import scan_onnx
 
@@ -59,13 +59,8 @@ def export_onnx(checkpoint: str | Path, modality: str, out_dir: str | Path) -> P
     import onnx
 
     checkpoint = Path(checkpoint)
-    ckpt = Checkpoint.load(checkpoint)
-    if modality not in ckpt.model_config.modalities:
-        raise ExportError(
-            f"{checkpoint}: has no encoder for modality {modality!r}; it was trained for "
-            f"{', '.join(ckpt.model_config.modalities)}"
-        )
-    network = _OneModality(ckpt.build_model(modality), modality).eval()
+    ckpt, model = load_modality_model(checkpoint, modality)
+    network = _OneModality(model, modality).eval()
     config, stride = ckpt.model_config, ckpt.model_config.total_stride
     sample = torch.randn(2, config.in_chans, 2 * stride, 3 * stride)
     side = {d: torch.export.Dim(f"{d}_over_{stride}", min=1, max=256) for d in ("height", "width")}
@@ -140,9 +135,12 @@ class OnnxNetwork:
         self.model_config = ModelConfig.from_dict(meta["model_config"])
         self.class_names: tuple[str, ...] = tuple(meta["class_names"])
 
-    def __call__(self, image: torch.Tensor, modality: str) -> torch.Tensor:
+    def check_modality(self, modality: str) -> None:
         if modality != self.modality:
             raise ExportError(f"{self.path}: exported for modality {self.modality!r}, not {modality!r}")
+
+    def __call__(self, image: torch.Tensor, modality: str) -> torch.Tensor:
+        self.check_modality(modality)
         stride = self.model_config.total_stride
         if image.shape[-1] % stride or image.shape[-2] % stride:
             raise ValueError(f"{self.path}: image sides {tuple(image.shape[-2:])} must be multiples of {stride}")

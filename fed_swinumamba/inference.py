@@ -21,7 +21,7 @@ from monai.transforms import Compose, Invertd, LoadImaged
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint
+from .checkpoint import load_modality_model
 from .data.datasets import geometry, intensity_transform, slices_first
 from .data.site_config import DEFAULT_PREPROCESSING, DataSpec, TrainingSpec, load_site_config
 from .export import OnnxNetwork
@@ -144,14 +144,9 @@ def load_network(
         if device != "cpu":
             raise ValueError(f"{path}: an ONNX export runs on the CPU (ONNX Runtime), not on {device}")
         network = OnnxNetwork(path)
-        if network.modality != modality:
-            raise ValueError(f"{path}: exported for modality {network.modality!r}, not {modality!r}")
+        network.check_modality(modality)
         return network, network.class_names
-    ckpt = Checkpoint.load(path)
-    available = ckpt.model_config.modalities
-    if modality not in available:
-        raise ValueError(f"{path}: has no encoder for modality {modality!r}; it was trained for {', '.join(available)}")
-    model = ckpt.build_model(modality)  # its encoder, and its norms if kept per modality
+    ckpt, model = load_modality_model(path, modality)
     return model.to(device).eval(), ckpt.class_names
 
 

@@ -76,10 +76,8 @@ def _register_implementation() -> str:
         outputs=[PyCustomOpDef.dt_float],
         attrs={"delta_softplus": PyCustomOpDef.dt_int64},
     )
-    def _selective_scan(u, delta, A, B, C, D, delta_bias, **attrs):
-        tensors = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in (u, delta, A, B, C, D))
-        u, delta, A, B, C, D = tensors
-        bias = torch.from_numpy(np.ascontiguousarray(delta_bias, dtype=np.float32))
+    def _selective_scan(*arrays, **attrs):
+        u, delta, A, B, C, D, bias = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in arrays)
         with torch.no_grad():
             y = selective_scan(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=bool(attrs["delta_softplus"]))
         return y.numpy()
