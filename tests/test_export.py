@@ -28,11 +28,15 @@ def _checkpoint(path, variant: str) -> tuple:
     return path, model
 
 
-@pytest.fixture(scope="module", params=["swin_umamba", "swin_umamba_d"])
-def exported(request, tmp_path_factory):
-    """A tiny CT + US checkpoint of each variant and the CT network's export (through the CLI)."""
-    root = tmp_path_factory.mktemp(request.param)
-    path, model = _checkpoint(root / "best.safetensors", request.param)
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny CT + US Swin-UMamba checkpoint and its CT network's export (through the CLI).
+
+    One export serves every test here (each takes about a minute on CI's two cores); the other decoder
+    (Swin-UMamba†) is exported by the hybrid-encoder test.
+    """
+    root = tmp_path_factory.mktemp("export")
+    path, model = _checkpoint(root / "best.safetensors", "swin_umamba")
     assert main(["export", "--checkpoint", str(path), "--modality", "ct", "--out", str(root / "export")]) == 0
     return path, model, root / "export" / "ct.onnx"
 
@@ -109,8 +113,9 @@ def test_export_refuses_a_modality_the_checkpoint_has_no_encoder_for(tmp_path, c
 
 
 def test_the_hybrid_encoder_exports_too(tmp_path):
-    """Swin-UMamba with window-attention blocks in its encoder (encoder_block = hybrid)."""
-    config = dataclasses.replace(TINY_MODEL, encoder_block="hybrid", modalities=("ct",), num_heads=(1, 2, 4, 8))
+    """Swin-UMamba† (variant d) with window-attention blocks in its encoder (encoder_block = hybrid)."""
+    config = dataclasses.replace(TINY_MODEL, variant="swin_umamba_d", encoder_block="hybrid", modalities=("ct",))
+    config = dataclasses.replace(config, num_heads=(1, 2, 4, 8))
     config = dataclasses.replace(config, window_size=2)
     torch.manual_seed(2)
     model = build_model(config).eval()
