@@ -114,9 +114,14 @@ def test_export_refuses_a_modality_the_checkpoint_has_no_encoder_for(tmp_path, c
 
 def test_the_hybrid_encoder_exports_too(tmp_path):
     """Swin-UMamba† (variant d) with window-attention blocks in its encoder (encoder_block = hybrid)."""
-    config = dataclasses.replace(TINY_MODEL, variant="swin_umamba_d", encoder_block="hybrid", modalities=("ct",))
-    config = dataclasses.replace(config, num_heads=(1, 2, 4, 8))
-    config = dataclasses.replace(config, window_size=2)
+    config = dataclasses.replace(
+        TINY_MODEL,
+        variant="swin_umamba_d",
+        encoder_block="hybrid",
+        modalities=("ct",),
+        num_heads=(1, 2, 4, 8),
+        window_size=2,
+    )
     torch.manual_seed(2)
     model = build_model(config).eval()
     path = Checkpoint(model.state_dict(), config, CLASSES).save(tmp_path / "hybrid.safetensors")
