@@ -45,7 +45,17 @@ from fed_swinumamba.privacy import (
     study_ledger,
     train_private,
 )
-from fed_swinumamba.protocol import ARRAYS, COMPRESSED, CONFIG, FULL_SYNC, METRICS, SITE, Instructions, TrainReply
+from fed_swinumamba.protocol import (
+    ARRAYS,
+    COMPRESSED,
+    CONFIG,
+    FULL_SYNC,
+    METRICS,
+    SITE,
+    TEST,
+    Instructions,
+    TrainReply,
+)
 from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
 from fed_swinumamba.training import TrainResult, evaluate_cases, round_seed, train_local
 
@@ -448,11 +458,11 @@ class SiteRound:
             return None  # no Ditto step this round yet (e.g. the site did not train)
         return held.build_model().to(self.device)
 
-    def _score(self, model: nn.Module, cases: list, held_out: int, split: str):
+    def _score(self, model: nn.Module, cases: list, held_out: int, split: str, full_split_cases: int):
         ins = self.instructions
         patch = self.config.training.patch_size
         result = evaluate_cases(model, self.config.modality, cases, ins.class_names, patch, ins.nsd_tolerance_mm)
-        return result, result.reply(held_out, split)
+        return result, dataclasses.replace(result.reply(held_out, split), full_split_cases=full_split_cases)
 
     def evaluate(self) -> RecordDict:
         """Scores of the model on the held-out split the instructions name (the test cases if the site keeps
@@ -464,10 +474,11 @@ class SiteRound:
         ins, data = self.instructions, self._data()
         split, held = data.held_out(ins.eval_split)
         cases = held[: ins.eval_cases] if ins.eval_cases else held
-        result, reply = self._score(self.model, cases, len(held), split)
+        full_split = len(data.held_out(TEST)[1])  # what the final evaluation will score: its wait is sized by it
+        result, reply = self._score(self.model, cases, len(held), split, full_split)
         personal = self._personal_model(data)
         if personal is not None:
-            own, own_reply = self._score(personal, cases, len(held), split)
+            own, own_reply = self._score(personal, cases, len(held), split, full_split)
             private = privacy_spec(self.config.privacy, ins.dp).enabled
             log.info(
                 "site %s round %d: personal model on %d held-out cases: Dice %s%s",

@@ -285,6 +285,7 @@ class EvalReply:
     seconds_per_case: float
     personal: EvalReply | None = None  # the site's personal model on the same cases (scores only)
     split: str = VALIDATION  # the held-out split scored
+    full_split_cases: int = 0  # cases a full-split evaluation scores: the test split, or the validation split
 
     def to_metrics(self) -> dict[str, float]:
         metrics = {f"{score}-{c}": v for score in ("dice", "hd95", "nsd") for c, v in getattr(self, score).items()}
@@ -296,6 +297,7 @@ class EvalReply:
             "num-val-cases": self.held_out_cases,
             "eval-seconds-per-case": self.seconds_per_case,
             "eval-test-split": float(self.split == TEST),
+            "num-full-split-cases": self.full_split_cases,
         }
 
     @classmethod
@@ -311,6 +313,7 @@ class EvalReply:
             seconds_per_case=float(m["eval-seconds-per-case"]),
             personal=cls.from_metrics(personal, class_names) if personal else None,
             split=TEST if m["eval-test-split"] else VALIDATION,
+            full_split_cases=int(m["num-full-split-cases"]),
         )
 
     def record(self) -> dict:

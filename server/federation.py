@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 
 import numpy as np
@@ -25,6 +26,7 @@ from fed_swinumamba.logs import NOT_PRIVATE, prefixed
 from fed_swinumamba.model import normalisation_state_names
 from fed_swinumamba.model.pretrained import initial_model
 from fed_swinumamba.params import keeps_modality_norms, split_norms
+from fed_swinumamba.protocol import EvalReply
 
 from .records import NOT_PRIVATE_MARK, RoundRecord, SiteRecord
 from .report import score_text, write_report
@@ -132,8 +134,8 @@ class Federation:
                 )
             return self._run()
 
-    def _send(self, messages) -> list:
-        return list(self.grid.send_and_receive(messages, timeout=self.s.round_timeout))
+    def _send(self, messages, timeout: float | None = None) -> list:
+        return list(self.grid.send_and_receive(messages, timeout=timeout or self.s.round_timeout))
 
     def _run(self) -> list[dict]:
         strategy, no_arrays = self.strategy, to_arrays({})  # the strategy sends from its own weights
@@ -166,9 +168,19 @@ class Federation:
         """The global model (or the model ``weights`` called ``name``) scored at every node: site -> metrics.json entry."""
         config = ConfigRecord({EVAL_MODEL: name, EVAL_FULL_SPLIT: full_split})
         strategy = self.strategy
+        timeout = None
+        if full_split:  # the sites' last timings size the wait (the global model's: also the personal model's)
+            models = 2 if not name and self.s.personal.method != "none" else 1
+            timeout = full_split_timeout(self.s.round_timeout, strategy.evaluations.values(), models)
+            log.info(
+                "round %d: %s on every held-out case, waiting up to %.0f s",
+                server_round,
+                name or "global model",
+                timeout,
+            )
         strategy.aggregate_evaluate(
             server_round,
-            self._send(strategy.configure_evaluate(server_round, to_arrays(weights or {}), config, self.grid)),
+            self._send(strategy.configure_evaluate(server_round, to_arrays(weights or {}), config, self.grid), timeout),
         )
         strategy.records.pop(server_round, None)
         return {
@@ -254,6 +266,19 @@ class Federation:
         tmp = self.out / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=1, default=str))
         tmp.replace(self.out / "metrics.json")
+
+
+FULL_SPLIT_MARGIN = 2.0  # a full split's cases can be larger than the round's subset, and a personal model trains first
+
+
+def full_split_timeout(round_timeout: float, evaluations: Iterable[tuple[str, EvalReply]], models: int) -> float:
+    """Seconds to wait for an evaluation of every held-out case: the slowest site's seconds per case (as its
+    last evaluation measured them) times the cases of its full split times the ``models`` it scores, with
+    a margin; never less than ``round_timeout``. A round scores a subset (``eval-cases``) that fits the
+    round's wait; the end scores every case, which at a hospital with many full-size volumes does not
+    (issue 13: twenty 512 x 512 CT volumes take 13 min per model on two cores)."""
+    needed = [FULL_SPLIT_MARGIN * e.seconds_per_case * e.full_split_cases * models for _, e in evaluations]
+    return max([round_timeout, *needed])
 
 
 def cross_site_table(result: dict) -> str:

@@ -103,7 +103,9 @@ class ScriptedGrid:
 
     Queries are answered with the site's name and modality (``modalities``, CT by default). A site in
     ``offline`` answers no train message: the SuperLink's own error reply for a node that stopped
-    sending heartbeats comes instead.
+    sending heartbeats comes instead. ``eval_timing`` gives a site's evaluations their seconds per case
+    and the cases of its full split (0.1 s and 1 case by default); ``waits`` keeps each exchange's
+    messages and the timeout it was given.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class ScriptedGrid:
         num_examples: dict[str, int] | None = None,
         offline: tuple[str, ...] = (),
         modalities: dict[str, str] | None = None,
+        eval_timing: dict[str, tuple[float, int]] | None = None,
     ):
         self.steps = steps  # site -> value added to every weight it trains (NaN: a diverged site)
         self.num_examples = num_examples or dict.fromkeys(steps, 10)
@@ -124,11 +127,15 @@ class ScriptedGrid:
         self.held_at_train: dict[tuple[int, str], dict[str, np.ndarray]] = {}
         self.residuals: dict[str, dict[str, np.ndarray]] = {site: {} for site in steps}
         self.replies: list[Message] = []
+        self.eval_timing = eval_timing or {}
+        self.waits: list[tuple[list[Message], float | None]] = []
 
     def get_node_ids(self):
         return list(self.nodes)
 
     def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.waits.append((messages, timeout))
         replies = []
         for i, msg in enumerate(messages):
             msg.metadata.__dict__["_message_id"] = f"m{i}"  # as a grid numbers what it pushes
@@ -161,6 +168,7 @@ class ScriptedGrid:
                 if not ins.foreign_model:
                     self._sync(site, ins, msg.content)
                 classes = ("organ", "lesion")
+                seconds_per_case, full_split_cases = self.eval_timing.get(site, (0.1, 1))
                 scores = EvalReply(
                     dict.fromkeys(classes, 0.5),
                     dict.fromkeys(classes, 3.0),
@@ -169,7 +177,8 @@ class ScriptedGrid:
                     0.5,
                     1,
                     1,
-                    0.1,
+                    seconds_per_case,
+                    full_split_cases=full_split_cases,
                 )
                 content = RecordDict({METRICS: MetricRecord(scores.to_metrics()), SITE: identity})
             metadata = Metadata(

@@ -69,6 +69,39 @@ def test_without_a_subset_the_rounds_score_every_validation_case_and_the_end_eve
     assert json.loads((tmp_path / "metrics.json").read_text())["final_evaluation"]["global"]["round"] == 1
 
 
+@pytest.mark.parametrize("personalization, final_wait, best_wait", [("finetune", 2400, 1200), ("none", 1200, 1200)])
+def test_the_end_waits_as_long_as_the_sites_last_timings_say_every_case_takes(
+    tmp_path, personalization, final_wait, best_wait
+):
+    """A round scores a subset within round-timeout; the end scores every case of the full split, which a
+    site's last evaluation measured: site_a's 20 cases at 30 s each, twice over, for the global model and
+    (finetune) the personal model scored beside it: 2 x 30 x 20 x 2 = 2400 s; site_b's 5 cases at 1 s do
+    not need the round's 900 s, which stays the least."""
+    grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02}, eval_timing={"site_a": (30.0, 20), "site_b": (1.0, 5)})
+    overrides = {"num-server-rounds": 2, "round-timeout": 900.0, "personalization": personalization}
+    Federation(grid, _settings(tmp_path, **overrides)).run()
+    waits = []
+    for messages, timeout in grid.waits:
+        kind = messages[0].metadata.message_type
+        if kind == MessageType.EVALUATE:
+            ins = Instructions.from_config(messages[0].content[CONFIG])
+            kind = "final" if ins.final_evaluation else "best" if ins.foreign_model else "round"
+        waits.append((kind, timeout))
+    assert waits == [
+        (MessageType.QUERY, 900.0),
+        (MessageType.TRAIN, 900.0),
+        ("round", 900.0),
+        (MessageType.TRAIN, 900.0),
+        ("round", 900.0),
+        ("final", final_wait),
+        ("best", best_wait),  # round 1's model: no personal model beside it
+    ]
+
+    grid = ScriptedGrid({"site_b": 0.02}, eval_timing={"site_b": (1.0, 5)})
+    Federation(grid, _settings(tmp_path / "fast", **overrides)).run()
+    assert {timeout for _, timeout in grid.waits} == {900.0}
+
+
 @pytest.mark.parametrize("overrides", [{"eval-cases": -1}, {"nsd-tolerance-mm": "1,2,3"}, {"nsd-tolerance-mm": "-2"}])
 def test_bad_evaluation_settings_are_refused(tmp_path, overrides):
     with pytest.raises(ValueError, match=next(iter(overrides))):
@@ -90,10 +123,10 @@ def test_a_site_with_a_test_split_scores_it_only_when_told(three_sites, tmp_path
     site_yaml = tmp_path / "ct.yaml"
     root = load_site_config(three_sites[0]).data.root
     text = three_sites[0].read_text().replace("root: ct_site", f"root: {root}")
-    site_yaml.write_text(text + "split:\n  val_fraction: 0.25\n  test_fraction: 0.25\n")
+    site_yaml.write_text(text + "split:\n  val_fraction: 0.25\n  test_fraction: 0.5\n")
     site = load_site_config(site_yaml)
     data = SiteData.from_config(site, ["organ", "lesion"])
-    assert len(data.val_cases) == len(data.test_cases) == 1 and len(data.train_cases) == 2
+    assert (len(data.val_cases), len(data.test_cases), len(data.train_cases)) == (1, 2, 1)
     context = Context(
         run_id=1, node_id=1, node_config={"site-config": str(site_yaml)}, state=RecordDict(), run_config={}
     )
@@ -109,4 +142,6 @@ def test_a_site_with_a_test_split_scores_it_only_when_told(three_sites, tmp_path
         )
         scored[split] = EvalReply.from_metrics(client_app.evaluate(msg, context).content[METRICS], ("organ", "lesion"))
     assert [scored[s].split for s in (VALIDATION, TEST)] == [VALIDATION, TEST]
-    assert scored[TEST].held_out_cases == 1 and scored[TEST].record()["split"] == "test"
+    assert [scored[s].held_out_cases for s in (VALIDATION, TEST)] == [1, 2] and scored[TEST].record()["split"] == "test"
+    # both tell the coordinator how many cases the final evaluation will score, which sizes its wait
+    assert [scored[s].full_split_cases for s in (VALIDATION, TEST)] == [2, 2]
