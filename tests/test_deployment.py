@@ -229,13 +229,19 @@ def _payload_bytes(modality: str) -> int:
     )
 
 
-# ---------------------------------------------------------------------------------------------- first run
+# ------------------------------------------------------------------------------------------- the run
+RUN = {"num-server-rounds": 3, "min-train-sites": 2, "eval-interval": 3}
+
+
 @pytest.fixture(scope="module")
-def first_run(deployment, tmp_path_factory):
-    """Two rounds with the three hospitals, while a node with an unregistered key and a registered node
-    holding another CA's certificate try to join."""
-    d = deployment
-    out = tmp_path_factory.mktemp("first-run")
+def run(deployment, tmp_path_factory):
+    """The module's one federated run, with what goes wrong in a real one (a single run: every Flower
+    message starts a ClientApp process, so each round costs tens of seconds on a CPU):
+
+    - a node with an unregistered key and a registered node holding another CA's certificate try to join;
+    - hospital_a's SuperNode is killed mid-way through round 1 and restarted once round 1 is over;
+    - the coordinator's SuperLink is killed once round 2 is recorded, restarted, and the run resumed."""
+    d, out = deployment, tmp_path_factory.mktemp("run")
     d.command("client", "make-key", "--site", "intruder", "--out", d.root / "keys")  # never registered
     d.command("client", "make-key", "--site", "lost_ca", "--out", d.root / "keys")
     lost_ca_node = d.register("lost_ca")
@@ -244,12 +250,30 @@ def first_run(deployment, tmp_path_factory):
     intruder_site.write_text(d.sites["hospital_a"].read_text().replace("site: demo_ct", "site: intruder_site"))
     intruder = d.start_stranger("intruder", intruder_site, d.ca)
     lost_ca = d.start_stranger("lost_ca", d.sites["hospital_b"], d.root / "other-certs" / "ca.crt")
-    output = d.run(out)
-    run_id = int(re.search(r"Run (\d+) started", output).group(1))
+
+    received = d.hospital_log("hospital_a").read_text().count("Receiving: train message")
+    interrupted_run = d.start_run(out, **RUN)
+    _wait_until(
+        lambda: d.hospital_log("hospital_a").read_text().count("Receiving: train message") > received,
+        600,
+        "hospital_a's train message",
+    )
+    stop(d.hospital_pid("hospital_a"), signals=(signal.SIGKILL,))  # a crash: no goodbye to the SuperLink
+    _wait_until(lambda: len(_rounds(out)) == 1, 600, "round 1 without hospital_a")
+    d.start_hospital("hospital_a")
+    _wait_until(lambda: len(_rounds(out)) == 2, 600, "round 2")
+    before = _rounds(out)
+    stop(d.superlink_pid(), signals=(signal.SIGKILL,))  # the coordinator's machine fails
+    interrupted, _ = interrupted_run.communicate(timeout=300)
+    d.start_superlink()  # same certificates and database
+    resumed = d.run(out, resume=True, **RUN)
     return {
         "out": out,
-        "output": output,
-        "run_id": run_id,
+        "before": before,
+        "after": _rounds(out),
+        "interrupted": interrupted,
+        "resumed": resumed,
+        "resumed_run_id": int(re.search(r"Run (\d+) started", resumed).group(1)),
         "intruder": intruder,
         "lost_ca": lost_ca,
         "lost_ca_node": lost_ca_node,
@@ -257,24 +281,24 @@ def first_run(deployment, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_three_hospitals_train_and_evaluate_two_rounds_over_tls(first_run):
-    assert f"Run {first_run['run_id']}: finished:completed" in first_run["output"], first_run["output"][-3000:]
-    rounds = _rounds(first_run["out"])
-    assert [(r["round"], r["stage"]) for r in rounds] == [(1, 0), (2, 1)]
-    for rnd in rounds:
-        assert {site: s["modality"] for site, s in rnd["sites"].items()} == {
+def test_three_hospitals_train_and_evaluate_over_tls(run):
+    final = json.loads((run["out"] / "metrics.json").read_text())["final_evaluation"]["global"]["sites"]
+    evaluated = run["after"][2]["sites"]
+    for sites in (evaluated, final):
+        assert {site: s["modality"] for site, s in sites.items()} == {
             "demo_ct": "ct",
             "demo_mri": "mri",
             "demo_us": "us",
         }
-        for site in rnd["sites"].values():
-            assert "errors" not in site and site["num_examples"] > 0
+        for site in sites.values():
+            assert "errors" not in site
             assert set(site["dice"]) == {"organ", "lesion"} and 0.0 <= site["dice_mean"] <= 1.0
+    assert all(s["num_examples"] > 0 for s in evaluated.values())
 
 
 @pytest.mark.slow
-def test_a_node_whose_key_is_not_registered_is_refused(deployment, first_run):
-    intruder = first_run["intruder"]
+def test_a_node_whose_key_is_not_registered_is_refused(deployment, run):
+    intruder = run["intruder"]
     assert not wait_for_output(intruder, JOINED, timeout=60)  # it exited without joining
     assert REFUSED in intruder.output()
     public = serialization.load_ssh_public_key((deployment.root / "keys" / "intruder.pub").read_bytes())
@@ -289,34 +313,36 @@ def test_a_node_whose_key_is_not_registered_is_refused(deployment, first_run):
         if "No SuperNode found with the given public key" in line
     ]
     assert any(pem_line in line for line in refusals)
-    assert all("intruder_site" not in rnd["sites"] for rnd in _rounds(first_run["out"]))
+    assert all("intruder_site" not in rnd["sites"] for rnd in run["after"])
 
 
 @pytest.mark.slow
-def test_a_node_without_the_coordinators_ca_cannot_connect(deployment, first_run):
-    lost_ca = first_run["lost_ca"]
+def test_a_node_without_the_coordinators_ca_cannot_connect(deployment, run):
+    lost_ca = run["lost_ca"]
     assert not wait_for_output(lost_ca, JOINED, timeout=60)
     assert "CERTIFICATE_VERIFY_FAILED" in lost_ca.output()
     status = {int(n["node-id"]): n for n in deployment.flwr("supernode", "list", CONNECTION)["nodes"]}
-    assert status[first_run["lost_ca_node"]]["status"] == "registered"  # registered, yet never online
-    assert status[first_run["lost_ca_node"]]["online-at"] == "N/A"
+    assert status[run["lost_ca_node"]]["status"] == "registered"  # registered, yet never online
+    assert status[run["lost_ca_node"]]["online-at"] == "N/A"
     assert all(status[deployment.node_ids[name]]["status"] == "online" for name in HOSPITALS)
 
 
 @pytest.mark.slow
-def test_only_weights_and_scalars_leave_a_site(deployment, first_run):
+def test_only_weights_and_scalars_leave_a_site(deployment, run):
+    """Every reply a hospital's audit log holds, in both runs (the interrupted one's too); the resumed run,
+    which nothing interrupts, replies exactly once per message it is sent."""
     parameter_names = set(build_model(SETTINGS.model_config).state_dict())
-    final = json.loads((first_run["out"] / "metrics.json").read_text())["final_evaluation"]
-    evaluations = 2 + 1 + ("best" in final)  # two rounds', the final model's, the best checkpoint's if another
+    final = json.loads((run["out"] / "metrics.json").read_text())["final_evaluation"]
+    evaluations = 1 + 1 + ("best" in final)  # round 3's, the final model's, the best checkpoint's if another
     for name, site in HOSPITALS.items():
-        lines = [json.loads(line) for line in deployment.audit_log(name).read_text().splitlines()]
-        replies = [line for line in lines if line["run_id"] == first_run["run_id"]]
-        identity = {"site": site, "modality": site.removeprefix("demo_")}
+        replies = [json.loads(line) for line in deployment.audit_log(name).read_text().splitlines()]
+        resumed = [r for r in replies if r["run_id"] == run["resumed_run_id"]]
         # the coordinator's first question: who is this node (before any weights are sent)
-        assert (
-            sorted(r["message_type"] for r in replies)
-            == [MessageType.EVALUATE] * evaluations + [MessageType.QUERY] + [MessageType.TRAIN] * 2
-        )
+        assert sorted(r["message_type"] for r in resumed) == [MessageType.EVALUATE] * evaluations + [
+            MessageType.QUERY
+        ] + [MessageType.TRAIN]
+        assert len(replies) > len(resumed)  # the interrupted run's replies are audited too
+        identity = {"site": site, "modality": site.removeprefix("demo_")}
         for reply in replies:
             if reply["message_type"] == MessageType.QUERY:
                 assert reply["content"] == {"site": {"type": "ConfigRecord", "values": identity}}
@@ -325,10 +351,10 @@ def test_only_weights_and_scalars_leave_a_site(deployment, first_run):
 
 
 @pytest.mark.slow
-def test_the_coordinators_outputs_never_name_a_sites_files(deployment, first_run):
-    out = first_run["out"]
+def test_the_coordinators_outputs_never_name_a_sites_files(deployment, run):
+    out = run["out"]
     outputs = {
-        "superlink log": deployment.superlink_log(), "run output": first_run["output"],
+        "superlink log": deployment.superlink_log(), "run output": run["interrupted"] + run["resumed"],
         "metrics.json": (out / "metrics.json").read_text(), "report.html": (out / "report.html").read_text(),
     }  # fmt: skip
     site_files = [str(deployment.data), *map(str, deployment.sites.values()), "case_0", ".nii"]
@@ -336,43 +362,15 @@ def test_the_coordinators_outputs_never_name_a_sites_files(deployment, first_run
         assert not [f for f in site_files if f in text], name
 
 
-# ------------------------------------------------------------------------------------------------ crashes
-CRASH_RUN = {"num-server-rounds": 3, "min-train-sites": 2, "eval-interval": 3}
-
-
-@pytest.fixture(scope="module")
-def crashes(deployment, tmp_path_factory):
-    """Three rounds: hospital_a's SuperNode is killed mid-way through round 1 and restarted once round 1
-    is over; the coordinator's SuperLink is killed once round 2 is recorded, restarted, and the run resumed."""
-    d, out = deployment, tmp_path_factory.mktemp("crashes")
-    received = d.hospital_log("hospital_a").read_text().count("Receiving: train message")
-    run = d.start_run(out, **CRASH_RUN)
-    _wait_until(
-        lambda: d.hospital_log("hospital_a").read_text().count("Receiving: train message") > received,
-        600,
-        "hospital_a's train message",
-    )
-    stop(d.hospital_pid("hospital_a"), signals=(signal.SIGKILL,))  # a crash: no goodbye to the SuperLink
-    _wait_until(lambda: len(_rounds(out)) == 1, 600, "round 1 without hospital_a")
-    d.start_hospital("hospital_a")
-    _wait_until(lambda: len(_rounds(out)) == 2, 600, "round 2")
-    before = _rounds(out)
-    stop(d.superlink_pid(), signals=(signal.SIGKILL,))  # the coordinator's machine fails
-    interrupted, _ = run.communicate(timeout=300)
-    d.start_superlink()  # same certificates and database
-    resumed = d.run(out, resume=True, **CRASH_RUN)
-    return {"before": before, "after": _rounds(out), "interrupted": interrupted, "resumed": resumed}
-
-
 @pytest.mark.slow
-def test_a_hospital_killed_mid_round_rejoins_and_trains_on_the_whole_model(deployment, crashes):
+def test_a_hospital_killed_mid_round_rejoins_and_trains_on_the_whole_model(deployment, run):
     """Round 1 ends with the two others; in round 2 the restarted site gets every weight and trains."""
-    first, second = crashes["before"]
+    first, second = run["before"]
     crashed = "demo_ct"  # it answered the coordinator's identity query before it was killed mid-training
     assert set(first["sites"]) == {crashed, "demo_mri", "demo_us"}
     assert [e.split(":")[0] for e in first["sites"][crashed]["errors"]] == ["train"]
     assert all(first["sites"][s]["num_examples"] > 0 for s in ("demo_mri", "demo_us"))
-    assert "fewer than min-train-sites" not in crashes["interrupted"]  # two of the two required: aggregated
+    assert "fewer than min-train-sites" not in run["interrupted"]  # two of the two required: aggregated
     assert second["stage"] == 1 and set(second["sites"]) == set(HOSPITALS.values())
     assert all("errors" not in s and s["num_examples"] > 0 for s in second["sites"].values())
     assert second["sites"]["demo_ct"]["bytes_down"] >= _payload_bytes("ct")  # everything again
@@ -380,13 +378,13 @@ def test_a_hospital_killed_mid_round_rejoins_and_trains_on_the_whole_model(deplo
 
 
 @pytest.mark.slow
-def test_the_coordinator_killed_after_a_round_resumes_at_the_next(crashes):
-    assert "finished:completed" not in crashes["interrupted"]
-    assert "finished:completed" in crashes["resumed"], crashes["resumed"][-3000:]
-    assert "round 2 done, stage 1" in crashes["resumed"]
-    after = crashes["after"]
+def test_the_coordinator_killed_after_a_round_resumes_at_the_next(run):
+    assert "finished:completed" not in run["interrupted"]
+    assert f"Run {run['resumed_run_id']}: finished:completed" in run["resumed"], run["resumed"][-3000:]
+    assert "round 2 done, stage 1" in run["resumed"]
+    after = run["after"]
     assert [(r["round"], r["stage"]) for r in after] == [(1, 0), (2, 1), (3, 2)]
-    assert after[:2] == crashes["before"]  # the history survived
+    assert after[:2] == run["before"]  # the history survived
     assert set(after[2]["sites"]) == set(HOSPITALS.values())  # the SuperNodes came back by themselves
     assert all("errors" not in s and s["num_examples"] > 0 and "dice" in s for s in after[2]["sites"].values())
 
