@@ -462,7 +462,7 @@ class SiteRound:
         ins = self.instructions
         patch = self.config.training.patch_size
         result = evaluate_cases(model, self.config.modality, cases, ins.class_names, patch, ins.nsd_tolerance_mm)
-        return result, dataclasses.replace(result.reply(held_out, split), full_split_cases=full_split_cases)
+        return result, result.reply(held_out, split, full_split_cases)
 
     def evaluate(self) -> RecordDict:
         """Scores of the model on the held-out split the instructions name (the test cases if the site keeps
@@ -474,11 +474,11 @@ class SiteRound:
         ins, data = self.instructions, self._data()
         split, held = data.held_out(ins.eval_split)
         cases = held[: ins.eval_cases] if ins.eval_cases else held
-        full_split = len(data.held_out(TEST)[1])  # what the final evaluation will score: its wait is sized by it
-        result, reply = self._score(self.model, cases, len(held), split, full_split)
+        full_split_cases = len(data.held_out(TEST)[1])  # the final evaluation scores these: it is waited for
+        result, reply = self._score(self.model, cases, len(held), split, full_split_cases)
         personal = self._personal_model(data)
         if personal is not None:
-            own, own_reply = self._score(personal, cases, len(held), split, full_split)
+            own, own_reply = self._score(personal, cases, len(held), split, full_split_cases)
             private = privacy_spec(self.config.privacy, ins.dp).enabled
             log.info(
                 "site %s round %d: personal model on %d held-out cases: Dice %s%s",

@@ -313,7 +313,7 @@ class EvalReply:
             seconds_per_case=float(m["eval-seconds-per-case"]),
             personal=cls.from_metrics(personal, class_names) if personal else None,
             split=TEST if m["eval-test-split"] else VALIDATION,
-            full_split_cases=int(m["num-full-split-cases"]),
+            full_split_cases=int(m["num-full-split-cases"]),  # a site of the same app version sends it
         )
 
     def record(self) -> dict:
@@ -328,4 +328,5 @@ class EvalReply:
             "held_out_cases": self.held_out_cases,
             "eval_s_per_case": self.seconds_per_case,
             "split": self.split,
+            "full_split_cases": self.full_split_cases,
         }

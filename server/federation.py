@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from contextlib import nullcontext
 
 import numpy as np
@@ -26,12 +26,11 @@ from fed_swinumamba.logs import NOT_PRIVATE, prefixed
 from fed_swinumamba.model import normalisation_state_names
 from fed_swinumamba.model.pretrained import initial_model
 from fed_swinumamba.params import keeps_modality_norms, split_norms
-from fed_swinumamba.protocol import EvalReply
 
 from .records import NOT_PRIVATE_MARK, RoundRecord, SiteRecord
 from .report import score_text, write_report
 from .settings import FederationSettings
-from .strategy import EVAL_FULL_SPLIT, EVAL_MODEL, ModalityAwareStrategy, to_arrays
+from .strategy import EVAL_FULL_SPLIT, EVAL_MODEL, EVAL_WAIT, ModalityAwareStrategy, to_arrays
 
 log = logging.getLogger("fed_swinumamba.server")
 
@@ -135,7 +134,8 @@ class Federation:
             return self._run()
 
     def _send(self, messages, timeout: float | None = None) -> list:
-        return list(self.grid.send_and_receive(messages, timeout=timeout or self.s.round_timeout))
+        wait = self.s.round_timeout if timeout is None else timeout
+        return list(self.grid.send_and_receive(messages, timeout=wait))
 
     def _run(self) -> list[dict]:
         strategy, no_arrays = self.strategy, to_arrays({})  # the strategy sends from its own weights
@@ -166,26 +166,37 @@ class Federation:
         self, server_round: int, name: str = "", weights: dict[str, np.ndarray] | None = None, full_split: bool = False
     ) -> dict[str, dict]:
         """The global model (or the model ``weights`` called ``name``) scored at every node: site -> metrics.json entry."""
-        config = ConfigRecord({EVAL_MODEL: name, EVAL_FULL_SPLIT: full_split})
-        strategy = self.strategy
-        timeout = None
-        if full_split:  # the sites' last timings size the wait (the global model's: also the personal model's)
-            models = 2 if not name and self.s.personal.method != "none" else 1
-            timeout = full_split_timeout(self.s.round_timeout, strategy.evaluations.values(), models)
+        wait = self.s.round_timeout
+        if full_split:  # every case: the sites' own timings say how long that takes
+            personal = self.s.personal if not name else None  # scored beside the global model only
+            models = 1 if personal is None or personal.method == "none" else 2
+            finetune = personal.finetune_steps if personal is not None and personal.method == "finetune" else 0
+            wait = full_split_timeout(self.s.round_timeout, self._site_timings(), models, finetune)
             log.info(
-                "round %d: %s on every held-out case, waiting up to %.0f s",
-                server_round,
-                name or "global model",
-                timeout,
+                "round %d: %s on every held-out case, waiting up to %.0f s", server_round, name or "global model", wait
             )
+        config = ConfigRecord({EVAL_MODEL: name, EVAL_FULL_SPLIT: full_split, EVAL_WAIT: wait})
+        strategy = self.strategy
         strategy.aggregate_evaluate(
             server_round,
-            self._send(strategy.configure_evaluate(server_round, to_arrays(weights or {}), config, self.grid), timeout),
+            self._send(strategy.configure_evaluate(server_round, to_arrays(weights or {}), config, self.grid), wait),
         )
         strategy.records.pop(server_round, None)
         return {
             site: {"modality": modality, **scores.record()} for site, (modality, scores) in strategy.evaluations.items()
         }
+
+    def _site_timings(self) -> dict[str, dict]:
+        """Each site's newest figures as metrics.json keeps them (seconds per case, the cases of its full split,
+        training seconds and steps), this process's last evaluation over them: a resumed run, and a site whose
+        last evaluation failed, keep the earlier ones."""
+        latest: dict[str, dict] = {}
+        for record in self.history:
+            for site, entry in record["sites"].items():
+                latest[site] = {**latest.get(site, {}), **entry}
+        for site, (_, scores) in self.strategy.evaluations.items():
+            latest[site] = {**latest.get(site, {}), **scores.record()}
+        return latest
 
     def _final_evaluation(self, server_round: int) -> dict:
         """The rounds scored the sites' validation cases (``eval-cases`` of them, or all), which chose the
@@ -268,16 +279,23 @@ class Federation:
         tmp.replace(self.out / "metrics.json")
 
 
-FULL_SPLIT_MARGIN = 2.0  # a full split's cases can be larger than the round's subset, and a personal model trains first
+FULL_SPLIT_MARGIN = 2.0  # a full split's cases can be larger than those a round scored
 
 
-def full_split_timeout(round_timeout: float, evaluations: Iterable[tuple[str, EvalReply]], models: int) -> float:
-    """Seconds to wait for an evaluation of every held-out case: the slowest site's seconds per case (as its
-    last evaluation measured them) times the cases of its full split times the ``models`` it scores, with
-    a margin; never less than ``round_timeout``. A round scores a subset (``eval-cases``) that fits the
+def full_split_timeout(round_timeout: float, sites: Mapping[str, Mapping], models: int, finetune_steps: int) -> float:
+    """Seconds to wait for an evaluation of every held-out case, from the sites' own figures (metrics.json's
+    site entries): per site, its seconds per case times the cases of its full split times the ``models`` it
+    scores, plus the ``finetune_steps`` it first trains at its last seconds per step; the largest of these
+    with a margin, never less than ``round_timeout``. A round scores a subset (``eval-cases``) that fits the
     round's wait; the end scores every case, which at a hospital with many full-size volumes does not
-    (issue 13: twenty 512 x 512 CT volumes take 13 min per model on two cores)."""
-    needed = [FULL_SPLIT_MARGIN * e.seconds_per_case * e.full_split_cases * models for _, e in evaluations]
+    (benchmarks/RESULTS.md: twenty 512 x 512 CT volumes take 9 min per model on two cores)."""
+    needed = []
+    for entry in sites.values():
+        seconds = entry.get("eval_s_per_case", 0.0) * entry.get("full_split_cases", 0) * models
+        train_s, steps = entry.get("timing", {}).get("train_s"), entry.get("steps")
+        if finetune_steps and train_s and steps:  # a DP site keeps its training time to itself
+            seconds += train_s / steps * finetune_steps
+        needed.append(FULL_SPLIT_MARGIN * seconds)
     return max([round_timeout, *needed])
 
 

@@ -39,7 +39,7 @@ class SiteRecord:
                 out |= {key: getattr(self, key)} if getattr(self, key) is not None else {}
         t = self.training
         if t is not None:
-            out["num_examples"] = t.num_patients
+            out |= {"num_examples": t.num_patients, "steps": t.steps}
             if t.train_loss is not None:
                 out |= {"train_loss": t.train_loss, "timing": {"first_batch_s": t.first_batch_s, "train_s": t.train_s}}
             if t.dp is not None:

@@ -60,7 +60,7 @@ log = logging.getLogger("fed_swinumamba.server")
 
 # configure_evaluate's config: which model the arrays are ("" = the global model) and whether every
 # held-out case is scored rather than the run's per-round subset.
-EVAL_MODEL, EVAL_FULL_SPLIT = "model", "full-split"
+EVAL_MODEL, EVAL_FULL_SPLIT, EVAL_WAIT = "model", "full-split", "wait-s"
 
 
 @dataclass
@@ -97,6 +97,7 @@ class ModalityAwareStrategy(Strategy):
         self.evaluations: dict[str, tuple[str, EvalReply]] = {}  # the last evaluation: site -> (modality, scores)
         self._sent: list[Message] = []  # the messages whose replies the next aggregate_* call gets
         self._evaluated = ""  # the model those messages evaluate ("" = the global model)
+        self._wait = settings.round_timeout  # seconds the driver waits for their replies
         self._bytes_down: dict[int, tuple[int, int]] = {}  # node -> bytes sent, as float32
         self._site_dp_state: dict | None = None
         # With compression: what each node holds of the global model (its site's names), from which the
@@ -119,6 +120,7 @@ class ModalityAwareStrategy(Strategy):
         """Messages for the round's sampled sites. ``arrays`` is not used: each node gets the part of the
         strategy's global weights that it lacks, from the version it holds."""
         nodes = sorted(grid.get_node_ids())
+        self._wait = self.s.round_timeout
         self._start_site_dp(len(nodes))
         if self.site_dp and not self.site_dp.budget_allows_round():
             log.warning(
@@ -183,6 +185,7 @@ class ModalityAwareStrategy(Strategy):
         used, as in training), or the model in ``arrays`` named by ``config['model']``, which each node
         evaluates with its own modality's encoder from it and then forgets."""
         full_split = bool(config.get(EVAL_FULL_SPLIT, False))
+        self._wait = float(config.get(EVAL_WAIT, self.s.round_timeout))
         nodes = sorted(grid.get_node_ids())
         name = self._evaluated = str(config.get(EVAL_MODEL, ""))
         if not name:
@@ -464,7 +467,7 @@ class ModalityAwareStrategy(Strategy):
                 )
             ok.append(reply)
         for node in sorted({m.metadata.dst_node_id for m in sent} - answered):
-            self._failed(node, server_round, message_type, f"no reply within {self.s.round_timeout:.0f} s")
+            self._failed(node, server_round, message_type, f"no reply within {self._wait:.0f} s")
         return ok
 
     def _failed(self, node: int, server_round: int, message_type: str, reason: str) -> None:
