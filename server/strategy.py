@@ -97,7 +97,7 @@ class ModalityAwareStrategy(Strategy):
         self.evaluations: dict[str, tuple[str, EvalReply]] = {}  # the last evaluation: site -> (modality, scores)
         self._sent: list[Message] = []  # the messages whose replies the next aggregate_* call gets
         self._evaluated = ""  # the model those messages evaluate ("" = the global model)
-        self._wait = settings.round_timeout  # seconds the driver waits for their replies
+        self._evaluation_wait = settings.round_timeout  # seconds the driver waits for that evaluation's replies
         self._bytes_down: dict[int, tuple[int, int]] = {}  # node -> bytes sent, as float32
         self._site_dp_state: dict | None = None
         # With compression: what each node holds of the global model (its site's names), from which the
@@ -120,7 +120,6 @@ class ModalityAwareStrategy(Strategy):
         """Messages for the round's sampled sites. ``arrays`` is not used: each node gets the part of the
         strategy's global weights that it lacks, from the version it holds."""
         nodes = sorted(grid.get_node_ids())
-        self._wait = self.s.round_timeout
         self._start_site_dp(len(nodes))
         if self.site_dp and not self.site_dp.budget_allows_round():
             log.warning(
@@ -153,7 +152,7 @@ class ModalityAwareStrategy(Strategy):
         """The updated tensors (also applied to the strategy's global weights), or None when nothing was aggregated."""
         trained = [
             r
-            for r in self._answered(server_round, MessageType.TRAIN, replies)
+            for r in self._answered(server_round, MessageType.TRAIN, replies, self.s.round_timeout)
             if self._record_training(server_round, r)
         ]
         # Each reply's weights become arrays once; everything below works on these.
@@ -185,7 +184,7 @@ class ModalityAwareStrategy(Strategy):
         used, as in training), or the model in ``arrays`` named by ``config['model']``, which each node
         evaluates with its own modality's encoder from it and then forgets."""
         full_split = bool(config.get(EVAL_FULL_SPLIT, False))
-        self._wait = float(config.get(EVAL_WAIT, self.s.round_timeout))
+        self._evaluation_wait = float(config.get(EVAL_WAIT, self.s.round_timeout))
         nodes = sorted(grid.get_node_ids())
         name = self._evaluated = str(config.get(EVAL_MODEL, ""))
         if not name:
@@ -224,7 +223,7 @@ class ModalityAwareStrategy(Strategy):
                     EvalReply.from_metrics(reply.content[METRICS], self.s.class_names),
                 )
         else:
-            for reply in self._answered(server_round, MessageType.EVALUATE, replies):
+            for reply in self._answered(server_round, MessageType.EVALUATE, replies, self._evaluation_wait):
                 scores = EvalReply.from_metrics(reply.content[METRICS], self.s.class_names)
                 site = str(reply.content[SITE]["site"])
                 self.evaluations[site] = (str(reply.content[SITE]["modality"]), scores)
@@ -360,7 +359,10 @@ class ModalityAwareStrategy(Strategy):
             self._sent = queries
             list(
                 self._answered(
-                    server_round, MessageType.QUERY, grid.send_and_receive(queries, timeout=self.s.round_timeout)
+                    server_round,
+                    MessageType.QUERY,
+                    grid.send_and_receive(queries, timeout=self.s.round_timeout),
+                    self.s.round_timeout,
                 )
             )
         self._sent, self._bytes_down = [], {}
@@ -442,9 +444,9 @@ class ModalityAwareStrategy(Strategy):
             content[COMPRESSED] = ConfigRecord({"names": list(payload.names)})
         return Message(content=content, dst_node_id=node, message_type=message_type)
 
-    def _answered(self, server_round: int, message_type: str, replies: Iterable[Message]) -> list[Message]:
+    def _answered(self, server_round: int, message_type: str, replies: Iterable[Message], wait: float) -> list[Message]:
         """The successful replies to the messages last sent, each node's identity learnt; every failure
-        (an error reply, or none within the timeout) recorded and its node's state forgotten."""
+        (an error reply, or none within ``wait`` seconds) recorded and its node's state forgotten."""
         sent, sites = self._sent, self.records.setdefault(server_round, {})
         answered, ok = set(), []
         for reply in replies:
@@ -467,7 +469,7 @@ class ModalityAwareStrategy(Strategy):
                 )
             ok.append(reply)
         for node in sorted({m.metadata.dst_node_id for m in sent} - answered):
-            self._failed(node, server_round, message_type, f"no reply within {self._wait:.0f} s")
+            self._failed(node, server_round, message_type, f"no reply within {wait:.0f} s")
         return ok
 
     def _failed(self, node: int, server_round: int, message_type: str, reason: str) -> None:

@@ -105,6 +105,30 @@ def test_the_end_waits_as_long_as_the_sites_own_timings_say(tmp_path, personaliz
     assert {timeout for _, timeout in grid.waits} == {900.0}
 
 
+def test_a_site_silent_at_the_end_is_reported_with_the_wait_it_was_given(tmp_path, caplog):
+    """site_a (20 cases at 30 s, with Ditto's personal model) does not answer the final evaluation: its
+    error names the 2 x 30 x 20 x 2 = 2400 s waited for it there, not the round's 900 s."""
+    grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02}, eval_timing={"site_a": (30.0, 20), "site_b": (1.0, 5)})
+    answer = grid.send_and_receive
+
+    def without_site_a_at_the_end(messages, timeout=None):
+        replies = answer(messages, timeout)
+        final = [
+            m.metadata.message_type == MessageType.EVALUATE
+            and Instructions.from_config(m.content[CONFIG]).final_evaluation
+            for m in messages
+        ]
+        return [
+            r for r, m, f in zip(replies, messages, final) if not (f and grid.nodes[m.metadata.dst_node_id] == "site_a")
+        ]
+
+    grid.send_and_receive = without_site_a_at_the_end
+    overrides = {"num-server-rounds": 1, "round-timeout": 900.0, "personalization": "ditto"}
+    Federation(grid, _settings(tmp_path, **overrides)).run()
+    assert "round 1 evaluate: site site_a failed: no reply within 2400 s" in caplog.text
+    assert "no reply within 900 s" not in caplog.text
+
+
 @pytest.mark.parametrize("overrides", [{"eval-cases": -1}, {"nsd-tolerance-mm": "1,2,3"}, {"nsd-tolerance-mm": "-2"}])
 def test_bad_evaluation_settings_are_refused(tmp_path, overrides):
     with pytest.raises(ValueError, match=next(iter(overrides))):
