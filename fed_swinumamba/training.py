@@ -176,7 +176,8 @@ def predict_slices(
         chunk = torch.as_tensor(slices[start : start + slices_per_pass]).to(device, torch.float32)
         chunk = chunk[:, None] if chunk.ndim == 3 else chunk
         logits = sliding_window_inference(chunk, tuple(roi_size), sw_batch_size, network, overlap=0.25, mode="gaussian")
-        out[start : start + len(chunk)] = logits.argmax(dim=1).to(torch.uint8).cpu()
+        # Classes last and contiguous: argmax over the strided class axis took 15x longer (8% of a CT's prediction).
+        out[start : start + len(chunk)] = logits.movedim(1, -1).contiguous().argmax(dim=-1).to(torch.uint8).cpu()
     return out
 
 

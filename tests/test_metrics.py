@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fed_swinumamba import metrics
 from fed_swinumamba.metrics import ClassScores, ClassSummary, SiteScores, case_scores
 
 
@@ -129,11 +130,14 @@ def test_rejects_inputs_it_cannot_score():
         case_scores(labels.astype(np.float32), labels, num_classes=2, tolerance=1.0)
 
 
-def test_both_boundary_scores_equal_monais_own_functions_on_irregular_masks():
-    """One surface-distance pass gives what MONAI's HD95 and surface Dice compute separately."""
+@pytest.mark.parametrize("chunk", [metrics.SURFACE_CHUNK, 5], ids=["one-chunk", "many-chunks"])
+def test_both_boundary_scores_equal_monais_own_functions_on_irregular_masks(monkeypatch, chunk):
+    """One surface-distance pass gives what MONAI's HD95 and surface Dice compute separately, also when the
+    surfaces are searched in many small chunks (each plane of these masks holds more than 5 surface voxels)."""
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
     from scipy import ndimage
 
+    monkeypatch.setattr(metrics, "SURFACE_CHUNK", chunk)
     rng = np.random.default_rng(3)
     spacing = [0.8, 0.8, 2.5]
     for _ in range(3):
