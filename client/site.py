@@ -57,7 +57,7 @@ from fed_swinumamba.protocol import (
     TrainReply,
 )
 from fed_swinumamba.secure_random import KeyStream, reproducible_key, secure_key
-from fed_swinumamba.training import TrainResult, evaluate_cases, round_seed, train_local
+from fed_swinumamba.training import EvalResult, TrainResult, evaluate_cases, round_seed, train_local
 
 log = logging.getLogger("fed_swinumamba.client")
 
@@ -458,11 +458,37 @@ class SiteRound:
             return None  # no Ditto step this round yet (e.g. the site did not train)
         return held.build_model().to(self.device)
 
-    def _score(self, model: nn.Module, cases: list, held_out: int, split: str, full_split_cases: int):
+    def _score(self, model: nn.Module, cases: list) -> EvalResult:
         ins = self.instructions
         patch = self.config.training.patch_size
-        result = evaluate_cases(model, self.config.modality, cases, ins.class_names, patch, ins.nsd_tolerance_mm)
-        return result, result.reply(held_out, split, full_split_cases)
+        return evaluate_cases(model, self.config.modality, cases, ins.class_names, patch, ins.nsd_tolerance_mm)
+
+    def _keep_better(self, personal: nn.Module, data: SiteData) -> bool:
+        """At the final evaluation of a site that keeps a test split apart: score the personal model and the
+        global one on the validation cases, and if the global model scores better there, keep it as the
+        personal model (on disk too). Fine-tuning on a site's own cases can move it away from a global model
+        that the other sites' data had already made better for it (benchmarks/RESULTS.md); the choice is
+        made on cases the reported test scores never see. True when the global model was kept."""
+        ins = self.instructions
+        own, common = (self._score(m, data.val_cases).dice_mean for m in (personal, self.model))
+        kept_global = common > own
+        log.info(
+            "site %s: on its %d validation cases the personal model (%s) scores Dice %.3f, the global model %.3f: "
+            "keeping the %s model as its personal model",
+            self.config.site,
+            len(data.val_cases),
+            ins.personal.method,
+            own,
+            common,
+            "global" if kept_global else "personal",
+        )
+        if kept_global:
+            held = Checkpoint.load(self._personal_file())
+            extra = held.extra | {"kept": "global", "validation_dice": {"personal": own, "global": common}}
+            Checkpoint(
+                self.model.state_dict(), self.model_config, ins.class_names, ins.server_round, ins.stage.index, extra
+            ).save(self._personal_file())
+        return kept_global
 
     def evaluate(self) -> RecordDict:
         """Scores of the model on the held-out split the instructions name (the test cases if the site keeps
@@ -475,10 +501,16 @@ class SiteRound:
         split, held = data.held_out(ins.eval_split)
         cases = held[: ins.eval_cases] if ins.eval_cases else held
         full_split_cases = len(data.held_out(TEST)[1])  # the final evaluation scores these: it is waited for
-        result, reply = self._score(self.model, cases, len(held), split, full_split_cases)
+        selection_cases = len(data.val_cases) if data.test_cases else 0
+        result = self._score(self.model, cases)
+        reply = result.reply(len(held), split, full_split_cases, selection_cases)
         personal = self._personal_model(data)
         if personal is not None:
-            own, own_reply = self._score(personal, cases, len(held), split, full_split_cases)
+            kept_global = ins.final_evaluation and selection_cases > 0 and self._keep_better(personal, data)
+            own = result if kept_global else self._score(personal, cases)
+            own_reply = dataclasses.replace(
+                own.reply(len(held), split, full_split_cases, selection_cases), kept_global=kept_global
+            )
             private = privacy_spec(self.config.privacy, ins.dp).enabled
             log.info(
                 "site %s round %d: personal model on %d held-out cases: Dice %s%s",

@@ -228,11 +228,23 @@ class DPRecord:
 
     def record(self) -> dict:
         """As metrics.json states it."""
-        privacy = {name.replace("-", "_"): float(getattr(self, name.replace("-", "_"))) for name in self._FIELDS}
-        privacy |= {"budget_exhausted": float(self.budget_exhausted), "reproducible": float(self.reproducible)}
-        privacy |= {"budget": self.budget} if self.budget is not None else {}
-        privacy["unit"] = "patient" if self.patients_mapped else "patient = one image file (the site maps no patients)"
-        return privacy
+        record = {"personal": self.personal.record()} if self.personal else {}
+        record |= {
+            "dice": self.dice,
+            "hd95": self.hd95,
+            "nsd": self.nsd,
+            "hd95_unbounded": self.hd95_unbounded,
+            "dice_mean": self.dice_mean,
+            "num_val_cases": self.cases_scored,
+            "held_out_cases": self.held_out_cases,
+            "eval_s_per_case": self.seconds_per_case,
+            "split": self.split,
+            "full_split_cases": self.full_split_cases,
+            "selection_cases": self.selection_cases,
+        }
+        if self.kept_global:
+            record["kept_global"] = True
+        return record
 
 
 @dataclass(frozen=True)
@@ -286,6 +298,12 @@ class EvalReply:
     personal: EvalReply | None = None  # the site's personal model on the same cases (scores only)
     split: str = VALIDATION  # the held-out split scored
     full_split_cases: int = 0  # cases a full-split evaluation scores: the test split, or the validation split
+    # Validation cases on which a site with a test split apart chooses, at the final evaluation, between its
+    # personal model and the global one (each scored on them): 0 when it keeps no test split.
+    selection_cases: int = 0
+    # A personal model's reply at the final evaluation: the site compared it with the global model on its
+    # validation cases and kept the global one (it scored better there); the scores are then the global model's.
+    kept_global: bool = False
 
     def to_metrics(self) -> dict[str, float]:
         metrics = {f"{score}-{c}": v for score in ("dice", "hd95", "nsd") for c, v in getattr(self, score).items()}
@@ -298,6 +316,8 @@ class EvalReply:
             "eval-seconds-per-case": self.seconds_per_case,
             "eval-test-split": float(self.split == TEST),
             "num-full-split-cases": self.full_split_cases,
+            "num-selection-cases": self.selection_cases,
+            "kept-global": float(self.kept_global),
         }
 
     @classmethod
@@ -313,20 +333,27 @@ class EvalReply:
             seconds_per_case=float(m["eval-seconds-per-case"]),
             personal=cls.from_metrics(personal, class_names) if personal else None,
             split=TEST if m["eval-test-split"] else VALIDATION,
-            full_split_cases=int(m["num-full-split-cases"]),  # a site of the same app version sends it
+            full_split_cases=int(m["num-full-split-cases"]),  # a site of the same app version sends these
+            selection_cases=int(m["num-selection-cases"]),
+            kept_global=bool(m["kept-global"]),
         )
 
     def record(self) -> dict:
         """As metrics.json states it."""
-        return ({"personal": self.personal.record()} if self.personal else {}) | {
-            "dice": self.dice,
-            "hd95": self.hd95,
-            "nsd": self.nsd,
-            "hd95_unbounded": self.hd95_unbounded,
-            "dice_mean": self.dice_mean,
-            "num_val_cases": self.cases_scored,
-            "held_out_cases": self.held_out_cases,
-            "eval_s_per_case": self.seconds_per_case,
-            "split": self.split,
-            "full_split_cases": self.full_split_cases,
-        }
+        return (
+            ({"personal": self.personal.record()} if self.personal else {})
+            | {
+                "dice": self.dice,
+                "hd95": self.hd95,
+                "nsd": self.nsd,
+                "hd95_unbounded": self.hd95_unbounded,
+                "dice_mean": self.dice_mean,
+                "num_val_cases": self.cases_scored,
+                "held_out_cases": self.held_out_cases,
+                "eval_s_per_case": self.seconds_per_case,
+                "split": self.split,
+                "full_split_cases": self.full_split_cases,
+                "selection_cases": self.selection_cases,
+            }
+            | ({"kept_global": self.kept_global} if self.kept_global else {})
+        )

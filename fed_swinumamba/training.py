@@ -200,9 +200,12 @@ class EvalResult:
         valid = [v for v in self.dice.values() if not math.isnan(v)]
         return sum(valid) / len(valid) if valid else float("nan")
 
-    def reply(self, held_out_cases: int, split: str = VALIDATION, full_split_cases: int = 0) -> EvalReply:
+    def reply(
+        self, held_out_cases: int, split: str = VALIDATION, full_split_cases: int = 0, selection_cases: int = 0
+    ) -> EvalReply:
         """These scores as a site sends them (and metrics.json records them): of ``split``, out of its
-        ``held_out_cases``; a full-split evaluation of the site would score ``full_split_cases``."""
+        ``held_out_cases``; a full-split evaluation of the site would score ``full_split_cases``, and
+        ``selection_cases`` validation cases to choose its personal model."""
         return EvalReply(
             self.dice,
             self.hd95,
@@ -214,6 +217,7 @@ class EvalResult:
             self.seconds_per_case,
             split=split,
             full_split_cases=full_split_cases,
+            selection_cases=selection_cases,
         )
 
 

@@ -213,7 +213,13 @@ def score_rows(sites: dict, classes: list[str]) -> tuple[list[str], list[list[st
             ["privacy budget spent: no longer trains"] if s.get("privacy_budget_exhausted") else []
         )
         notes += [f"update rejected: {s['rejected']}"] if "rejected" in s else []
-        notes += [f"personal model: mean Dice {_fmt(s['personal']['dice_mean'])}"] if "personal" in s else []
+        if "personal" in s:
+            kept = (
+                " (the global model, which scored better on its validation cases)"
+                if s["personal"].get("kept_global")
+                else ""
+            )
+            notes.append(f"personal model{kept}: mean Dice {_fmt(s['personal']['dice_mean'])}")
         rows.append(row + ["; ".join(notes)])
     return header, rows
 

@@ -77,6 +77,16 @@ def private_site(site_yaml: Path, folder: Path, **privacy) -> Path:
     return path
 
 
+def with_test_split(site_yaml: Path, folder: Path) -> Path:
+    """A copy of a ``three_sites`` YAML (4 patients) in ``folder`` that keeps 1 validation and 2 test patients apart."""
+    root = load_site_config(site_yaml).data.root
+    text = re.sub(r"(?m)^  root: .*$", f"  root: {root}", site_yaml.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"tested_{site_yaml.stem}.yaml"
+    path.write_text(text + "split:\n  val_fraction: 0.25\n  test_fraction: 0.5\n")
+    return path
+
+
 @pytest.fixture(autouse=True)
 def site_state_home(tmp_path, monkeypatch):
     """Sites keep their privacy ledgers under $XDG_DATA_HOME unless their YAML says otherwise: a test's
@@ -103,8 +113,8 @@ class ScriptedGrid:
 
     Queries are answered with the site's name and modality (``modalities``, CT by default). A site in
     ``offline`` answers no train message: the SuperLink's own error reply for a node that stopped
-    sending heartbeats comes instead. ``eval_timing`` gives a site's evaluations their seconds per case
-    and the cases of its full split (0.1 s and 1 case by default); ``waits`` keeps each exchange's
+    sending heartbeats comes instead. ``eval_timing`` gives a site's evaluations their seconds per case,
+    the cases of its full split (0.1 s and 1 case by default) and optionally its selection cases; ``waits`` keeps each exchange's
     messages and the timeout it was given.
     """
 
@@ -114,7 +124,7 @@ class ScriptedGrid:
         num_examples: dict[str, int] | None = None,
         offline: tuple[str, ...] = (),
         modalities: dict[str, str] | None = None,
-        eval_timing: dict[str, tuple[float, int]] | None = None,
+        eval_timing: dict[str, tuple[float, ...]] | None = None,
     ):
         self.steps = steps  # site -> value added to every weight it trains (NaN: a diverged site)
         self.num_examples = num_examples or dict.fromkeys(steps, 10)
@@ -168,7 +178,7 @@ class ScriptedGrid:
                 if not ins.foreign_model:
                     self._sync(site, ins, msg.content)
                 classes = ("organ", "lesion")
-                seconds_per_case, full_split_cases = self.eval_timing.get(site, (0.1, 1))
+                seconds_per_case, full_split_cases, *selection = self.eval_timing.get(site, (0.1, 1))
                 scores = EvalReply(
                     dict.fromkeys(classes, 0.5),
                     dict.fromkeys(classes, 3.0),
@@ -179,6 +189,7 @@ class ScriptedGrid:
                     1,
                     seconds_per_case,
                     full_split_cases=full_split_cases,
+                    selection_cases=selection[0] if selection else 0,
                 )
                 content = RecordDict({METRICS: MetricRecord(scores.to_metrics()), SITE: identity})
             metadata = Metadata(

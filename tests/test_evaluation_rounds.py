@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TINY, ScriptedGrid, tiny_model
+from conftest import TINY, ScriptedGrid, tiny_model, with_test_split
 from flwr.app import MessageType
 
 from fed_swinumamba.checkpoint import Checkpoint
@@ -81,14 +81,16 @@ def _waits(grid: ScriptedGrid) -> list[tuple[str, float]]:
     return waits
 
 
-@pytest.mark.parametrize("personalization, final_wait", [("finetune", 2420.0), ("ditto", 2400.0), ("none", 1200.0)])
+@pytest.mark.parametrize("personalization, final_wait", [("finetune", 3620.0), ("ditto", 3600.0), ("none", 1200.0)])
 def test_the_end_waits_as_long_as_the_sites_own_timings_say(tmp_path, personalization, final_wait):
     """A round scores a subset within round-timeout (900 s); the end scores every case of the full split,
-    twice over what a site's last figures say: site_a scores 20 cases at 30 s each, for the global model
-    and the personal model beside it (finetune, ditto), and first fine-tunes 20 steps at 0.5 s
-    (its training: 2 steps in 1 s): 2 x (30 x 20 x 2 + 20 x 0.5) = 2420 s; the best checkpoint's model
-    alone: 2 x 30 x 20 = 1200 s. site_b's 5 cases at 1 s need less than the round's 900 s, the least."""
-    grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02}, eval_timing={"site_a": (30.0, 20), "site_b": (1.0, 5)})
+    twice over what a site's last figures say: site_a scores 20 test cases at 30 s each, for the global
+    model and the personal model beside it (finetune, ditto), both also on its 10 validation cases (to
+    choose which it keeps), and first fine-tunes 20 steps at 0.5 s (its training: 2 steps in 1 s):
+    2 x (30 x (20 + 10) x 2 + 20 x 0.5) = 3620 s; without a personal model, nor a choice, and for the best
+    checkpoint's model: 2 x 30 x 20 = 1200 s. site_b's 5 cases at 1 s need less than the round's 900 s."""
+    timing = {"site_a": (30.0, 20, 10), "site_b": (1.0, 5)}
+    grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02}, eval_timing=timing)
     overrides = {"num-server-rounds": 2, "round-timeout": 900.0, "personalization": personalization}
     Federation(grid, _settings(tmp_path, **overrides)).run()
     train = [(MessageType.TRAIN, 900.0), ("round", 900.0)]
@@ -96,7 +98,7 @@ def test_the_end_waits_as_long_as_the_sites_own_timings_say(tmp_path, personaliz
 
     # The coordinator killed during the final evaluation and resumed: a new process, whose wait for the final
     # evaluation comes from the figures in metrics.json (it first asks the nodes who they are).
-    grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02}, eval_timing={"site_a": (30.0, 20), "site_b": (1.0, 5)})
+    grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02}, eval_timing=timing)
     Federation(grid, _settings(tmp_path, **overrides, resume=True)).run()
     assert _waits(grid) == [(MessageType.QUERY, 900.0), ("final", final_wait), ("best", 1200.0)]
 
@@ -147,10 +149,7 @@ def test_a_site_with_a_test_split_scores_it_only_when_told(three_sites, tmp_path
     from fed_swinumamba.schedule import Stage
 
     monkeypatch.setattr(Message, "__init__", _reply_without_task_identity(Message.__init__))
-    site_yaml = tmp_path / "ct.yaml"
-    root = load_site_config(three_sites[0]).data.root
-    text = three_sites[0].read_text().replace("root: ct_site", f"root: {root}")
-    site_yaml.write_text(text + "split:\n  val_fraction: 0.25\n  test_fraction: 0.5\n")
+    site_yaml = with_test_split(three_sites[0], tmp_path)
     site = load_site_config(site_yaml)
     data = SiteData.from_config(site, ["organ", "lesion"])
     assert (len(data.val_cases), len(data.test_cases), len(data.train_cases)) == (1, 2, 1)
@@ -172,3 +171,4 @@ def test_a_site_with_a_test_split_scores_it_only_when_told(three_sites, tmp_path
     assert [scored[s].held_out_cases for s in (VALIDATION, TEST)] == [1, 2] and scored[TEST].record()["split"] == "test"
     # both tell the coordinator how many cases the final evaluation will score, which sizes its wait
     assert [scored[s].full_split_cases for s in (VALIDATION, TEST)] == [2, 2]
+    assert [scored[s].selection_cases for s in (VALIDATION, TEST)] == [1, 1]  # its validation case, at the end

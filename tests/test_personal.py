@@ -1,10 +1,12 @@
 """Personalised site models: kept at the site, trained by Ditto or fine-tuned at the end, scored beside the global one."""
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import private_site, tiny_model
+from conftest import private_site, tiny_model, with_test_split
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client import client_app
@@ -13,7 +15,17 @@ from fed_swinumamba.checkpoint import Checkpoint, personal_model_file
 from fed_swinumamba.data import SiteData, load_site_config
 from fed_swinumamba.inference import Segmenter
 from fed_swinumamba.model import build_model
-from fed_swinumamba.protocol import ARRAYS, CONFIG, FULL_SYNC, METRICS, EvalReply, Instructions, PersonalOptions
+from fed_swinumamba.protocol import (
+    ARRAYS,
+    CONFIG,
+    FULL_SYNC,
+    METRICS,
+    TEST,
+    VALIDATION,
+    EvalReply,
+    Instructions,
+    PersonalOptions,
+)
 from fed_swinumamba.schedule import Stage
 from fed_swinumamba.training import evaluate_cases, set_trainable, train_local
 
@@ -21,7 +33,7 @@ CLASSES = ("organ", "lesion")
 STAGE = Stage(0, ("stem", "stage4", "decoder", "heads"), 1e-3)
 
 
-def _message(kind, server_round, state, personal, final=False, study="trial"):
+def _message(kind, server_round, state, personal, final=False, study="trial", eval_split=VALIDATION):
     ins = Instructions(
         server_round,
         STAGE,
@@ -34,6 +46,7 @@ def _message(kind, server_round, state, personal, final=False, study="trial"):
         study=study,
         personal=personal,
         final_evaluation=final,
+        eval_split=eval_split,
     )
     content = RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())})
     return Message(content=content, dst_node_id=1, message_type=kind)
@@ -153,6 +166,45 @@ def test_finetune_personalises_at_the_final_evaluation_only(three_sites, replies
     tuned = Checkpoint.load(path)
     assert tuned.extra["personalization"] == "finetune" and tuned.server_round == 2
     assert any(not torch.equal(tuned.state[k], state[k]) for k in state if k in tuned.state)
+
+
+@pytest.mark.parametrize("validation_prefers", ["global", "personal"])
+def test_at_the_end_a_site_keeps_whichever_model_scores_better_on_its_validation_cases(
+    three_sites, tmp_path, replies, monkeypatch, validation_prefers
+):
+    """The choice is made on the validation cases only: here the test cases would always prefer the
+    fine-tuned model, yet a site whose validation cases prefer the global model keeps that one (on disk
+    too) and reports its test scores as those of its personal model."""
+    import client.site
+
+    site_yaml = with_test_split(three_sites[0], tmp_path)
+    site = load_site_config(site_yaml)
+    validation = {c.case_id for c in SiteData.from_config(site, list(CLASSES)).val_cases}
+    state = _global_state()
+    scripted_dice = {
+        ("global", "validation"): 0.9 if validation_prefers == "global" else 0.5,
+        ("personal", "validation"): 0.5 if validation_prefers == "global" else 0.9,
+        ("global", "test"): 0.3,
+        ("personal", "test"): 0.8,
+    }
+    real = client.site.evaluate_cases
+
+    def scripted(model, modality, cases, class_names, *args):
+        result = real(model, modality, cases, class_names, *args)
+        which = "global" if all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) else "personal"
+        split = "validation" if {c.case_id for c in cases} <= validation else "test"
+        return dataclasses.replace(result, dice=dict.fromkeys(result.dice, scripted_dice[which, split]))
+
+    monkeypatch.setattr(client.site, "evaluate_cases", scripted)
+    finetune = PersonalOptions("finetune", finetune_steps=3)
+    message = _message(MessageType.EVALUATE, 2, state, finetune, final=True, eval_split=TEST)
+    reply = EvalReply.from_metrics(client_app.evaluate(message, _context(site_yaml)).content[METRICS], CLASSES)
+    assert reply.split == TEST and reply.selection_cases == 1 and reply.dice_mean == pytest.approx(0.3)
+    kept = Checkpoint.load(personal_model_file(site.state_dir, "trial", site.site))
+    kept_global = all(torch.equal(v, state[k]) for k, v in kept.state.items())
+    assert reply.personal.kept_global == kept_global == (validation_prefers == "global")
+    assert reply.personal.dice_mean == pytest.approx(0.3 if kept_global else 0.8)  # the kept model's test scores
+    assert kept.extra.get("kept") == ("global" if kept_global else None)
 
 
 def test_a_dp_site_keeps_its_personal_model_s_scores_to_itself(three_sites, tmp_path, replies):

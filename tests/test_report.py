@@ -7,6 +7,7 @@ import re
 from PIL import Image
 
 from server.__main__ import main
+from server.report import score_rows
 
 
 def _metrics():
@@ -168,3 +169,16 @@ def test_report_of_a_compressed_run_gives_the_share_of_float32_bytes(tmp_path):
     (uncompressed / "metrics.json").write_text(json.dumps(_metrics()))
     assert main(["report", str(uncompressed)]) == 0
     assert "Compression" not in (uncompressed / "report.html").read_text()
+
+
+def test_a_site_that_kept_the_global_model_as_its_personal_one_is_told_apart():
+    sites = {
+        "ct": {"dice_mean": 0.8, "personal": {"dice_mean": 0.8, "kept_global": True}},
+        "mri": {"dice_mean": 0.7, "personal": {"dice_mean": 0.9}},
+    }
+    _, rows = score_rows(sites, ["organ"])
+    notes = {row[0]: row[-1] for row in rows}
+    assert (
+        notes["ct"] == "personal model (the global model, which scored better on its validation cases): mean Dice 0.800"
+    )
+    assert notes["mri"] == "personal model: mean Dice 0.900"
