@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -442,7 +442,9 @@ class ModalityAwareStrategy(Strategy):
         content = RecordDict({ARRAYS: payload.arrays, CONFIG: ConfigRecord(instructions.to_config())})
         if payload.names is not None:
             content[COMPRESSED] = ConfigRecord({"names": list(payload.names)})
-        return Message(content=content, dst_node_id=node, message_type=message_type)
+        # A message and its reply expire after its ttl (Flower's default: 12 h): never before its exchange's wait.
+        wait = self._evaluation_wait if message_type == MessageType.EVALUATE else s.round_timeout
+        return Message(content=content, dst_node_id=node, message_type=message_type, ttl=max(DEFAULT_TTL, wait))
 
     def _answered(self, server_round: int, message_type: str, replies: Iterable[Message], wait: float) -> list[Message]:
         """The successful replies to the messages last sent, each node's identity learnt; every failure
