@@ -493,7 +493,8 @@ class SiteRound:
     def evaluate(self) -> RecordDict:
         """Scores of the model on the held-out split the instructions name (the test cases if the site keeps
         them apart, else the validation cases): its first ``eval_cases`` (a fixed subset, the same every
-        round), or all of them; and of the site's personal model, if it has one.
+        round), or all of them; and of the site's personal model, if it has one (at the final evaluation: the
+        better of it and the global model on the validation cases, see ``_keep_better``).
 
         A DP site keeps its personal model's scores to itself: that model is trained on its private
         patients without DP noise, so even its Dice is not covered by the site's guarantee."""
