@@ -228,23 +228,11 @@ class DPRecord:
 
     def record(self) -> dict:
         """As metrics.json states it."""
-        record = {"personal": self.personal.record()} if self.personal else {}
-        record |= {
-            "dice": self.dice,
-            "hd95": self.hd95,
-            "nsd": self.nsd,
-            "hd95_unbounded": self.hd95_unbounded,
-            "dice_mean": self.dice_mean,
-            "num_val_cases": self.cases_scored,
-            "held_out_cases": self.held_out_cases,
-            "eval_s_per_case": self.seconds_per_case,
-            "split": self.split,
-            "full_split_cases": self.full_split_cases,
-            "selection_cases": self.selection_cases,
-        }
-        if self.kept_global:
-            record["kept_global"] = True
-        return record
+        privacy = {name.replace("-", "_"): float(getattr(self, name.replace("-", "_"))) for name in self._FIELDS}
+        privacy |= {"budget_exhausted": float(self.budget_exhausted), "reproducible": float(self.reproducible)}
+        privacy |= {"budget": self.budget} if self.budget is not None else {}
+        privacy["unit"] = "patient" if self.patients_mapped else "patient = one image file (the site maps no patients)"
+        return privacy
 
 
 @dataclass(frozen=True)
@@ -340,20 +328,20 @@ class EvalReply:
 
     def record(self) -> dict:
         """As metrics.json states it."""
-        return (
-            ({"personal": self.personal.record()} if self.personal else {})
-            | {
-                "dice": self.dice,
-                "hd95": self.hd95,
-                "nsd": self.nsd,
-                "hd95_unbounded": self.hd95_unbounded,
-                "dice_mean": self.dice_mean,
-                "num_val_cases": self.cases_scored,
-                "held_out_cases": self.held_out_cases,
-                "eval_s_per_case": self.seconds_per_case,
-                "split": self.split,
-                "full_split_cases": self.full_split_cases,
-                "selection_cases": self.selection_cases,
-            }
-            | ({"kept_global": self.kept_global} if self.kept_global else {})
-        )
+        record = {"personal": self.personal.record()} if self.personal else {}
+        record |= {
+            "dice": self.dice,
+            "hd95": self.hd95,
+            "nsd": self.nsd,
+            "hd95_unbounded": self.hd95_unbounded,
+            "dice_mean": self.dice_mean,
+            "num_val_cases": self.cases_scored,
+            "held_out_cases": self.held_out_cases,
+            "eval_s_per_case": self.seconds_per_case,
+            "split": self.split,
+            "full_split_cases": self.full_split_cases,
+            "selection_cases": self.selection_cases,
+        }
+        if self.kept_global:
+            record["kept_global"] = True
+        return record
