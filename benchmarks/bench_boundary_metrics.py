@@ -5,7 +5,8 @@
 The case is bench_site_scale's 512 x 512 x S chest CT label map (an organ, a small tumour); two predictions:
 one near the truth (the organ one voxel thicker, the tumour thinner: a trained model's case) and one of
 scattered voxels (an untrained model's, with large surfaces). Each method runs ``--repeats`` times,
-interleaved, and the median is printed.
+interleaved, and the median is printed. Then each method scores each prediction once more in a fresh
+process, which reports the peak resident memory (VmHWM) it added over the case's arrays.
 
     python benchmarks/bench_boundary_metrics.py --slices 55 --repeats 3
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -40,31 +42,68 @@ def monai_separately(prediction: np.ndarray, truth: np.ndarray, tolerance: float
         compute_surface_dice(y_pred, y, class_thresholds=[tolerance], include_background=True, spacing=list(SPACING))
 
 
+def one_pass(prediction: np.ndarray, truth: np.ndarray, tolerance: float) -> None:
+    case_scores(prediction, truth, 3, tolerance, SPACING)
+
+
+METHODS = {"one pass": one_pass, "MONAI's two functions": monai_separately}
+
+
+def peak_mib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM"))
+
+
+def cases(slices: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The truth (H, W, S) uint8, in the spacing's axis order, and the two predictions."""
+    rng = np.random.default_rng(0)
+    _, truth = make_case(rng, slices)
+    near = ndimage.binary_dilation(truth == 1, iterations=1).astype(np.uint8)
+    near[ndimage.binary_erosion(truth == 2, iterations=1)] = 2
+    scattered = (rng.integers(0, 3, truth.shape) * (rng.random(truth.shape) < 0.05)).astype(np.uint8)
+    return truth, {"near the truth": near, "scattered voxels": scattered}
+
+
+def added_memory(method: str, prediction: str, slices: int) -> int:
+    """MiB a fresh process's peak grows by while ``method`` scores ``prediction`` (this script, ``--measure``)."""
+    cmd = [sys.executable, __file__, "--slices", str(slices), "--measure", method, prediction]
+    return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=55)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--measure", nargs=2, metavar=("METHOD", "PREDICTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    rng = np.random.default_rng(0)
-    _, truth = make_case(rng, args.slices)  # (H, W, S) uint8, the spacing's axis order
-    near = ndimage.binary_dilation(truth == 1, iterations=1).astype(np.uint8)
-    near[ndimage.binary_erosion(truth == 2, iterations=1)] = 2
-    scattered = (rng.integers(0, 3, truth.shape) * (rng.random(truth.shape) < 0.05)).astype(np.uint8)
+    truth, predictions = cases(args.slices)
+    if args.measure:
+        method, prediction = args.measure
+        del predictions[next(p for p in predictions if p != prediction)]
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux)
+            f.write("5")
+        before = peak_mib()
+        METHODS[method](predictions[prediction], truth, 2.0)
+        print(peak_mib() - before)
+        return
     print(f"512 x 512 x {args.slices} label map, spacing {SPACING} mm, NSD tolerance 2 mm, median of {args.repeats}\n")
-    print("| prediction | one pass (s) | MONAI's two functions (s) | speed-up |")
-    print("|---|---|---|---|")
-    for name, prediction in (("near the truth", near), ("scattered voxels", scattered)):
+    print(
+        "| prediction | one pass (s) | MONAI's two functions (s) | speed-up | peak memory added: one pass / MONAI (MiB) |"
+    )
+    print("|---|---|---|---|---|")
+    for name, prediction in predictions.items():
         ours, theirs = [], []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            case_scores(prediction, truth, 3, 2.0, SPACING)
+            one_pass(prediction, truth, 2.0)
             ours.append(time.perf_counter() - t)
             t = time.perf_counter()
             monai_separately(prediction, truth, 2.0)
             theirs.append(time.perf_counter() - t)
         a, b = statistics.median(ours), statistics.median(theirs)
-        print(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.1f}x |")
+        memory = " / ".join(str(added_memory(m, name, args.slices)) for m in METHODS)
+        print(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.1f}x | {memory} |")
 
 
 if __name__ == "__main__":
