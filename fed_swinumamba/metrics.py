@@ -123,7 +123,7 @@ def _class_scores(
     if not (predicted and present):
         return ClassScores(0.0, math.inf, 0.0)
     dice = 2.0 * float((prediction & truth).sum()) / float(prediction.sum() + truth.sum())
-    prediction_surface, truth_surface = get_mask_edges(prediction, truth, crop=True, always_return_as_numpy=True)
+    prediction_surface, truth_surface = (e.numpy() for e in get_mask_edges(prediction, truth, crop=True))
     to_truth = _nearest_surface_distances(prediction_surface, truth_surface, spacing)
     to_prediction = _nearest_surface_distances(truth_surface, prediction_surface, spacing)
     hd95 = max(float(torch.quantile(d.float(), 0.95)) for d in (to_truth, to_prediction))
