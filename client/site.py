@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -470,8 +471,11 @@ class SiteRound:
         that the other sites' data had already made better for it (benchmarks/RESULTS.md); the choice is
         made on cases the reported test scores never see. True when the global model was kept."""
         ins = self.instructions
+        held = self._personal_checkpoint()
+        if held is not None and held.server_round == ins.server_round and held.extra.get("kept") == "global":
+            return True  # this final evaluation again (a resumed coordinator): Ditto's model was already replaced
         own, common = (self._score(m, data.val_cases).dice_mean for m in (personal, self.model))
-        kept_global = common > own
+        kept_global = common > own or (math.isnan(own) and not math.isnan(common))
         log.info(
             "site %s: on its %d validation cases the personal model (%s) scores Dice %.3f, the global model %.3f: "
             "keeping the %s model as its personal model",
@@ -483,8 +487,8 @@ class SiteRound:
             "global" if kept_global else "personal",
         )
         if kept_global:
-            held = Checkpoint.load(self._personal_file())
-            extra = held.extra | {"kept": "global", "validation_dice": {"personal": own, "global": common}}
+            extra = held.extra if held is not None else {}
+            extra |= {"kept": "global", "validation_dice": {"personal": own, "global": common}}
             Checkpoint(
                 self.model.state_dict(), self.model_config, ins.class_names, ins.server_round, ins.stage.index, extra
             ).save(self._personal_file())

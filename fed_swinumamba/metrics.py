@@ -17,9 +17,10 @@ numbers (a test holds them equal) at half the cost. The surfaces are MONAI's (``
 bounding box of both masks); the nearest-surface distances are a KD-tree search, as in MONAI on a CPU, but
 over bounded chunks of surface voxels. MONAI's search holds every surface voxel's coordinates at once, in
 float64, and the tree over all of them: with the scattered predictions of a barely trained network
-(millions of surface voxels in a 512 x 512 x 60 CT) that was the site's memory peak (+193 MiB) at
-evaluation. Here a chunk is at most ``SURFACE_CHUNK`` voxels, so the search adds tens of MB whatever the
-prediction.
+(millions of surface voxels in a 512 x 512 x 57 CT) the scoring of one case added 309 MiB to a fresh
+process's peak, the site's largest step at evaluation. Here the coordinates and tree of one chunk (at most
+``SURFACE_CHUNK`` voxels, ~10 MB) are held at a time, beside 12 bytes per surface voxel for the distances
+themselves: 182 MiB for that case, with MONAI's surfaces (benchmarks/RESULTS.md).
 
 A class that only one of prediction and truth contains has no pair of surfaces to measure. MONAI
 (1.6) then warns and returns HD95 NaN, the same as for a class in neither, NSD 0, and Dice NaN
@@ -123,7 +124,7 @@ def _class_scores(
     if not (predicted and present):
         return ClassScores(0.0, math.inf, 0.0)
     dice = 2.0 * float((prediction & truth).sum()) / float(prediction.sum() + truth.sum())
-    prediction_surface, truth_surface = (e.numpy() for e in get_mask_edges(prediction, truth, crop=True))
+    prediction_surface, truth_surface = (np.asarray(e) for e in get_mask_edges(prediction, truth, crop=True))
     to_truth = _nearest_surface_distances(prediction_surface, truth_surface, spacing)
     to_prediction = _nearest_surface_distances(truth_surface, prediction_surface, spacing)
     hd95 = max(float(torch.quantile(d.float(), 0.95)) for d in (to_truth, to_prediction))

@@ -61,6 +61,7 @@ log = logging.getLogger("fed_swinumamba.server")
 # configure_evaluate's config: which model the arrays are ("" = the global model) and whether every
 # held-out case is scored rather than the run's per-round subset.
 EVAL_MODEL, EVAL_FULL_SPLIT, EVAL_WAIT = "model", "full-split", "wait-s"
+TTL_MARGIN_S = 600.0  # a message's ttl over its wait: building and pushing an exchange's messages
 
 
 @dataclass
@@ -442,9 +443,11 @@ class ModalityAwareStrategy(Strategy):
         content = RecordDict({ARRAYS: payload.arrays, CONFIG: ConfigRecord(instructions.to_config())})
         if payload.names is not None:
             content[COMPRESSED] = ConfigRecord({"names": list(payload.names)})
-        # A message and its reply expire after its ttl (Flower's default: 12 h): never before its exchange's wait.
+        # A message and its reply expire after its ttl (Flower's default: 12 h), counted from now: never before
+        # its exchange's wait, which starts once every message of the exchange is built and pushed.
         wait = self._evaluation_wait if message_type == MessageType.EVALUATE else s.round_timeout
-        return Message(content=content, dst_node_id=node, message_type=message_type, ttl=max(DEFAULT_TTL, wait))
+        ttl = max(DEFAULT_TTL, wait + TTL_MARGIN_S)
+        return Message(content=content, dst_node_id=node, message_type=message_type, ttl=ttl)
 
     def _answered(self, server_round: int, message_type: str, replies: Iterable[Message], wait: float) -> list[Message]:
         """The successful replies to the messages last sent, each node's identity learnt; every failure

@@ -110,14 +110,15 @@ def test_the_end_waits_as_long_as_the_sites_own_timings_say(tmp_path, personaliz
 def test_a_final_evaluation_longer_than_flowers_message_ttl_lives_as_long_as_its_wait(tmp_path):
     """Flower drops a message and its reply after the message's ttl (12 h by default): 20 test and 10
     validation cases at 3000 s each, scored for two models, make the final wait 2 x (3000 x 30 x 2 + 20 x
-    0.5) = 360020 s, so its messages live that long; the rounds' keep Flower's default."""
+    0.5) = 360020 s, so its messages live that long and 600 s more (to be pushed); the rounds' keep Flower's
+    default."""
     from flwr.app import DEFAULT_TTL
 
     grid = ScriptedGrid({"site_a": 0.01}, eval_timing={"site_a": (3000.0, 20, 10)})
     overrides = {"num-server-rounds": 1, "round-timeout": 900.0, "personalization": "finetune"}
     Federation(grid, _settings(tmp_path, **overrides)).run()
     ttl = {kind: {m.metadata.ttl for m in messages} for (messages, _), (kind, _) in zip(grid.waits, _waits(grid))}
-    assert ttl["final"] == {360020.0}
+    assert ttl["final"] == {360620.0}
     assert ttl[MessageType.TRAIN] == ttl["round"] == {DEFAULT_TTL}
 
 

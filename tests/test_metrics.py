@@ -130,19 +130,31 @@ def test_rejects_inputs_it_cannot_score():
         case_scores(labels.astype(np.float32), labels, num_classes=2, tolerance=1.0)
 
 
-@pytest.mark.parametrize("chunk", [metrics.SURFACE_CHUNK, 5], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("chunk", ["one", "truth's", "small"])
 def test_both_boundary_scores_equal_monais_own_functions_on_irregular_masks(monkeypatch, chunk):
-    """One surface-distance pass gives what MONAI's HD95 and surface Dice compute separately, also when the
-    surfaces are searched in many small chunks (each plane of these masks holds more than 5 surface voxels)."""
+    """One surface-distance pass gives what MONAI's HD95 and surface Dice compute separately, and each
+    surface voxel's distance is MONAI's, in MONAI's order, however the surfaces are chunked: in one chunk,
+    in chunks of the truth's surface size (the truth's surface then is one chunk, the prediction's
+    several), or in chunks of 5 voxels (mostly a plane each)."""
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+    from monai.metrics.utils import get_edge_surface_distance, get_mask_edges
     from scipy import ndimage
 
-    monkeypatch.setattr(metrics, "SURFACE_CHUNK", chunk)
     rng = np.random.default_rng(3)
     spacing = [0.8, 0.8, 2.5]
     for _ in range(3):
         truth = ndimage.binary_dilation(rng.random((40, 36, 12)) > 0.995, iterations=3)
         prediction = ndimage.binary_dilation(truth, iterations=1) ^ (rng.random(truth.shape) > 0.97)
+        surfaces = get_mask_edges(torch.from_numpy(prediction), torch.from_numpy(truth))
+        size = {"one": metrics.SURFACE_CHUNK, "truth's": int(surfaces[1].sum()), "small": 5}[chunk]
+        assert chunk != "truth's" or size < int(surfaces[0].sum())
+        monkeypatch.setattr(metrics, "SURFACE_CHUNK", size)
+        _, directed, _ = get_edge_surface_distance(
+            torch.from_numpy(prediction), torch.from_numpy(truth), spacing=spacing, symmetric=True
+        )
+        for monais, source, target in zip(directed, surfaces, reversed(surfaces), strict=True):
+            found = metrics._nearest_surface_distances(source.numpy(), target.numpy(), spacing)
+            assert torch.equal(found, monais.float())
         scores = case_scores(
             prediction.astype(np.uint8), truth.astype(np.uint8), num_classes=2, tolerance=1.5, spacing=spacing
         )[1]

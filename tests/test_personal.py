@@ -168,13 +168,15 @@ def test_finetune_personalises_at_the_final_evaluation_only(three_sites, replies
     assert any(not torch.equal(tuned.state[k], state[k]) for k in state if k in tuned.state)
 
 
+@pytest.mark.parametrize("method", ["finetune", "ditto"])
 @pytest.mark.parametrize("validation_prefers", ["global", "personal"])
 def test_at_the_end_a_site_keeps_whichever_model_scores_better_on_its_validation_cases(
-    three_sites, tmp_path, replies, monkeypatch, validation_prefers
+    three_sites, tmp_path, replies, monkeypatch, validation_prefers, method
 ):
     """The choice is made on the validation cases only: here the test cases would always prefer the
-    fine-tuned model, yet a site whose validation cases prefer the global model keeps that one (on disk
-    too) and reports its test scores as those of its personal model."""
+    personal model, yet a site whose validation cases prefer the global model keeps that one (on disk
+    too) and reports its test scores as those of its personal model; asked again for the same final
+    evaluation (a resumed coordinator), it reports the same."""
     import client.site
 
     site_yaml = with_test_split(three_sites[0], tmp_path)
@@ -196,9 +198,13 @@ def test_at_the_end_a_site_keeps_whichever_model_scores_better_on_its_validation
         return dataclasses.replace(result, dice=dict.fromkeys(result.dice, scripted_dice[which, split]))
 
     monkeypatch.setattr(client.site, "evaluate_cases", scripted)
-    finetune = PersonalOptions("finetune", finetune_steps=3)
-    message = _message(MessageType.EVALUATE, 2, state, finetune, final=True, eval_split=TEST)
+    personal = PersonalOptions(method, finetune_steps=3)
+    if method == "ditto":  # its personal model of round 2
+        client_app.train(_message(MessageType.TRAIN, 2, state, personal), _context(site_yaml))
+    message = _message(MessageType.EVALUATE, 2, state, personal, final=True, eval_split=TEST)
     reply = EvalReply.from_metrics(client_app.evaluate(message, _context(site_yaml)).content[METRICS], CLASSES)
+    again = EvalReply.from_metrics(client_app.evaluate(message, _context(site_yaml)).content[METRICS], CLASSES)
+    assert (again.personal.kept_global, again.personal.dice) == (reply.personal.kept_global, reply.personal.dice)
     assert reply.split == TEST and reply.selection_cases == 1 and reply.dice_mean == pytest.approx(0.3)
     kept = Checkpoint.load(personal_model_file(site.state_dir, "trial", site.site))
     kept_global = all(torch.equal(v, state[k]) for k, v in kept.state.items())
