@@ -63,28 +63,28 @@ def three_sites(tmp_path_factory):
     return yamls
 
 
+def _copy_of_site(site_yaml: Path, folder: Path, name: str, text: str, added: str) -> Path:
+    """``folder/name``: ``text`` (of ``site_yaml``) with its data root made absolute, then ``added``."""
+    root = load_site_config(site_yaml).data.root
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(re.sub(r"(?m)^  root: .*$", f"  root: {root}", text) + added)
+    return path
+
+
 def private_site(site_yaml: Path, folder: Path, **privacy) -> Path:
     """A copy of ``site_yaml`` in ``folder`` with a DP section of its own (``privacy`` fields), its data where it was."""
-    text = re.sub(
-        r"(?m)^  root: .*$",
-        f"  root: {load_site_config(site_yaml).data.root}",
-        site_yaml.read_text().split("privacy:")[0],
-    )
     lines = "".join(f"  {k}: {v}\n" for k, v in {"enabled": "true", **privacy}.items())
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"private_{site_yaml.stem}.yaml"
-    path.write_text(text + f"training:\n  cache_dir: {folder / 'cache'}\nprivacy:\n" + lines)
-    return path
+    added = f"training:\n  cache_dir: {folder / 'cache'}\nprivacy:\n" + lines
+    return _copy_of_site(
+        site_yaml, folder, f"private_{site_yaml.stem}.yaml", site_yaml.read_text().split("privacy:")[0], added
+    )
 
 
 def with_test_split(site_yaml: Path, folder: Path) -> Path:
     """A copy of a ``three_sites`` YAML (4 patients) in ``folder`` that keeps 1 validation and 2 test patients apart."""
-    root = load_site_config(site_yaml).data.root
-    text = re.sub(r"(?m)^  root: .*$", f"  root: {root}", site_yaml.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"tested_{site_yaml.stem}.yaml"
-    path.write_text(text + "split:\n  val_fraction: 0.25\n  test_fraction: 0.5\n")
-    return path
+    added = "split:\n  val_fraction: 0.25\n  test_fraction: 0.5\n"
+    return _copy_of_site(site_yaml, folder, f"tested_{site_yaml.stem}.yaml", site_yaml.read_text(), added)
 
 
 @pytest.fixture(autouse=True)
