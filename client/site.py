@@ -471,8 +471,8 @@ class SiteRound:
         that the other sites' data had already made better for it (benchmarks/RESULTS.md); the choice is
         made on cases the reported test scores never see. True when the global model was kept."""
         ins = self.instructions
-        held = self._personal_checkpoint()
-        if held is not None and held.server_round == ins.server_round and held.extra.get("kept") == "global":
+        held = Checkpoint.read_meta(self._personal_file())  # the personal model just trained or loaded
+        if held["round"] == ins.server_round and held.get("extra", {}).get("kept") == "global":
             return True  # this final evaluation again (a resumed coordinator): Ditto's model was already replaced
         own, common = (self._score(m, data.val_cases).dice_mean for m in (personal, self.model))
         kept_global = common > own or (math.isnan(own) and not math.isnan(common))
@@ -487,8 +487,7 @@ class SiteRound:
             "global" if kept_global else "personal",
         )
         if kept_global:
-            extra = held.extra if held is not None else {}
-            extra |= {"kept": "global", "validation_dice": {"personal": own, "global": common}}
+            extra = held.get("extra", {}) | {"kept": "global", "validation_dice": {"personal": own, "global": common}}
             Checkpoint(
                 self.model.state_dict(), self.model_config, ins.class_names, ins.server_round, ins.stage.index, extra
             ).save(self._personal_file())

@@ -53,22 +53,30 @@ class Checkpoint:
         os.replace(tmp, path)
         return path
 
-    @classmethod
-    def load(cls, path: str | Path) -> Checkpoint:
+    @staticmethod
+    def read_meta(path: str | Path) -> dict:
+        """The checkpoint's description (model config, classes, round, stage, extra) without its tensors."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get(_META_KEY)
-            state = load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
         if raw is None:
             raise ValueError(
                 f"checkpoint {path} has no fed_swinumamba metadata (model config, classes); was it written by this project?"
             )
-        meta = json.loads(raw)
+        return json.loads(raw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        meta = cls.read_meta(path)
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
         server_state = {
             k.removeprefix(_SERVER_STATE): state.pop(k) for k in [k for k in state if k.startswith(_SERVER_STATE)]
         }
