@@ -446,57 +446,115 @@ class SiteRound:
     ) -> nn.Module:
         """Train the personal model from ``start`` on the stage's groups (``pull`` > 0: towards ``anchor``)
         and keep it on the site's disk as a checkpoint ``predict`` can use. It never leaves the site."""
-        ins = self.instructions
-        model = build_model(self.model_config).to(self.device)
-        model.load_state_dict(start, strict=True)
-        seed = round_seed(ins.seed, ins.server_round, f"{self.config.site}/personal")
-        result = self._train_seeded(model, data, seed, max_steps, epochs, pull, anchor)
-        extra = {"personalization": ins.personal.method, "study": ins.study, "site": self.config.site}
-        Checkpoint(
-            model.state_dict(), self.model_config, ins.class_names, ins.server_round, ins.stage.index, extra
-        ).save(self._personal_file())
+        model = self._start_personal(start)
+        result = self._train_seeded(model, data, self._personal_seed(), max_steps, epochs, pull, anchor)
+        self._save_personal(model.state_dict(), {})
         log.info(
             "site %s round %d: personal model (%s) trained %d steps, loss %.4f, kept at the site",
             self.config.site,
-            ins.server_round,
-            ins.personal.method,
+            self.instructions.server_round,
+            self.instructions.personal.method,
             result.steps,
             result.loss,
         )
         return model
 
-    def _personal_model(self, data: SiteData) -> nn.Module | None:
-        """The personal model to score beside the global one: Ditto's, or at the final evaluation the
-        global model fine-tuned (``finetune``); None otherwise."""
+    def _start_personal(self, start: dict[str, torch.Tensor]) -> nn.Module:
+        model = build_model(self.model_config).to(self.device)
+        model.load_state_dict(start, strict=True)
+        return model
+
+    def _personal_seed(self) -> int:
+        return round_seed(self.instructions.seed, self.instructions.server_round, f"{self.config.site}/personal")
+
+    def _save_personal(self, state: dict[str, torch.Tensor], extra: dict) -> None:
+        ins = self.instructions
+        extra = {"personalization": ins.personal.method, "study": ins.study, "site": self.config.site} | extra
+        Checkpoint(state, self.model_config, ins.class_names, ins.server_round, ins.stage.index, extra).save(
+            self._personal_file()
+        )
+
+    def _personal_model(self, data: SiteData, choose: bool) -> tuple[nn.Module, bool] | None:
+        """The personal model to score beside the global one, and whether it is the global model kept:
+        Ditto's, or at the final evaluation the global model fine-tuned (``finetune``); None otherwise.
+        With ``choose`` (the final evaluation of a site that keeps test cases apart) the model its
+        validation cases prefer (``_finetune_on_validation``, ``_keep_better``)."""
         ins = self.instructions
         if ins.foreign_model or ins.personal.method == "none":
             return None
         if ins.personal.method == "finetune":
             if not ins.final_evaluation:
                 return None
-            return self._train_personal(data, self.model.state_dict(), ins.personal.finetune_steps, 1)
+            if choose:
+                return self._finetune_on_validation(data)
+            return self._train_personal(data, self.model.state_dict(), ins.personal.finetune_steps, 1), False
         held = self._personal_checkpoint()
         if held is None or held.server_round != ins.server_round:
             return None  # no Ditto step this round yet (e.g. the site did not train)
-        return held.build_model().to(self.device)
+        ditto = held.build_model().to(self.device)
+        return ditto, choose and self._keep_better(ditto, data)
 
     def _score(self, model: nn.Module, cases: list) -> EvalResult:
         ins = self.instructions
         patch = self.config.training.patch_size
         return evaluate_cases(model, self.config.modality, cases, ins.class_names, patch, ins.nsd_tolerance_mm)
 
+    def _validation_dice(self, model: nn.Module, data: SiteData) -> float:
+        """Mean Dice on the validation cases; a NaN (no class in truth or prediction) ranks below any score."""
+        dice = self._score(model, data.val_cases).dice_mean
+        return -math.inf if math.isnan(dice) else dice
+
+    def _finetune_on_validation(self, data: SiteData) -> tuple[nn.Module, bool]:
+        """Fine-tune the global model for up to ``finetune_steps`` steps, scoring it on the validation cases
+        before and after each of ``finetune_checks`` equal parts, and keep the best (on disk too; the
+        global model when nothing beats it). Fine-tuning on a few cases is noisy and can move away from a
+        global model that the other sites' data had already made better for this one
+        (benchmarks/RESULTS.md); the choice is made on cases the reported test scores never see.
+        True with the model when the global model was kept."""
+        personal = self.instructions.personal
+        steps = personal.finetune_steps
+        checks = {round(i * steps / personal.finetune_checks) for i in range(1, personal.finetune_checks + 1)}
+        model = self._start_personal(self.model.state_dict())
+        scores = {0: self._validation_dice(self.model, data)}
+        best = 0
+
+        def check(step: int, _loss: float) -> None:
+            nonlocal best
+            if step in checks:
+                scores[step] = self._validation_dice(model, data)
+                model.train()  # scoring left it in eval mode
+                if scores[step] > scores[best]:
+                    best = step  # kept on disk, not in memory (a full-size network's weights: 228 MiB)
+                    self._save_personal(model.state_dict(), {"finetune_steps": step})
+
+        self._train_seeded(model, data, self._personal_seed(), steps, 1, 0.0, on_step=check)
+        validation = {str(k): v if math.isfinite(v) else None for k, v in scores.items()}
+        extra = {"finetune_steps": best, "validation_dice": validation}
+        log.info(
+            "site %s: fine-tuning scored on its %d validation cases, Dice by step %s: keeping %s",
+            self.config.site,
+            len(data.val_cases),
+            {k: round(v, 3) for k, v in scores.items()},
+            f"the model after {best} steps" if best else "the global model",
+        )
+        if best == 0:
+            self._save_personal(self.model.state_dict(), extra | {"kept": "global"})
+            return self.model, True
+        if best != steps:
+            model.load_state_dict(Checkpoint.load(self._personal_file()).state)
+        self._save_personal(model.state_dict(), extra)
+        return model, False
+
     def _keep_better(self, personal: nn.Module, data: SiteData) -> bool:
-        """At the final evaluation of a site that keeps a test split apart: score the personal model and the
-        global one on the validation cases, and if the global model scores better there, keep it as the
-        personal model (on disk too). Fine-tuning on a site's own cases can move it away from a global model
-        that the other sites' data had already made better for it (benchmarks/RESULTS.md); the choice is
-        made on cases the reported test scores never see. True when the global model was kept."""
+        """At the final evaluation of a site that keeps a test split apart: score Ditto's personal model and
+        the global one on the validation cases, and if the global model scores better there, keep it as the
+        personal model (on disk too), as ``_finetune_on_validation`` does. True when the global model was kept."""
         ins = self.instructions
-        held = Checkpoint.read_meta(self._personal_file())  # the personal model just trained or loaded
+        held = Checkpoint.read_meta(self._personal_file())  # the personal model just loaded
         if held["round"] == ins.server_round and held.get("extra", {}).get("kept") == "global":
             return True  # this final evaluation again (a resumed coordinator): Ditto's model was already replaced
-        own, common = (self._score(m, data.val_cases).dice_mean for m in (personal, self.model))
-        kept_global = common > own or (math.isnan(own) and not math.isnan(common))
+        own, common = (self._validation_dice(m, data) for m in (personal, self.model))
+        kept_global = common > own
         log.info(
             "site %s: on its %d validation cases the personal model (%s) scores Dice %.3f, the global model %.3f: "
             "keeping the %s model as its personal model",
@@ -509,9 +567,7 @@ class SiteRound:
         )
         if kept_global:
             extra = held.get("extra", {}) | {"kept": "global", "validation_dice": {"personal": own, "global": common}}
-            Checkpoint(
-                self.model.state_dict(), self.model_config, ins.class_names, ins.server_round, ins.stage.index, extra
-            ).save(self._personal_file())
+            self._save_personal(self.model.state_dict(), extra)
         return kept_global
 
     def evaluate(self) -> RecordDict:
@@ -526,12 +582,12 @@ class SiteRound:
         split, held = data.held_out(ins.eval_split)
         cases = held[: ins.eval_cases] if ins.eval_cases else held
         full_split_cases = len(data.held_out(TEST)[1])  # the final evaluation scores these: it is waited for
-        selection_cases = len(data.val_cases) if data.test_cases else 0
+        selection_cases = len(data.val_cases) * ins.personal.candidates if data.test_cases else 0
         result = self._score(self.model, cases)
         reply = result.reply(len(held), split, full_split_cases, selection_cases)
-        personal = self._personal_model(data)
-        if personal is not None:
-            kept_global = ins.final_evaluation and selection_cases > 0 and self._keep_better(personal, data)
+        chosen = self._personal_model(data, choose=ins.final_evaluation and selection_cases > 0)
+        if chosen is not None:
+            personal, kept_global = chosen
             own = result if kept_global else self._score(personal, cases)
             own_reply = dataclasses.replace(
                 own.reply(len(held), split, full_split_cases, selection_cases), kept_global=kept_global

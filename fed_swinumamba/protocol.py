@@ -66,26 +66,38 @@ def check_study(name: str) -> str:
 class PersonalOptions:
     """The personal model every site keeps (it never leaves the site; only its scores may).
 
-    ``finetune``: the final global model fine-tuned for ``finetune_steps`` local steps at the final
-    evaluation. ``ditto`` (Li et al., 2021): a personal model trained every round beside the global one,
-    with the gradient of ``ditto_lambda``/2 * ||v - w_global||^2 pulling it towards the global model.
+    ``finetune``: the final global model fine-tuned for up to ``finetune_steps`` local steps at the final
+    evaluation; a site that keeps test cases apart scores it on its validation cases before fine-tuning and
+    after each of ``finetune_checks`` equal parts, and keeps the best (early stopping). ``ditto`` (Li et
+    al., 2021): a personal model trained every round beside the global one, with the gradient of
+    ``ditto_lambda``/2 * ||v - w_global||^2 pulling it towards the global model.
     """
 
     method: str = "none"
     ditto_lambda: float = 0.1
     finetune_steps: int = 20
+    finetune_checks: int = 1
 
     def to_config(self) -> dict:
         return {
             "personalization": self.method,
             "ditto-lambda": self.ditto_lambda,
             "finetune-steps": self.finetune_steps,
+            "finetune-checks": self.finetune_checks,
         }
 
     @classmethod
     def from_config(cls, c) -> PersonalOptions:
         """From the instructions, or from a run config resolved by ``run_config`` (the same names)."""
-        return cls(str(c["personalization"]), float(c["ditto-lambda"]), int(c["finetune-steps"]))
+        return cls(
+            str(c["personalization"]), float(c["ditto-lambda"]), int(c["finetune-steps"]), int(c["finetune-checks"])
+        )
+
+    @property
+    def candidates(self) -> int:
+        """Models a site that keeps test cases apart scores on its validation cases at the final evaluation
+        to choose its personal model: the global one and each fine-tuning check, or Ditto's."""
+        return {"finetune": 1 + self.finetune_checks, "ditto": 2}.get(self.method, 0)
 
 
 @dataclass(frozen=True)
@@ -286,11 +298,11 @@ class EvalReply:
     personal: EvalReply | None = None  # the site's personal model on the same cases (scores only)
     split: str = VALIDATION  # the held-out split scored
     full_split_cases: int = 0  # cases a full-split evaluation scores: the test split, or the validation split
-    # Validation cases on which a site with a test split apart chooses, at the final evaluation, between its
-    # personal model and the global one (each scored on them): 0 when it keeps no test split.
+    # Validation cases a site with a test split apart scores at the final evaluation to choose its personal
+    # model, counted once per candidate model (PersonalOptions.candidates): 0 when it keeps no test split.
     selection_cases: int = 0
     # A personal model's reply at the final evaluation: the site compared it with the global model on its
-    # validation cases and kept the global one (it scored better there); the scores are then the global model's.
+    # validation cases and kept the global one (it scored best there); the scores are then the global model's.
     kept_global: bool = False
 
     def to_metrics(self) -> dict[str, float]:

@@ -97,7 +97,13 @@ KEYS: Mapping[str, Key] = MappingProxyType(
             0.1, "Ditto's pull of a site's personal model towards the global one", _non_negative, ">= 0"
         ),
         "finetune-steps": Key(
-            20, "local steps that fine-tune the final global model into a personal one", _at_least_one, ">= 1"
+            80, "most local steps that fine-tune the final global model into a personal one", _at_least_one, ">= 1"
+        ),
+        "finetune-checks": Key(
+            8,
+            "validation checks along the fine-tuning: a site with test cases apart keeps the best of the global model and these",
+            _at_least_one,
+            ">= 1",
         ),
         "compression": Key(
             "none",

@@ -284,16 +284,16 @@ FULL_SPLIT_MARGIN = 2.0  # a full split's cases can be larger than those a round
 
 def full_split_timeout(round_timeout: float, sites: Mapping[str, Mapping], models: int, finetune_steps: int) -> float:
     """Seconds to wait for an evaluation of every held-out case, from the sites' own figures (metrics.json's
-    site entries): per site, its seconds per case times the cases of its full split (with a personal model,
-    also the validation cases on which it chooses between that and the global model) times the ``models``
-    it scores, plus the ``finetune_steps`` it first trains at its last seconds per step; the largest of these
+    site entries): per site, its seconds per case times the cases of its full split times the ``models`` it
+    scores (with a personal model, plus the validation cases it scores to choose that model), plus the
+    ``finetune_steps`` it trains at its last seconds per step; the largest of these
     with a margin, never less than ``round_timeout``. A round scores a subset (``eval-cases``) that fits the
     round's wait; the end scores every case, which at a hospital with many full-size volumes does not
     (benchmarks/RESULTS.md: twenty 512 x 512 CT volumes take 9 min per model on two cores)."""
     needed = []
     for entry in sites.values():
-        cases = entry.get("full_split_cases", 0) + (entry.get("selection_cases", 0) if models > 1 else 0)
-        seconds = entry.get("eval_s_per_case", 0.0) * cases * models
+        cases = entry.get("full_split_cases", 0) * models + (entry.get("selection_cases", 0) if models > 1 else 0)
+        seconds = entry.get("eval_s_per_case", 0.0) * cases
         train_s, steps = entry.get("timing", {}).get("train_s"), entry.get("steps")
         if finetune_steps and train_s and steps:  # a DP site keeps its training time to itself
             seconds += train_s / steps * finetune_steps

@@ -1,6 +1,7 @@
 """The coordinator's evaluation: a fixed subset of the validation cases per round, every test case after the
 last round for the final and the best model, HD95 and NSD beside Dice."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from conftest import TINY, ScriptedGrid, tiny_model, with_test_split
 from flwr.app import MessageType
 
 from fed_swinumamba.checkpoint import Checkpoint
-from fed_swinumamba.protocol import ARRAYS, CONFIG, TEST, VALIDATION, Instructions
+from fed_swinumamba.protocol import ARRAYS, CONFIG, TEST, VALIDATION, Instructions, PersonalOptions
 from server.federation import Federation
 from server.settings import FederationSettings
 
@@ -81,15 +82,16 @@ def _waits(grid: ScriptedGrid) -> list[tuple[str, float]]:
     return waits
 
 
-@pytest.mark.parametrize("personalization, final_wait", [("finetune", 3620.0), ("ditto", 3600.0), ("none", 1200.0)])
+@pytest.mark.parametrize("personalization, final_wait", [("finetune", 3680.0), ("ditto", 3600.0), ("none", 1200.0)])
 def test_the_end_waits_as_long_as_the_sites_own_timings_say(tmp_path, personalization, final_wait):
     """A round scores a subset within round-timeout (900 s); the end scores every case of the full split,
     twice over what a site's last figures say: site_a scores 20 test cases at 30 s each, for the global
-    model and the personal model beside it (finetune, ditto), both also on its 10 validation cases (to
-    choose which it keeps), and first fine-tunes 20 steps at 0.5 s (its training: 2 steps in 1 s):
-    2 x (30 x (20 + 10) x 2 + 20 x 0.5) = 3620 s; without a personal model, nor a choice, and for the best
-    checkpoint's model: 2 x 30 x 20 = 1200 s. site_b's 5 cases at 1 s need less than the round's 900 s."""
-    timing = {"site_a": (30.0, 20, 10), "site_b": (1.0, 5)}
+    model and the personal model beside it (finetune, ditto), plus the 20 validation-case scorings it
+    says it makes to choose which it keeps, and first fine-tunes up to 80 steps at 0.5 s (its training:
+    2 steps in 1 s): 2 x (30 x (20 x 2 + 20) + 80 x 0.5) = 3680 s; without a personal model, nor a choice,
+    and for the best checkpoint's model: 2 x 30 x 20 = 1200 s. site_b's 5 cases at 1 s need less than the
+    round's 900 s."""
+    timing = {"site_a": (30.0, 20, 20), "site_b": (1.0, 5)}
     grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02}, eval_timing=timing)
     overrides = {"num-server-rounds": 2, "round-timeout": 900.0, "personalization": personalization}
     Federation(grid, _settings(tmp_path, **overrides)).run()
@@ -108,17 +110,17 @@ def test_the_end_waits_as_long_as_the_sites_own_timings_say(tmp_path, personaliz
 
 
 def test_a_final_evaluation_longer_than_flowers_message_ttl_lives_as_long_as_its_wait(tmp_path):
-    """Flower drops a message and its reply after the message's ttl (12 h by default): 20 test and 10
-    validation cases at 3000 s each, scored for two models, make the final wait 2 x (3000 x 30 x 2 + 20 x
-    0.5) = 360020 s, so its messages live that long and 600 s more (to be pushed); the rounds' keep Flower's
-    default."""
+    """Flower drops a message and its reply after the message's ttl (12 h by default): 20 test cases at
+    3000 s each scored for two models and 20 validation-case scorings make the final wait 2 x (3000 x
+    (20 x 2 + 20) + 80 x 0.5) = 360080 s, so its messages live that long and 600 s more (to be pushed); the
+    rounds' keep Flower's default."""
     from flwr.app import DEFAULT_TTL
 
-    grid = ScriptedGrid({"site_a": 0.01}, eval_timing={"site_a": (3000.0, 20, 10)})
+    grid = ScriptedGrid({"site_a": 0.01}, eval_timing={"site_a": (3000.0, 20, 20)})
     overrides = {"num-server-rounds": 1, "round-timeout": 900.0, "personalization": "finetune"}
     Federation(grid, _settings(tmp_path, **overrides)).run()
     ttl = {kind: {m.metadata.ttl for m in messages} for (messages, _), (kind, _) in zip(grid.waits, _waits(grid))}
-    assert ttl["final"] == {360620.0}
+    assert ttl["final"] == {360680.0}
     assert ttl[MessageType.TRAIN] == ttl["round"] == {DEFAULT_TTL}
 
 
@@ -176,6 +178,7 @@ def test_a_site_with_a_test_split_scores_it_only_when_told(three_sites, tmp_path
     scored = {}
     for split in (VALIDATION, TEST):
         ins = Instructions(1, Stage(0, ("heads",), 1e-3), config, ("organ", "lesion"), 0, FULL_SYNC, eval_split=split)
+        ins = dataclasses.replace(ins, personal=PersonalOptions("finetune", finetune_checks=3))
         msg = Message(
             content=RecordDict({ARRAYS: ArrayRecord(state), CONFIG: ConfigRecord(ins.to_config())}),
             dst_node_id=1,
@@ -186,4 +189,5 @@ def test_a_site_with_a_test_split_scores_it_only_when_told(three_sites, tmp_path
     assert [scored[s].held_out_cases for s in (VALIDATION, TEST)] == [1, 2] and scored[TEST].record()["split"] == "test"
     # both tell the coordinator how many cases the final evaluation will score, which sizes its wait
     assert [scored[s].full_split_cases for s in (VALIDATION, TEST)] == [2, 2]
-    assert [scored[s].selection_cases for s in (VALIDATION, TEST)] == [1, 1]  # its validation case, at the end
+    # its validation case, for the global model and three fine-tuning checks, at the end
+    assert [scored[s].selection_cases for s in (VALIDATION, TEST)] == [4, 4]

@@ -205,12 +205,51 @@ def test_at_the_end_a_site_keeps_whichever_model_scores_better_on_its_validation
     reply = EvalReply.from_metrics(client_app.evaluate(message, _context(site_yaml)).content[METRICS], CLASSES)
     again = EvalReply.from_metrics(client_app.evaluate(message, _context(site_yaml)).content[METRICS], CLASSES)
     assert (again.personal.kept_global, again.personal.dice) == (reply.personal.kept_global, reply.personal.dice)
-    assert reply.split == TEST and reply.selection_cases == 1 and reply.dice_mean == pytest.approx(0.3)
+    assert reply.split == TEST and reply.selection_cases == 2 and reply.dice_mean == pytest.approx(0.3)  # 2 models
     kept = Checkpoint.load(personal_model_file(site.state_dir, "trial", site.site))
     kept_global = all(torch.equal(v, state[k]) for k, v in kept.state.items())
     assert reply.personal.kept_global == kept_global == (validation_prefers == "global")
     assert reply.personal.dice_mean == pytest.approx(0.3 if kept_global else 0.8)  # the kept model's test scores
     assert kept.extra.get("kept") == ("global" if kept_global else None)
+
+
+def test_fine_tuning_keeps_the_check_its_validation_cases_prefer(three_sites, tmp_path, replies, monkeypatch):
+    """Scored on the validation cases before fine-tuning and after each of 3 parts of 6 steps, the site keeps
+    the model its validation cases prefer (after 4 steps here): the same weights as 4 steps of that
+    fine-tuning, its step and the scores in the checkpoint; 1 validation case x 4 models to choose."""
+    import client.site
+
+    site_yaml = with_test_split(three_sites[0], tmp_path)
+    site = load_site_config(site_yaml)
+    validation = {c.case_id for c in SiteData.from_config(site, list(CLASSES)).val_cases}
+    real = client.site.evaluate_cases
+
+    def kept_after(personal, validation_dice):
+        scripted = iter(validation_dice)  # validation scores in the order the site asks for them
+
+        def evaluate(model, modality, cases, class_names, *args):
+            result = real(model, modality, cases, class_names, *args)
+            if {c.case_id for c in cases} <= validation:
+                result = dataclasses.replace(result, dice=dict.fromkeys(result.dice, next(scripted)))
+            return result
+
+        monkeypatch.setattr(client.site, "evaluate_cases", evaluate)
+        message = _message(MessageType.EVALUATE, 2, _global_state(), personal, final=True, eval_split=TEST)
+        reply = EvalReply.from_metrics(client_app.evaluate(message, _context(site_yaml)).content[METRICS], CLASSES)
+        return reply, Checkpoint.load(personal_model_file(site.state_dir, "trial", site.site))
+
+    reply, kept = kept_after(PersonalOptions("finetune", finetune_steps=6, finetune_checks=3), [0.5, 0.6, 0.9, 0.7])
+    assert kept.extra["finetune_steps"] == 4 and "kept" not in kept.extra
+    assert kept.extra["validation_dice"] == {"0": 0.5, "2": 0.6, "4": 0.9, "6": 0.7}
+    assert reply.selection_cases == 4 and not reply.personal.kept_global
+    _, four_steps = kept_after(PersonalOptions("finetune", finetune_steps=4, finetune_checks=1), [0.5, 0.9])
+    assert all(torch.equal(v, four_steps.state[k]) for k, v in kept.state.items())
+    state = _global_state()
+    assert any(not torch.equal(v, state[k]) for k, v in kept.state.items())
+
+    reply, kept = kept_after(PersonalOptions("finetune", finetune_steps=6, finetune_checks=3), [0.9, 0.6, 0.8, 0.7])
+    assert kept.extra["kept"] == "global" and kept.extra["finetune_steps"] == 0 and reply.personal.kept_global
+    assert all(torch.equal(v, state[k]) for k, v in kept.state.items())
 
 
 def test_a_dp_site_keeps_its_personal_model_s_scores_to_itself(three_sites, tmp_path, replies):
