@@ -26,10 +26,10 @@ from fed_swinumamba.checkpoint import Checkpoint, personal_model_file, residual_
 from fed_swinumamba.compression import (
     CompressionError,
     Packet,
-    compress_with_residual,
     decompress,
     load_residual,
     save_residual,
+    with_error_feedback,
 )
 from fed_swinumamba.data import SiteData, load_site_config
 from fed_swinumamba.data.site_config import PrivacySpec, SiteConfig
@@ -187,37 +187,18 @@ class SiteRound:
         for k, change in changes.items():
             weights[k] = Array(weights[k].numpy() + change)
 
-    def _residual_file(self) -> Path:
-        return residual_file(self.config.state_dir, self.instructions.study, self.config.site)
-
-    def _resume_unsent_progress(self) -> None:
-        """Error feedback: start this round's training from the global model plus what the site's earlier
-        compressed updates left out (its residual, kept on its disk so a restarted SuperNode keeps it).
-
-        Adding the residual to the next update instead (as for one gradient step) counts it twice in
-        federated rounds: a site that trains for many steps from a global model that lacks its unsent
-        progress learns that progress again, and would send both. Resuming from it, the site sends
-        ``trained - global``, which already holds it. Only the stage's trained tensors are resumed; a
-        tensor the residual lacks (a group unfrozen this round) starts from the global model."""
-        residual = load_residual(self._residual_file(), self.instructions.server_round)
-        trained = select(self.model.state_dict(), groups=self.instructions.stage.trainable_groups)
-        with torch.no_grad():
-            for name, tensor in trained.items():
-                if name in residual and residual[name].shape == tuple(tensor.shape):
-                    tensor.add_(torch.from_numpy(residual[name]).to(tensor))
-
     def _compressed_update(self, trained: ArrayRecord) -> RecordDict:
-        """The change of the trained weights from the global copy the site holds, compressed; what the
-        packet leaves out is the residual the next round resumes from.
+        """The change of the trained weights from the copy they started from, compressed with the
+        residual earlier rounds left out (kept on the site's disk, so a restarted SuperNode keeps it).
 
         Under DP-SGD the change and the residual are functions of the DP-trained weights only, so the
         site's guarantee holds for them as for the weights (post-processing); under site-level DP the
-        change is clipped before it is compressed and the coordinator clips what it receives again
-        (server.site_dp)."""
-        start = self.context.state[GLOBAL_WEIGHTS]
+        coordinator clips what it receives again (server.site_dp)."""
+        ins, start = self.instructions, self.context.state[GLOBAL_WEIGHTS]
         changes = {k: a.numpy() - start[k].numpy() for k, a in trained.items()}
-        packet, residual = compress_with_residual(changes, self.instructions.compression)
-        save_residual(self._residual_file(), residual, self.instructions.server_round)
+        path = residual_file(self.config.state_dir, ins.study, self.config.site)
+        packet, residual = with_error_feedback(changes, load_residual(path, ins.server_round), ins.compression)
+        save_residual(path, residual, ins.server_round)
         return RecordDict(
             {
                 ARRAYS: ArrayRecord({k: Array(v) for k, v in packet.arrays().items()}),
@@ -257,8 +238,6 @@ class SiteRound:
 
     def train(self) -> RecordDict:
         data = self._data()
-        if self.instructions.compression.enabled:
-            self._resume_unsent_progress()
         reply = self._train_global(data)
         if self.instructions.personal.method == "ditto":
             # Ditto: the personal model's step of this round, pulled towards the global model the round began from.

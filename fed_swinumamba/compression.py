@@ -12,11 +12,9 @@ flat arrays, whatever the number of tensors (each array on the wire costs a head
 
 The receiver knows the tensors' shapes (it holds them); the names travel beside the arrays. Each
 element's error is at most half its block's scale (top-k: plus the magnitude of what was not sent).
-:func:`compress_with_residual` also returns what a packet leaves out: the residual of error feedback
-(Seide et al., 2014; Karimireddy et al., 2019). A site resumes its next round's training from the
-global model plus its residual and sends ``trained - global`` (client.site), so what was not sent is
-sent later, and counted once: the sum of what was sent tracks the site's progress within the last
-residual.
+:func:`with_error_feedback` keeps what quantisation and top-k left out as a residual that is added to
+the next change (Seide et al., 2014; Karimireddy et al., 2019), so over rounds the sum of what was sent
+tracks the sum of the true changes with a bounded difference (the last residual).
 """
 
 from __future__ import annotations
@@ -184,13 +182,18 @@ def decompress(packet: Packet, shapes: Mapping[str, tuple[int, ...]], block: int
     return out
 
 
-def compress_with_residual(
-    changes: Mapping[str, np.ndarray], options: CompressionOptions
+def with_error_feedback(
+    changes: Mapping[str, np.ndarray], residual: Mapping[str, np.ndarray], options: CompressionOptions
 ) -> tuple[Packet, dict[str, np.ndarray]]:
-    """The packet of ``changes`` and the residual: what it leaves out, per tensor."""
-    packet = compress(changes, options)
-    sent = decompress(packet, {k: np.shape(v) for k, v in changes.items()}, options.block)
-    return packet, {k: np.asarray(v, np.float32) - sent[k] for k, v in changes.items()}
+    """The packet of ``changes`` plus what earlier packets left out (``residual``, zero for a tensor it
+    lacks: e.g. a group unfrozen this round), and the new residual: what this packet leaves out."""
+    corrected = {k: np.asarray(v, np.float32) for k, v in changes.items()}
+    for k, v in corrected.items():
+        if k in residual and np.shape(residual[k]) == v.shape:
+            corrected[k] = v + residual[k]
+    packet = compress(corrected, options)
+    sent = decompress(packet, {k: v.shape for k, v in corrected.items()}, options.block)
+    return packet, {k: corrected[k] - sent[k] for k in corrected}
 
 
 def uncompressed_bytes(changes: Mapping[str, np.ndarray]) -> int:

@@ -101,9 +101,9 @@ class SiteLevelDP:
     def clipped(self, changes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A site's whole change scaled to L2 norm at most C: the coordinator's own clip of what it aggregates.
 
-        Needed with compression: a site clips its change, then quantises it, and rounding to the int8
-        grid can take it past C; clipped again here, every aggregated update is within C and the noise
-        stays calibrated whatever a site sends."""
+        Needed with compression: a site clips its update, then adds the residual its earlier packets left
+        out (error feedback), so what arrives may exceed C by that residual; clipped again here, every
+        aggregated update is within C and the noise stays calibrated."""
         norm = float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in changes.values())))
         factor = min(1.0, self.s.clipping_norm / norm) if norm > 0 else 1.0
         return {k: (v * factor).astype(v.dtype) for k, v in changes.items()}

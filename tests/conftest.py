@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
-from fed_swinumamba.compression import Packet, compress_with_residual, decompress
+from fed_swinumamba.compression import Packet, decompress, with_error_feedback
 from fed_swinumamba.data import load_site_config
 from fed_swinumamba.model import ModelConfig
 from fed_swinumamba.params import group_of
@@ -107,8 +107,8 @@ class ScriptedGrid:
     (a full sync replaces it, an update overwrites what it brings); a train reply is that copy's
     trainable weights moved by the site's step.
 
-    With compression a site applies the packets it gets, resumes training from its copy plus what it
-    has not sent yet and sends its change from the copy as a packet, as a real site does (``replies`` keeps each train reply; ``held_at_train`` each site's copy
+    With compression a site applies the packets it gets and sends its change as a packet, with error
+    feedback, as a real site does (``replies`` keeps each train reply; ``held_at_train`` each site's copy
     when it starts training, per round).
 
     Queries are answered with the site's name and modality (``modalities``, CT by default). A site in
@@ -163,15 +163,12 @@ class ScriptedGrid:
                 held = self._sync(site, ins, msg.content)
                 self.held_at_train[(ins.server_round, site)] = {k: v.copy() for k, v in held.items()}
                 step = np.float32(self.steps[site])
-                start = dict(held)
-                if ins.compression.enabled:  # a real site resumes from what it has not sent yet
-                    start |= {k: v + self.residuals[site][k] for k, v in held.items() if k in self.residuals[site]}
-                trained = {k: v + step for k, v in start.items() if group_of(k) in ins.stage.trainable_groups}
+                trained = {k: v + step for k, v in held.items() if group_of(k) in ins.stage.trainable_groups}
                 reply = TrainReply(self.num_examples[site], 2, train_loss=1.0, first_batch_s=0.5, train_s=1.0)
                 content = RecordDict({METRICS: MetricRecord(reply.to_metrics()), SITE: identity})
                 if ins.compression.enabled:
                     changes = {k: v - held[k] for k, v in trained.items()}
-                    packet, self.residuals[site] = compress_with_residual(changes, ins.compression)
+                    packet, self.residuals[site] = with_error_feedback(changes, self.residuals[site], ins.compression)
                     content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in packet.arrays().items()})
                     content[COMPRESSED] = ConfigRecord({"names": list(packet.names)})
                 else:
