@@ -8,7 +8,7 @@ tensors (their size does not depend on the values) and measured as Flower serial
 headers included); also the seconds to compress and decompress one full-size upload.
 
 ``--dice``: the demo's three sites (``--cases`` phantoms each, a test split kept apart), ``--seeds`` seeds,
-a run per method (``none``, ``int8``, ``int8+topk``; ``--block`` and ``--topk`` as the run config's
+a run per method (``--methods``, default ``none``, ``int8``, ``int8+topk``; ``--block`` and ``--topk`` as the run config's
 ``compression-block`` and ``compression-topk``) through ``python -m simulation run``; per site the final
 global model's Dice on the test cases, and the bytes per site per round from metrics.json. Finished runs
 are kept under ``OUT/seed<s>/<method>`` (``int8+topk-<topk>``).
@@ -121,12 +121,12 @@ def print_bytes(block: int, topk: float) -> None:
 DEMO_MODEL_BYTES = {m: _wire_bytes(_site_model(DEMO_MODEL, m)) for m in DEMO_MODEL.modalities}
 
 
-def dice(seeds: list[int], cases: int, out: Path, block: int, topk: float) -> None:
-    scores = {m: {} for m in METHODS}  # method -> site -> [Dice per seed]
-    shares = {m: {"up": [], "down": []} for m in METHODS}  # per site and round, of the site's float32 model
+def dice(seeds: list[int], cases: int, out: Path, block: int, topk: float, methods: tuple[str, ...]) -> None:
+    scores = {m: {} for m in methods}  # method -> site -> [Dice per seed]
+    shares = {m: {"up": [], "down": []} for m in methods}  # per site and round, of the site's float32 model
     for seed in seeds:
         sites = make_sites("demo", out / f"seed{seed}" / "sites", cases, seed, 0.2)
-        for method in METHODS:
+        for method in methods:
             config = {**DEMO_RUN_CONFIG, "seed": seed, "cross-site-eval": False, "compression": method}
             config |= {"compression-block": block, "compression-topk": topk}
             folder = f"{method}-{topk}" if method == "int8+topk" else method
@@ -140,11 +140,11 @@ def dice(seeds: list[int], cases: int, out: Path, block: int, topk: float) -> No
                     model = DEMO_MODEL_BYTES[entry["modality"]]
                     shares[method]["up"].append(entry["bytes_up"] / model)
                     shares[method]["down"].append(entry["bytes_down"] / model)
-    sites = sorted(scores["none"])
+    sites = sorted(scores[methods[0]])
     print(f"\n### demo, {len(seeds)} seeds: final global model, mean Dice on each site's test cases (range)\n")
     print("| method | " + " | ".join(sites) + " | mean over sites | up, per site and round | down |")
     print("|---" * (len(sites) + 4) + "|")
-    for method in METHODS:
+    for method in methods:
         cells = [f"{statistics.mean(v):.3f} ({min(v):.3f}–{max(v):.3f})" for v in (scores[method][s] for s in sites)]
         overall = statistics.mean(statistics.mean(scores[method][s]) for s in sites)
         up, down = (statistics.mean(shares[method][d]) for d in ("up", "down"))
@@ -160,12 +160,20 @@ def main() -> None:
     parser.add_argument("--topk", type=float, default=defaults()["compression-topk"])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--cases", type=int, default=16)
+    parser.add_argument("--methods", default=",".join(METHODS), help="with --dice: the methods to run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_compression"))
     args = parser.parse_args()
     if args.bytes:
         print_bytes(args.block, args.topk)
     if args.dice:
-        dice([int(s) for s in args.seeds.split(",")], args.cases, args.out, args.block, args.topk)
+        dice(
+            [int(s) for s in args.seeds.split(",")],
+            args.cases,
+            args.out,
+            args.block,
+            args.topk,
+            tuple(args.methods.split(",")),
+        )
 
 
 if __name__ == "__main__":
