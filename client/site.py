@@ -446,11 +446,11 @@ class SiteRound:
     def _personal_seed(self) -> int:
         return round_seed(self.instructions.seed, self.instructions.server_round, f"{self.config.site}/personal")
 
-    def _save_personal(self, state: dict[str, torch.Tensor], extra: dict) -> None:
+    def _save_personal(self, state: dict[str, torch.Tensor], extra: dict, path: Path | None = None) -> None:
         ins = self.instructions
         extra = {"personalization": ins.personal.method, "study": ins.study, "site": self.config.site} | extra
         Checkpoint(state, self.model_config, ins.class_names, ins.server_round, ins.stage.index, extra).save(
-            self._personal_file()
+            path or self._personal_file()
         )
 
     def _personal_model(self, data: SiteData, choose: bool) -> tuple[nn.Module, bool] | None:
@@ -490,9 +490,10 @@ class SiteRound:
         global model that the other sites' data had already made better for this one
         (benchmarks/RESULTS.md); the choice is made on cases the reported test scores never see.
         True with the model when the global model was kept."""
-        personal = self.instructions.personal
-        steps = personal.finetune_steps
-        checks = {round(i * steps / personal.finetune_checks) for i in range(1, personal.finetune_checks + 1)}
+        steps, checks = self.instructions.personal.finetune_steps, self.instructions.personal.check_steps
+        # The best so far waits beside the personal model (not in memory: a full-size network's weights are
+        # 228 MiB), which is replaced only once the choice is made: a fine-tuning that fails midway leaves it.
+        candidate = self._personal_file().with_suffix(".candidate.safetensors")
         model = self._start_personal(self.model.state_dict())
         scores = {0: self._validation_dice(self.model, data)}
         best = 0
@@ -503,12 +504,11 @@ class SiteRound:
                 scores[step] = self._validation_dice(model, data)
                 model.train()  # scoring left it in eval mode
                 if scores[step] > scores[best]:
-                    best = step  # kept on disk, not in memory (a full-size network's weights: 228 MiB)
-                    self._save_personal(model.state_dict(), {"finetune_steps": step})
+                    best = step
+                    self._save_personal(model.state_dict(), {"finetune_steps": step}, candidate)
 
         self._train_seeded(model, data, self._personal_seed(), steps, 1, 0.0, on_step=check)
-        validation = {str(k): v if math.isfinite(v) else None for k, v in scores.items()}
-        extra = {"finetune_steps": best, "validation_dice": validation}
+        extra = {"finetune_steps": best, "validation_dice": {str(k): _finite(v) for k, v in scores.items()}}
         log.info(
             "site %s: fine-tuning scored on its %d validation cases, Dice by step %s: keeping %s",
             self.config.site,
@@ -518,10 +518,12 @@ class SiteRound:
         )
         if best == 0:
             self._save_personal(self.model.state_dict(), extra | {"kept": "global"})
+            candidate.unlink(missing_ok=True)  # one a failed attempt left
             return self.model, True
         if best != steps:
-            model.load_state_dict(Checkpoint.load(self._personal_file()).state)
+            model.load_state_dict(Checkpoint.load(candidate).state)
         self._save_personal(model.state_dict(), extra)
+        candidate.unlink()
         return model, False
 
     def _keep_better(self, personal: nn.Module, data: SiteData) -> bool:
@@ -545,15 +547,16 @@ class SiteRound:
             "global" if kept_global else "personal",
         )
         if kept_global:
-            extra = held.get("extra", {}) | {"kept": "global", "validation_dice": {"personal": own, "global": common}}
+            validation = {"personal": _finite(own), "global": _finite(common)}
+            extra = held.get("extra", {}) | {"kept": "global", "validation_dice": validation}
             self._save_personal(self.model.state_dict(), extra)
         return kept_global
 
     def evaluate(self) -> RecordDict:
         """Scores of the model on the held-out split the instructions name (the test cases if the site keeps
         them apart, else the validation cases): its first ``eval_cases`` (a fixed subset, the same every
-        round), or all of them; and of the site's personal model, if it has one (at the final evaluation: the
-        better of it and the global model on the validation cases, see ``_keep_better``).
+        round), or all of them; and of the site's personal model, if it has one (at the final evaluation of a
+        site with test cases apart: the one its validation cases prefer, see ``_personal_model``).
 
         A DP site keeps its personal model's scores to itself: that model is trained on its private
         patients without DP noise, so even its Dice is not covered by the site's guarantee."""
@@ -597,6 +600,11 @@ class SiteRound:
             _rounded(result.nsd),
         )
         return RecordDict({METRICS: MetricRecord(reply.to_metrics()), SITE: self._identity()})
+
+
+def _finite(score: float) -> float | None:
+    """A validation score as a checkpoint's metadata holds it: None for none (JSON has no infinities)."""
+    return score if math.isfinite(score) else None
 
 
 def _rounded(scores: dict[str, float]) -> dict[str, float]:

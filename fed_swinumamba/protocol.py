@@ -75,8 +75,8 @@ class PersonalOptions:
 
     method: str = "none"
     ditto_lambda: float = 0.1
-    finetune_steps: int = 20
-    finetune_checks: int = 1
+    finetune_steps: int = 80
+    finetune_checks: int = 8
 
     def to_config(self) -> dict:
         return {
@@ -94,10 +94,17 @@ class PersonalOptions:
         )
 
     @property
+    def check_steps(self) -> tuple[int, ...]:
+        """The fine-tuning steps after which the model is scored: the ends of ``finetune_checks`` equal parts
+        of ``finetune_steps`` (fewer when there are fewer steps than checks)."""
+        parts = range(1, self.finetune_checks + 1)
+        return tuple(sorted({round(i * self.finetune_steps / self.finetune_checks) for i in parts} - {0}))
+
+    @property
     def candidates(self) -> int:
         """Models a site that keeps test cases apart scores on its validation cases at the final evaluation
         to choose its personal model: the global one and each fine-tuning check, or Ditto's."""
-        return {"finetune": 1 + self.finetune_checks, "ditto": 2}.get(self.method, 0)
+        return {"finetune": 1 + len(self.check_steps), "ditto": 2}.get(self.method, 0)
 
 
 @dataclass(frozen=True)

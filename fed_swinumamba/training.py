@@ -204,8 +204,8 @@ class EvalResult:
         self, held_out_cases: int, split: str = VALIDATION, full_split_cases: int = 0, selection_cases: int = 0
     ) -> EvalReply:
         """These scores as a site sends them (and metrics.json records them): of ``split``, out of its
-        ``held_out_cases``; a full-split evaluation of the site would score ``full_split_cases``, and
-        ``selection_cases`` validation cases to choose its personal model."""
+        ``held_out_cases``; a full-split evaluation of the site would score ``full_split_cases``, and its
+        choice of a personal model ``selection_cases`` validation cases (each once per candidate model)."""
         return EvalReply(
             self.dice,
             self.hd95,

@@ -198,7 +198,7 @@ def test_at_the_end_a_site_keeps_whichever_model_scores_better_on_its_validation
         return dataclasses.replace(result, dice=dict.fromkeys(result.dice, scripted_dice[which, split]))
 
     monkeypatch.setattr(client.site, "evaluate_cases", scripted)
-    personal = PersonalOptions(method, finetune_steps=3)
+    personal = PersonalOptions(method, finetune_steps=3, finetune_checks=1)  # two candidates, as Ditto has
     if method == "ditto":  # its personal model of round 2
         client_app.train(_message(MessageType.TRAIN, 2, state, personal), _context(site_yaml))
     message = _message(MessageType.EVALUATE, 2, state, personal, final=True, eval_split=TEST)
@@ -250,6 +250,16 @@ def test_fine_tuning_keeps_the_check_its_validation_cases_prefer(three_sites, tm
     reply, kept = kept_after(PersonalOptions("finetune", finetune_steps=6, finetune_checks=3), [0.9, 0.6, 0.8, 0.7])
     assert kept.extra["kept"] == "global" and kept.extra["finetune_steps"] == 0 and reply.personal.kept_global
     assert all(torch.equal(v, state[k]) for k, v in kept.state.items())
+    personal_dir = personal_model_file(site.state_dir, "trial", site.site).parent
+    assert [p.name for p in personal_dir.iterdir()] == [f"{site.site}.safetensors"]  # no candidate left behind
+
+
+def test_fewer_fine_tuning_steps_than_checks_score_each_step_once():
+    few = PersonalOptions("finetune", finetune_steps=3, finetune_checks=8)
+    assert few.check_steps == (1, 2, 3) and few.candidates == 4  # the global model and three checks
+    default = PersonalOptions("finetune")
+    assert default.check_steps == (10, 20, 30, 40, 50, 60, 70, 80) and default.candidates == 9
+    assert PersonalOptions("ditto").candidates == 2 and PersonalOptions().candidates == 0
 
 
 def test_a_dp_site_keeps_its_personal_model_s_scores_to_itself(three_sites, tmp_path, replies):
