@@ -36,6 +36,7 @@ This module knows nothing of Flower; it scores label maps.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ import torch
 from monai.metrics.utils import get_mask_edges
 from scipy.spatial import KDTree
 
-__all__ = ["ClassScores", "ClassSummary", "SiteScores", "case_scores"]
+__all__ = ["ClassScores", "ClassSummary", "PairedGain", "SiteScores", "case_scores", "paired_gain"]
 
 
 @dataclass(frozen=True)
@@ -180,11 +181,13 @@ class SiteScores:
 
     def __init__(self) -> None:
         self._scores: dict[int, list[ClassScores]] = {}
+        self.case_dice: list[float] = []  # per case added: its mean Dice over the classes that count for it
         self.num_cases = 0
 
     def add(self, scores: Mapping[int, ClassScores]) -> None:
         """Add one case; a class that is in neither its truth nor its prediction (all NaN) does not count for it."""
         self.num_cases += 1
+        self.case_dice.append(_mean([s.dice for s in scores.values() if not math.isnan(s.dice)]))
         for label, s in scores.items():
             self._scores.setdefault(label, [])
             if not math.isnan(s.dice):
@@ -204,3 +207,28 @@ class SiteScores:
             cases=len(scores),
             hd95_unbounded=len(scores) - len(finite_hd95),
         )
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """How much one model beats another on the same cases: the mean of the per-case differences of a
+    score and the standard error of that mean (inf with fewer than two cases: no noise estimate)."""
+
+    mean: float
+    standard_error: float
+    cases: int
+
+    def exceeds(self, margin: float) -> bool:
+        """A gain larger than ``margin`` standard errors (``margin`` 0: any gain at all)."""
+        return self.mean > 0 and (margin == 0 or self.mean > margin * self.standard_error)
+
+
+def paired_gain(scores: Sequence[float], reference: Sequence[float]) -> PairedGain:
+    """The gain of ``scores`` over ``reference``, both per case and in the same order; cases where either
+    is NaN (nothing to score) are left out. Pairing removes what the cases share (an easy case is easy for
+    both models), so a small gain that every case shows stands out from the spread of the cases' scores."""
+    differences = [s - r for s, r in zip(scores, reference, strict=True) if not (math.isnan(s) or math.isnan(r))]
+    n = len(differences)
+    if n < 2:
+        return PairedGain(_mean(differences), math.inf, n)
+    return PairedGain(statistics.mean(differences), statistics.stdev(differences) / math.sqrt(n), n)

@@ -71,12 +71,18 @@ class PersonalOptions:
     after each of ``finetune_checks`` equal parts, and keeps the best (early stopping). ``ditto`` (Li et
     al., 2021): a personal model trained every round beside the global one, with the gradient of
     ``ditto_lambda``/2 * ||v - w_global||^2 pulling it towards the global model.
+
+    Either way such a site keeps a personal model other than the global one only if its validation cases
+    show a gain larger than ``choice_margin`` standard errors of the paired per-case Dice difference
+    (``fed_swinumamba.metrics.paired_gain``): a few validation cases cannot tell near-equal models apart,
+    and the best-looking of several is then the luckiest, not the best (benchmarks/RESULTS.md).
     """
 
     method: str = "none"
     ditto_lambda: float = 0.1
     finetune_steps: int = 80
     finetune_checks: int = 8
+    choice_margin: float = 2.0
 
     def to_config(self) -> dict:
         return {
@@ -84,13 +90,18 @@ class PersonalOptions:
             "ditto-lambda": self.ditto_lambda,
             "finetune-steps": self.finetune_steps,
             "finetune-checks": self.finetune_checks,
+            "choice-margin": self.choice_margin,
         }
 
     @classmethod
     def from_config(cls, c) -> PersonalOptions:
         """From the instructions, or from a run config resolved by ``run_config`` (the same names)."""
         return cls(
-            str(c["personalization"]), float(c["ditto-lambda"]), int(c["finetune-steps"]), int(c["finetune-checks"])
+            str(c["personalization"]),
+            float(c["ditto-lambda"]),
+            int(c["finetune-steps"]),
+            int(c["finetune-checks"]),
+            float(c["choice-margin"]),
         )
 
     @property

@@ -105,6 +105,12 @@ KEYS: Mapping[str, Key] = MappingProxyType(
             _at_least_one,
             ">= 1",
         ),
+        "choice-margin": Key(
+            2.0,
+            "standard errors of the paired per-case validation Dice by which a personal model must beat the global one to be kept (0: any gain)",
+            _non_negative,
+            ">= 0",
+        ),
         "compression": Key(
             "none",
             "model changes on the wire, both ways: none (float32), int8 (8-bit blocks) or int8+topk (and only the largest)",

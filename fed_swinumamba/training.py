@@ -194,6 +194,7 @@ class EvalResult:
     hd95_unbounded: dict[str, int]  # cases where only one of truth and prediction has the class
     num_cases: int
     seconds_per_case: float
+    case_dice: tuple[float, ...]  # per case scored, in order: its mean Dice over its classes (NaN: none)
 
     @property
     def dice_mean(self) -> float:
@@ -259,4 +260,5 @@ def evaluate_cases(
         {c: s.hd95_unbounded for c, s in by_name.items()},
         n,
         (time.perf_counter() - started) / n,
+        tuple(site.case_dice),
     )

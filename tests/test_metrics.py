@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fed_swinumamba import metrics
-from fed_swinumamba.metrics import ClassScores, ClassSummary, SiteScores, case_scores
+from fed_swinumamba.metrics import ClassScores, ClassSummary, SiteScores, case_scores, paired_gain
 
 
 def plates(label: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -113,9 +113,21 @@ def test_site_means_skip_absent_classes_and_count_unbounded_hd95():
     assert site.num_cases == 3
     assert summary[1] == ClassSummary(dice=0.5, hd95=3.0, nsd=pytest.approx(0.6), cases=3, hd95_unbounded=1)
     assert summary[2] == ClassSummary(dice=1.0, hd95=0.0, nsd=1.0, cases=1, hd95_unbounded=0)
+    assert site.case_dice == [0.5, 0.5, 1.0]  # each case's mean over the classes that count for it
     empty = SiteScores()
     empty.add({1: ClassScores(math.nan, math.nan, math.nan)})
     assert empty.summary()[1].cases == 0 and math.isnan(empty.summary()[1].dice)
+    assert math.isnan(empty.case_dice[0])
+
+
+def test_a_paired_gain_is_the_mean_per_case_difference_with_its_standard_error():
+    # differences 0.1, 0.0, 0.2 (the NaN case left out): mean 0.1, sample sd 0.1, standard error 0.1 / sqrt(3)
+    gain = paired_gain([0.9, 0.8, 0.7, math.nan], [0.8, 0.8, 0.5, 0.6])
+    assert (gain.mean, gain.standard_error, gain.cases) == (pytest.approx(0.1), pytest.approx(0.057735), 3)
+    assert gain.exceeds(1.0) and not gain.exceeds(2.0)  # 0.1 is 1.73 standard errors
+    one_case = paired_gain([0.9], [0.5])
+    assert one_case.standard_error == math.inf and one_case.exceeds(0) and not one_case.exceeds(0.5)
+    assert not paired_gain([0.5, 0.6], [0.5, 0.6]).exceeds(0)  # no gain is not a gain, whatever the margin
 
 
 def test_rejects_inputs_it_cannot_score():

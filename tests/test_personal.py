@@ -195,10 +195,11 @@ def test_at_the_end_a_site_keeps_whichever_model_scores_better_on_its_validation
         result = real(model, modality, cases, class_names, *args)
         which = "global" if all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) else "personal"
         split = "validation" if {c.case_id for c in cases} <= validation else "test"
-        return dataclasses.replace(result, dice=dict.fromkeys(result.dice, scripted_dice[which, split]))
+        return _scripted(result, scripted_dice[which, split])
 
     monkeypatch.setattr(client.site, "evaluate_cases", scripted)
-    personal = PersonalOptions(method, finetune_steps=3, finetune_checks=1)  # two candidates, as Ditto has
+    # two candidates, as Ditto has; any gain counts (the margin has a test of its own)
+    personal = PersonalOptions(method, finetune_steps=3, finetune_checks=1, choice_margin=0)
     if method == "ditto":  # its personal model of round 2
         client_app.train(_message(MessageType.TRAIN, 2, state, personal), _context(site_yaml))
     message = _message(MessageType.EVALUATE, 2, state, personal, final=True, eval_split=TEST)
@@ -213,10 +214,17 @@ def test_at_the_end_a_site_keeps_whichever_model_scores_better_on_its_validation
     assert kept.extra.get("kept") == ("global" if kept_global else None)
 
 
-def test_fine_tuning_keeps_the_check_its_validation_cases_prefer(three_sites, tmp_path, replies, monkeypatch):
-    """Scored on the validation cases before fine-tuning and after each of 3 parts of 6 steps, the site keeps
-    the model its validation cases prefer (after 4 steps here): the same weights as 4 steps of that
-    fine-tuning, its step and the scores in the checkpoint; 1 validation case x 4 models to choose."""
+def _scripted(result, dice, case_dice=None):
+    """``result`` with every class scoring ``dice``, and its cases ``case_dice`` (each ``dice`` when None)."""
+    case_dice = (dice,) * result.num_cases if case_dice is None else tuple(case_dice)
+    return dataclasses.replace(result, dice=dict.fromkeys(result.dice, dice), case_dice=case_dice)
+
+
+@pytest.fixture
+def fine_tuned_with(three_sites, tmp_path, replies, monkeypatch):
+    """Fine-tunes the global model at the final evaluation of a site with a test split, its validation scores
+    scripted: each model's per-case Dice in the order the site asks for them (the global model's first).
+    Gives the reply and the personal checkpoint the site keeps."""
     import client.site
 
     site_yaml = with_test_split(three_sites[0], tmp_path)
@@ -224,13 +232,14 @@ def test_fine_tuning_keeps_the_check_its_validation_cases_prefer(three_sites, tm
     validation = {c.case_id for c in SiteData.from_config(site, list(CLASSES)).val_cases}
     real = client.site.evaluate_cases
 
-    def kept_after(personal, validation_dice):
-        scripted = iter(validation_dice)  # validation scores in the order the site asks for them
+    def kept_after(personal, validation_case_dice):
+        scripted = iter(validation_case_dice)
 
         def evaluate(model, modality, cases, class_names, *args):
             result = real(model, modality, cases, class_names, *args)
             if {c.case_id for c in cases} <= validation:
-                result = dataclasses.replace(result, dice=dict.fromkeys(result.dice, next(scripted)))
+                per_case = next(scripted)
+                result = _scripted(result, sum(per_case) / len(per_case), per_case)
             return result
 
         monkeypatch.setattr(client.site, "evaluate_cases", evaluate)
@@ -238,20 +247,52 @@ def test_fine_tuning_keeps_the_check_its_validation_cases_prefer(three_sites, tm
         reply = EvalReply.from_metrics(client_app.evaluate(message, _context(site_yaml)).content[METRICS], CLASSES)
         return reply, Checkpoint.load(personal_model_file(site.state_dir, "trial", site.site))
 
-    reply, kept = kept_after(PersonalOptions("finetune", finetune_steps=6, finetune_checks=3), [0.5, 0.6, 0.9, 0.7])
+    kept_after.personal_dir = personal_model_file(site.state_dir, "trial", site.site).parent
+    kept_after.site = site.site
+    return kept_after
+
+
+def test_fine_tuning_keeps_the_check_its_validation_cases_prefer(fine_tuned_with):
+    """Scored on the validation cases before fine-tuning and after each of 3 parts of 6 steps, the site keeps
+    the model its validation cases prefer (after 4 steps here): the same weights as 4 steps of that
+    fine-tuning, its step and the scores in the checkpoint; 1 validation case x 4 models to choose."""
+    any_gain = PersonalOptions("finetune", finetune_steps=6, finetune_checks=3, choice_margin=0)
+    reply, kept = fine_tuned_with(any_gain, [[0.5], [0.6], [0.9], [0.7]])
     assert kept.extra["finetune_steps"] == 4 and "kept" not in kept.extra
     assert kept.extra["validation_dice"] == {"0": 0.5, "2": 0.6, "4": 0.9, "6": 0.7}
     assert reply.selection_cases == 4 and not reply.personal.kept_global
-    _, four_steps = kept_after(PersonalOptions("finetune", finetune_steps=4, finetune_checks=1), [0.5, 0.9])
+    four = PersonalOptions("finetune", finetune_steps=4, finetune_checks=1, choice_margin=0)
+    _, four_steps = fine_tuned_with(four, [[0.5], [0.9]])
     assert all(torch.equal(v, four_steps.state[k]) for k, v in kept.state.items())
     state = _global_state()
     assert any(not torch.equal(v, state[k]) for k, v in kept.state.items())
 
-    reply, kept = kept_after(PersonalOptions("finetune", finetune_steps=6, finetune_checks=3), [0.9, 0.6, 0.8, 0.7])
+    reply, kept = fine_tuned_with(any_gain, [[0.9], [0.6], [0.8], [0.7]])
     assert kept.extra["kept"] == "global" and kept.extra["finetune_steps"] == 0 and reply.personal.kept_global
     assert all(torch.equal(v, state[k]) for k, v in kept.state.items())
-    personal_dir = personal_model_file(site.state_dir, "trial", site.site).parent
-    assert [p.name for p in personal_dir.iterdir()] == [f"{site.site}.safetensors"]  # no candidate left behind
+    # no candidate left behind
+    assert [p.name for p in fine_tuned_with.personal_dir.iterdir()] == [f"{fine_tuned_with.site}.safetensors"]
+
+
+def test_a_fine_tuned_model_is_kept_only_for_a_gain_beyond_the_noise_of_the_validation_cases(fine_tuned_with):
+    """Four validation cases, the global model's scores, then the checks after 2, 4 and 6 steps. Per-case
+    gains over the global model, by hand: after 2 steps (+0.1, -0.1, +0.1, 0): mean 0.025, standard error
+    0.048; after 4 (+0.02 each): 0.02, 0; after 6 (+0.2, 0, 0, 0): 0.05, 0.05. Any gain at all keeps the
+    largest (6 steps); two standard errors keep the one every case agrees on (4 steps); when no check's
+    gain is beyond two standard errors, the global model stays."""
+    common = [0.80, 0.90, 0.70, 0.85]
+    noisy, steady, lucky = [0.90, 0.80, 0.80, 0.85], [0.82, 0.92, 0.72, 0.87], [1.0, 0.90, 0.70, 0.85]
+    options = PersonalOptions("finetune", finetune_steps=6, finetune_checks=3)
+
+    _, kept = fine_tuned_with(dataclasses.replace(options, choice_margin=0), [common, noisy, steady, lucky])
+    assert kept.extra["finetune_steps"] == 6
+    reply, kept = fine_tuned_with(options, [common, noisy, steady, lucky])
+    assert kept.extra["finetune_steps"] == 4 and not reply.personal.kept_global
+    gains = kept.extra["validation_gain"]
+    assert gains["4"]["mean"] == pytest.approx(0.02) and gains["4"]["standard_error"] == pytest.approx(0, abs=1e-9)
+    assert gains["2"]["standard_error"] == pytest.approx(0.0479, abs=1e-4) and gains["6"]["cases"] == 4
+    reply, kept = fine_tuned_with(options, [common, noisy, common, lucky])
+    assert kept.extra["kept"] == "global" and reply.personal.kept_global
 
 
 def test_fewer_fine_tuning_steps_than_checks_score_each_step_once():
