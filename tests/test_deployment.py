@@ -51,7 +51,6 @@ HOSPITALS = {"hospital_a": "demo_ct", "hospital_b": "demo_mri", "hospital_c": "d
 RUN_CONFIG = {
     **TINY, "num-server-rounds": 2, "rounds-per-stage": 1, "local-steps": 1, "lr": 0.002,
     "min-available-sites": 3, "cross-site-eval": False, "round-timeout": 300.0,
-    "finetune-steps": 10,  # the personal model is tested elsewhere; 80 steps took 5 min here (3 sites, 2 cores)
 }  # fmt: skip
 SETTINGS = FederationSettings.from_run_config(RUN_CONFIG)
 

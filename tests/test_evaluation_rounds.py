@@ -93,7 +93,12 @@ def test_the_end_waits_as_long_as_the_sites_own_timings_say(tmp_path, personaliz
     round's 900 s."""
     timing = {"site_a": (30.0, 20, 20), "site_b": (1.0, 5)}
     grid = ScriptedGrid({"site_a": 0.01, "site_b": 0.02}, eval_timing=timing)
-    overrides = {"num-server-rounds": 2, "round-timeout": 900.0, "personalization": personalization}
+    overrides = {
+        "num-server-rounds": 2,
+        "round-timeout": 900.0,
+        "personalization": personalization,
+        "finetune-steps": 80,
+    }
     Federation(grid, _settings(tmp_path, **overrides)).run()
     train = [(MessageType.TRAIN, 900.0), ("round", 900.0)]
     assert _waits(grid) == [(MessageType.QUERY, 900.0), *train, *train, ("final", final_wait), ("best", 1200.0)]
@@ -117,7 +122,7 @@ def test_a_final_evaluation_longer_than_flowers_message_ttl_lives_as_long_as_its
     from flwr.app import DEFAULT_TTL
 
     grid = ScriptedGrid({"site_a": 0.01}, eval_timing={"site_a": (3000.0, 20, 20)})
-    overrides = {"num-server-rounds": 1, "round-timeout": 900.0, "personalization": "finetune"}
+    overrides = {"num-server-rounds": 1, "round-timeout": 900.0, "personalization": "finetune", "finetune-steps": 80}
     Federation(grid, _settings(tmp_path, **overrides)).run()
     ttl = {kind: {m.metadata.ttl for m in messages} for (messages, _), (kind, _) in zip(grid.waits, _waits(grid))}
     assert ttl["final"] == {360680.0}

@@ -46,7 +46,7 @@ def test_flwr_run_dot_runs_the_three_site_demo(tmp_path):
         "XDG_DATA_HOME": str(tmp_path / "xdg-data"),  # where the virtual nodes generate the demo: a site's own folder
     }
     out, demo = tmp_path / "out", tmp_path / "xdg-data" / "fed_swinumamba" / "demo"
-    run_config = f"num-server-rounds=2 local-steps=2 lr=0.002 output-dir='{out}'"
+    run_config = f"num-server-rounds=2 local-steps=2 lr=0.002 finetune-steps=2 output-dir='{out}'"
     try:
         done = subprocess.run(
             ["flwr", "run", ".", "--federation-config", "num-supernodes=3", "--run-config", run_config, "--stream"],
