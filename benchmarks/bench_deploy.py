@@ -1,14 +1,23 @@
 """Deployment on a CPU: latency per 512 x 512 slice, file size and peak memory of the full-size networks,
-PyTorch eager (native scan kernel) against the ONNX export in ONNX Runtime (issue 17).
+PyTorch eager (native scan kernel) against the ONNX export in ONNX Runtime, float32 and INT8 (issue 17);
+and what INT8 costs in Dice on a trained network's held-out cases.
 
 Per network (swin_umamba, swin_umamba_d; random weights: latency does not depend on them), a checkpoint
 of one modality is written and exported with ``fed_swinumamba.export.export_onnx`` (which checks ONNX
-Runtime against PyTorch on a sample); then each runtime is measured in a fresh process: the median of
-``--repeats`` forward passes of one 1 x 1 x 512 x 512 slice after one untimed pass, the process's peak RSS
-(ru_maxrss) and, for ONNX Runtime, where the time goes by operator type (its profiler, one more pass).
-The largest |ONNX - PyTorch| relative to the largest |PyTorch| on the same slice is reported too.
+Runtime against PyTorch on a sample), then quantised to INT8 (``fed_swinumamba.quantization``) calibrated
+on ``--calibration-windows`` 512 x 512 slices of a generated phantom CT site; each runtime is measured in a
+fresh process: the median of ``--repeats`` forward passes of one 1 x 1 x 512 x 512 slice after one untimed
+pass, the process's peak RSS (ru_maxrss) and, for ONNX Runtime, where the time goes by operator type (its
+profiler, one more pass). The largest |ONNX - PyTorch| relative to the largest |PyTorch| on the same slice
+is reported too.
+
+``--dice CHECKPOINT SITE_YAML...``: per site, its modality's network from a trained checkpoint (e.g. the
+demo's ``runs/demo/checkpoints/best.safetensors``) exported, quantised on that site's training cases, and
+scored on its held-out cases (its test cases where it keeps them apart) in PyTorch, ONNX Runtime float32
+and INT8.
 
     python benchmarks/bench_deploy.py [--repeats 3] [--threads 2] [--out runs/bench_deploy]
+    python benchmarks/bench_deploy.py --networks "" --dice runs/demo/checkpoints/best.safetensors runs/demo/sites/*.yaml
 """
 
 from __future__ import annotations
@@ -92,10 +101,22 @@ def _profile(path: Path, threads: int, image: torch.Tensor) -> dict[str, float]:
     return dict(per_op.most_common(6))
 
 
-def run_network(variant: str, out: Path, repeats: int, threads: int) -> dict:
+def calibration_site(out: Path, windows: int) -> Path:
+    """A phantom CT site of real slice size (512 x 512) whose patches are whole slices."""
+    from fed_swinumamba.simulated import generate_phantoms, split_dataset
+
+    data = generate_phantoms(out / "calibration_data", "ct", num_cases=max(2, windows // 2), seed=0, size=SIDE)
+    (site,) = split_dataset(data, "ct", 1, "iid", 0, out / "calibration_site")
+    text = site.read_text()
+    site.write_text(text.replace("patch_size: [64, 64]", f"patch_size: [{SIDE}, {SIDE}]"))
+    return site
+
+
+def run_network(variant: str, out: Path, repeats: int, threads: int, site: Path, windows: int) -> dict:
     from fed_swinumamba.checkpoint import Checkpoint
     from fed_swinumamba.export import export_onnx
     from fed_swinumamba.model import ModelConfig, build_model
+    from fed_swinumamba.quantization import quantize_export
 
     out.mkdir(parents=True, exist_ok=True)
     config = ModelConfig(variant=variant, modalities=("ct",))
@@ -105,15 +126,51 @@ def run_network(variant: str, out: Path, repeats: int, threads: int) -> dict:
     start = time.perf_counter()
     onnx_file = export_onnx(checkpoint, "ct", out / variant)
     export_seconds = time.perf_counter() - start
-    row = {"export_seconds": export_seconds, "mib": {}}
-    for runtime, path in (("eager", checkpoint), ("onnx", onnx_file)):
-        cmd = [sys.executable, __file__, "--measure", runtime, str(path), "--repeats", str(repeats)]
-        done = subprocess.run([*cmd, "--threads", str(threads)], capture_output=True, text=True, check=True)
+    int8_file = quantize_export(onnx_file, site, windows)
+    row = {"export_seconds": export_seconds, "int8_seconds": time.perf_counter() - start - export_seconds, "mib": {}}
+    for runtime, path in (("eager", checkpoint), ("onnx", onnx_file), ("int8", int8_file)):
+        cmd = [sys.executable, __file__, "--measure", "eager" if runtime == "eager" else "onnx", str(path)]
+        done = subprocess.run(
+            [*cmd, "--repeats", str(repeats), "--threads", str(threads)], capture_output=True, text=True, check=True
+        )
         row[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
         row["mib"][runtime] = path.stat().st_size / 2**20
-    eager, exported = np.load(checkpoint.with_suffix(".eager.npy")), np.load(onnx_file.with_suffix(".onnx.npy"))
-    row["max_relative_difference"] = float(np.abs(exported - eager).max() / np.abs(eager).max())
+    eager = np.load(checkpoint.with_suffix(".eager.npy"))
+    for runtime, path in (("onnx", onnx_file), ("int8", int8_file)):
+        exported = np.load(path.with_suffix(".onnx.npy"))
+        row[runtime]["max_relative_difference"] = float(np.abs(exported - eager).max() / np.abs(eager).max())
     return row
+
+
+def dice_table(checkpoint: Path, sites: list[Path], out: Path, windows: int) -> list[str]:
+    """Per site: mean Dice of its modality's network on its held-out cases, PyTorch / ONNX fp32 / INT8."""
+    from fed_swinumamba.checkpoint import load_modality_model
+    from fed_swinumamba.data import SiteData, load_site_config
+    from fed_swinumamba.export import OnnxNetwork, export_onnx
+    from fed_swinumamba.quantization import quantize_export
+    from fed_swinumamba.training import evaluate_cases
+
+    lines = [
+        "| site | held-out cases | PyTorch | ONNX Runtime fp32 | INT8 | INT8 - PyTorch | INT8 pixels = fp32 (calibration) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for yaml in sites:
+        site = load_site_config(yaml)
+        ckpt, model = load_modality_model(checkpoint, site.modality)
+        data = SiteData.from_config(site, list(ckpt.class_names))
+        split, cases = data.held_out("test" if data.test_cases else "validation")
+        fp32_file = export_onnx(checkpoint, site.modality, out / site.site)
+        int8 = OnnxNetwork(quantize_export(fp32_file, yaml, windows))
+        dice = [
+            evaluate_cases(net, site.modality, cases, ckpt.class_names, site.training.patch_size).dice_mean
+            for net in (model.eval(), OnnxNetwork(fp32_file), int8)
+        ]
+        agreement = int8.meta["calibration"]["agreement_with_float32"]
+        lines.append(
+            f"| {site.site} | {len(cases)} {split} | {dice[0]:.4f} | {dice[1]:.4f} | {dice[2]:.4f} | "
+            f"{dice[2] - dice[0]:+.4f} | {agreement:.2%} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -123,7 +180,9 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="where the checkpoints and exports go (default: a temp dir)"
     )
-    parser.add_argument("--networks", default=",".join(NETWORKS))
+    parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated; empty: none")
+    parser.add_argument("--calibration-windows", type=int, default=4)
+    parser.add_argument("--dice", nargs="+", metavar="PATH", help="CHECKPOINT SITE_YAML...: INT8's Dice cost")
     parser.add_argument("--measure", nargs=2, metavar=("RUNTIME", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -132,27 +191,37 @@ def main() -> None:
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
-        rows = {v: run_network(v, out, args.repeats, args.threads) for v in args.networks.split(",")}
+        networks = [v for v in args.networks.split(",") if v]
+        site = calibration_site(out, args.calibration_windows) if networks else None
+        rows = {v: run_network(v, out, args.repeats, args.threads, site, args.calibration_windows) for v in networks}
+        dice = dice_table(Path(args.dice[0]), [Path(p) for p in args.dice[1:]], out, 64) if args.dice else []
     print(
         f"load average before {load[0]:.1f} / {load[1]:.1f}, after {os.getloadavg()[0]:.1f}; {args.threads} threads\n"
     )
-    print("| network | runtime | s / 512x512 slice (median) [all] | vs eager | file MiB | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    if rows:
+        print("| network | runtime | s / 512x512 slice (median) [all] | vs eager | file MiB | of fp32 checkpoint | peak RSS MiB |")
+        print("|---|---|---|---|---|---|---|")
     for variant, row in rows.items():
-        for runtime in ("eager", "onnx"):
+        for runtime in ("eager", "onnx", "int8"):
             r = row[runtime]
             speedup = row["eager"]["seconds"] / r["seconds"]
             runs = ", ".join(f"{t:.2f}" for t in r["all"])
             print(
                 f"| {variant} | {runtime} | {r['seconds']:.2f} [{runs}] | {speedup:.2f}x | {row['mib'][runtime]:.1f} "
-                f"| {r['peak_mib']:.0f} |"
+                f"| {row['mib'][runtime] / row['mib']['eager']:.1%} | {r['peak_mib']:.0f} |"
             )
     for variant, row in rows.items():
-        profile = ", ".join(f"{op} {s:.2f} s" for op, s in row["onnx"]["profile"].items())
+        for runtime in ("onnx", "int8"):
+            profile = ", ".join(f"{op} {s:.2f} s" for op, s in row[runtime]["profile"].items())
+            print(
+                f"\n- {variant} {runtime}: vs eager on the slice {row[runtime]['max_relative_difference']:.1e} "
+                f"relative; ONNX Runtime by operator: {profile}"
+            )
         print(
-            f"\n- {variant}: export {row['export_seconds']:.0f} s; ONNX vs eager on the slice "
-            f"{row['max_relative_difference']:.1e} relative; ONNX Runtime by operator: {profile}"
+            f"- {variant}: export {row['export_seconds']:.0f} s, INT8 calibration and quantisation {row['int8_seconds']:.0f} s"
         )
+    if dice:
+        print("\n" + "\n".join(dice))
 
 
 if __name__ == "__main__":

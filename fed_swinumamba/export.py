@@ -23,7 +23,7 @@ from .checkpoint import load_modality_model
 from .model import ModelConfig
 from .ops import scan_onnx
 
-__all__ = ["ExportError", "OnnxNetwork", "export_onnx", "FORMAT_VERSION", "PARITY_RTOL"]
+__all__ = ["ExportError", "OnnxNetwork", "export_onnx", "set_metadata", "FORMAT_VERSION", "PARITY_RTOL"]
 
 FORMAT_VERSION = 1
 PARITY_RTOL = 1e-4  # largest |onnx - torch| over the largest |torch| on the sample
@@ -86,7 +86,7 @@ def export_onnx(checkpoint: str | Path, modality: str, out_dir: str | Path) -> P
         "precision": "float32",
         "source": {"checkpoint": checkpoint.name, "sha256": _sha256(checkpoint), "round": ckpt.server_round},
     }
-    onnx.helper.set_model_props(proto, {_META_KEY: json.dumps(meta)})
+    _set_props(proto, meta)
     target = Path(out_dir) / f"{modality}.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".onnx.tmp")
@@ -103,6 +103,21 @@ def export_onnx(checkpoint: str | Path, modality: str, out_dir: str | Path) -> P
     return target
 
 
+def _set_props(proto, meta: dict) -> None:
+    import onnx
+
+    onnx.helper.set_model_props(proto, {_META_KEY: json.dumps(meta)})
+
+
+def set_metadata(path: Path, meta: dict) -> None:
+    """Replace the description an exported file carries (``OnnxNetwork.meta``)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    _set_props(proto, meta)
+    onnx.save(proto, str(path))
+
+
 def _check_parity(got: torch.Tensor, expected: torch.Tensor, path: Path) -> None:
     error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
     if not error <= PARITY_RTOL:
@@ -111,6 +126,8 @@ def _check_parity(got: torch.Tensor, expected: torch.Tensor, path: Path) -> None
 
 class OnnxNetwork:
     """An exported network in ONNX Runtime, called like the PyTorch one: ``net(image, modality) -> logits``."""
+
+    INPUT, OUTPUT = _INPUT, _OUTPUT
 
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime as ort

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
+from fed_swinumamba.checkpoint import Checkpoint
 from fed_swinumamba.compression import Packet, decompress, with_error_feedback
-from fed_swinumamba.data import load_site_config
-from fed_swinumamba.model import ModelConfig
-from fed_swinumamba.params import group_of
+from fed_swinumamba.data import SiteData, load_site_config
+from fed_swinumamba.model import ModelConfig, build_model
+from fed_swinumamba.params import LAYER_GROUPS, group_of
 from fed_swinumamba.protocol import (
     ARRAYS,
     COMPRESSED,
@@ -26,6 +28,7 @@ from fed_swinumamba.protocol import (
     TrainReply,
 )
 from fed_swinumamba.simulated import generate_phantoms, split_dataset
+from fed_swinumamba.training import train_local
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,9 +43,18 @@ def user_folders(tmp_path_factory):
 
 
 # The tests' one tiny network (dims 8-64): fast on a CPU. TINY_MODEL for code that takes a ModelConfig,
-# TINY the same network as run-config overrides for a federation.
+# TINY the run-config overrides of a federation of that network, whose sites fine-tune their personal
+# models for 2 steps at the end, not 80 (personal models have tests of their own; 80 steps at every
+# site of every test federation took minutes of the suite's time).
 TINY_MODEL = ModelConfig(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), stem_width=8, d_state=4)
-TINY = {"model-dims": "8,16,32,64", "model-depths": "1,1,1,1", "model-stem-width": 8, "model-d-state": 4}
+CLASSES = ("organ", "lesion")  # the phantoms' foreground classes
+TINY = {
+    "model-dims": "8,16,32,64",
+    "model-depths": "1,1,1,1",
+    "model-stem-width": 8,
+    "model-d-state": 4,
+    "finetune-steps": 2,
+}
 
 
 def tiny_model(*modalities: str) -> ModelConfig:
@@ -61,6 +73,23 @@ def three_sites(tmp_path_factory):
     for y in yamls:  # tiny local budget: two steps of batch 4 at 32x32
         y.write_text(y.read_text().replace("patch_size: [64, 64]", "patch_size: [32, 32]"))
     return yamls
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(three_sites, tmp_path_factory):
+    """A tiny CT + ultrasound network trained a little on the CT site, saved as a run would save it:
+    (checkpoint path, network, CT site config, CT site data)."""
+    config = tiny_model("ct", "us")
+    torch.manual_seed(0)
+    model = build_model(config)
+    ct = load_site_config(three_sites[0])
+    data = SiteData.from_config(ct, CLASSES)
+    train_local(
+        model, "ct", data.training_batches(4, np.random.default_rng(0)), groups=LAYER_GROUPS, lr=3e-3, max_steps=60
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "best.safetensors"
+    Checkpoint(model.state_dict(), config, CLASSES, server_round=3, stage=1).save(path)
+    return path, model, ct, data
 
 
 def _copy_of_site(site_yaml: Path, folder: Path, name: str, text: str, added: str) -> Path:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import CLASSES, TINY_MODEL
 
 from fed_swinumamba.__main__ import main
 from fed_swinumamba.checkpoint import Checkpoint
@@ -16,8 +16,7 @@ from fed_swinumamba.data import load_site_config
 from fed_swinumamba.export import PARITY_RTOL, ExportError, OnnxNetwork
 from fed_swinumamba.model import build_model
 from fed_swinumamba.ops import scan_onnx
-
-CLASSES = ("organ", "lesion")
+from fed_swinumamba.training import evaluate_cases
 
 
 def _checkpoint(path, variant: str) -> tuple:
@@ -131,3 +130,57 @@ def test_the_hybrid_encoder_exports_too(tmp_path):
         expected = model(image, "ct")
     got = OnnxNetwork(tmp_path / "ct.onnx")(image, "ct")
     assert float((got - expected).abs().max() / expected.abs().max()) < PARITY_RTOL
+
+
+def _weight_bytes(path) -> dict[str, int]:
+    """Bytes of the file's stored tensors (weights, scales), by element type."""
+    bytes_by_type = {}
+    for tensor in onnx.load(str(path)).graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor)
+        bytes_by_type[str(array.dtype)] = bytes_by_type.get(str(array.dtype), 0) + array.nbytes
+    return bytes_by_type
+
+
+def test_an_int8_export_calibrated_on_the_site_s_cases_keeps_the_float32_dice(
+    trained_checkpoint, three_sites, tmp_path
+):
+    """INT8 weights (about a quarter of the float32 bytes), calibrated on the CT site's training cases; on
+    the site's held-out cases each class's Dice stays within 0.03 of the float32 export's, and ``predict``
+    runs it."""
+    path, _, ct, data = trained_checkpoint
+    out = tmp_path / "export"
+    args = ["export", "--checkpoint", str(path), "--modality", "ct", "--out", str(out)]
+    assert main([*args, "--int8", "--calibration", str(three_sites[0])]) == 0
+    fp32, int8 = OnnxNetwork(out / "ct.onnx"), OnnxNetwork(out / "ct.int8.onnx")
+    calibration = int8.meta["calibration"]
+    assert int8.meta["precision"] == "int8" and calibration["site"] == ct.site and calibration["windows"] > 0
+    assert int8.meta["source"] == fp32.meta["source"] and int8.class_names == fp32.class_names
+
+    weights = _weight_bytes(out / "ct.int8.onnx")
+    assert weights["int8"] > 0.8 * sum(weights.values())  # what is left in float32: scales, norms, the scans' A and D
+    assert sum(weights.values()) < 0.3 * sum(_weight_bytes(out / "ct.onnx").values())
+
+    held_out = data.val_cases + data.test_cases
+    fp32_dice, int8_dice = (
+        evaluate_cases(net, "ct", held_out, CLASSES, ct.training.patch_size).dice for net in (fp32, int8)
+    )
+    assert fp32_dice["organ"] > 0.5  # a network that segments, so that the comparison means something
+    assert int8_dice == pytest.approx(fp32_dice, abs=0.03, nan_ok=True)
+
+    image = sorted((ct.data.root / "imagesTr").iterdir())[0]
+    mask = tmp_path / "int8.nii.gz"
+    predict = ["predict", "--checkpoint", str(out / "ct.int8.onnx"), "--modality", "ct", "--input", str(image)]
+    assert main([*predict, "--output", str(mask), "--site-config", str(three_sites[0])]) == 0
+    assert nib.load(str(mask)).shape == nib.load(str(image)).shape
+
+
+def test_int8_needs_a_calibration_site_of_the_export_s_modality(trained_checkpoint, three_sites, tmp_path, capsys):
+    path = trained_checkpoint[0]
+    args = ["export", "--checkpoint", str(path), "--modality", "ct", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        main([*args, "--int8"])
+    assert "--int8 and --calibration go together" in capsys.readouterr().err
+    us = load_site_config(three_sites[2])
+    assert main([*args, "--int8", "--calibration", str(three_sites[2])]) == 2
+    assert f"site {us.site} is us, not ct" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "ct.int8.onnx").exists()

@@ -11,26 +11,9 @@ from fed_swinumamba.__main__ import main
 from fed_swinumamba.checkpoint import Checkpoint
 from fed_swinumamba.data import SiteData, load_site_config
 from fed_swinumamba.model import build_model
-from fed_swinumamba.params import LAYER_GROUPS
-from fed_swinumamba.training import evaluate_cases, train_local
+from fed_swinumamba.training import evaluate_cases
 
 CLASSES = ["organ", "lesion"]
-
-
-@pytest.fixture(scope="module")
-def trained_checkpoint(three_sites, tmp_path_factory):
-    """A tiny CT + ultrasound network trained a little on the CT site, saved as a run would save it."""
-    config = tiny_model("ct", "us")
-    torch.manual_seed(0)
-    model = build_model(config)
-    ct = load_site_config(three_sites[0])
-    data = SiteData.from_config(ct, CLASSES)
-    train_local(
-        model, "ct", data.training_batches(4, np.random.default_rng(0)), groups=LAYER_GROUPS, lr=3e-3, max_steps=60
-    )
-    path = tmp_path_factory.mktemp("ckpt") / "best.safetensors"
-    Checkpoint(model.state_dict(), config, tuple(CLASSES), server_round=3, stage=1).save(path)
-    return path, model, ct, data
 
 
 def _dice(pred: np.ndarray, label: np.ndarray) -> list[float]:
