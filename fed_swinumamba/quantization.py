@@ -16,6 +16,7 @@ can see what 8 bits cost before it deploys them (the Dice they cost: benchmarks/
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,38 +135,32 @@ def quantize_export(fp32_file: str | Path, site_config: str | Path, limit: int =
     fp32 = OnnxNetwork(fp32_file)
     site, windows = calibration_windows(site_config, fp32.modality, list(fp32.class_names), limit)
     target = fp32_file.with_name(f"{fp32.modality}.int8.onnx")
-    scratch = target.with_suffix(".calibration")
-    scratch.mkdir(exist_ok=True)
     tmp = target.with_suffix(".onnx.tmp")
     try:
-        ranges = scratch / "ranges.json"
-        save_tensors_data(_calibrated_ranges(fp32_file, windows, scratch), ranges)
-        quantize_static(
-            fp32_file,
-            tmp,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS),
-            nodes_to_exclude=_image_and_logit_layers(fp32_file),
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibration_cache_path=ranges,
-        )
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            ranges = Path(scratch) / "ranges.json"
+            save_tensors_data(_calibrated_ranges(fp32_file, windows, Path(scratch)), ranges)
+            quantize_static(
+                fp32_file,
+                tmp,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                nodes_to_exclude=_image_and_logit_layers(fp32_file),
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibration_cache_path=ranges,
+            )
         meta = fp32.meta | {
             "precision": "int8",
             "calibration": {"site": site, "windows": len(windows), "method": "minmax", "ops": list(QUANTIZED_OPS)},
         }
-        set_metadata(tmp, meta)
-        meta["calibration"]["agreement_with_float32"] = round(
-            _agreement(OnnxNetwork(tmp), fp32, windows, fp32.modality), 6
-        )
+        set_metadata(tmp, meta)  # what OnnxNetwork reads; then the agreement it measures
+        agreement = _agreement(OnnxNetwork(tmp), fp32, windows, fp32.modality)
+        meta["calibration"]["agreement_with_float32"] = round(agreement, 6)
         set_metadata(tmp, meta)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        for leftover in scratch.iterdir():
-            leftover.unlink()
-        scratch.rmdir()
     os.replace(tmp, target)
     return target

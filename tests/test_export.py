@@ -151,6 +151,7 @@ def test_an_int8_export_calibrated_on_the_site_s_cases_keeps_the_float32_dice(
     out = tmp_path / "export"
     args = ["export", "--checkpoint", str(path), "--modality", "ct", "--out", str(out)]
     assert main([*args, "--int8", "--calibration", str(three_sites[0])]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ct.int8.onnx", "ct.onnx"]  # no calibration files left
     fp32, int8 = OnnxNetwork(out / "ct.onnx"), OnnxNetwork(out / "ct.int8.onnx")
     calibration = int8.meta["calibration"]
     assert int8.meta["precision"] == "int8" and calibration["site"] == ct.site and calibration["windows"] > 0
