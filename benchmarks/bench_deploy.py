@@ -199,7 +199,9 @@ def main() -> None:
         f"load average before {load[0]:.1f} / {load[1]:.1f}, after {os.getloadavg()[0]:.1f}; {args.threads} threads\n"
     )
     if rows:
-        print("| network | runtime | s / 512x512 slice (median) [all] | vs eager | file MiB | of fp32 checkpoint | peak RSS MiB |")
+        print(
+            "| network | runtime | s / 512x512 slice (median) [all] | vs eager | file MiB | of fp32 checkpoint | peak RSS MiB |"
+        )
         print("|---|---|---|---|---|---|---|")
     for variant, row in rows.items():
         for runtime in ("eager", "onnx", "int8"):
