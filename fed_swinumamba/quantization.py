@@ -57,21 +57,25 @@ def calibration_site(site_config: str | Path, modality: str) -> SiteConfig:
 def calibration_windows(
     site_config: str | Path, modality: str, class_names: list[str], limit: int = DEFAULT_CALIBRATION_WINDOWS
 ) -> tuple[str, list[np.ndarray]]:
-    """The site's name and up to ``limit`` network inputs (1, C, h, w) from its training cases: evenly
-    spaced slices of every case in turn, each cut into the sliding windows ``predict`` would give the network."""
+    """The site's name and up to ``limit`` network inputs (1, C, h, w) from its training cases: sliding windows
+    as ``predict`` would give them to the network, of up to ``limit`` slices spread evenly over all the cases'
+    slices, an equal share of central windows from each (so that the many windows of a large slice do not
+    crowd out the other cases)."""
     site = calibration_site(site_config, modality)
     cases = SiteData.from_config(site, class_names).train_cases
     if not cases:
         raise ValueError(f"{site_config}: site {site.site} has no training case to calibrate on")
-    recorder = _WindowRecorder(len(class_names) + 1)
-    per_case = max(1, -(-limit // len(cases)))  # slices per case, so that every case contributes
-    for case in cases:
-        picks = np.unique(np.linspace(0, case.num_slices - 1, min(per_case, case.num_slices)).round().astype(int))
-        slices = np.stack([case.image_slices(int(i), 1)[0] for i in picks])
-        predict_slices(recorder, modality, slices, site.training.patch_size)
-        if len(recorder.windows) >= limit:
-            break
-    return site.site, recorder.windows[:limit]
+    slices = [(case, i) for case in cases for i in range(case.num_slices)]
+    spread = np.unique(np.linspace(0, len(slices) - 1, min(limit, len(slices))).round().astype(int))
+    share = -(-limit // len(spread))  # windows per slice
+    windows = []
+    for k in spread:
+        case, i = slices[k]
+        recorder = _WindowRecorder(len(class_names) + 1)
+        predict_slices(recorder, modality, case.image_slices(i, 1), site.training.patch_size)
+        central = np.linspace(0, len(recorder.windows) - 1, share + 2)[1:-1].round().astype(int)
+        windows += [recorder.windows[j] for j in np.unique(central)]
+    return site.site, windows[:limit]
 
 
 class _Inputs:

@@ -8,14 +8,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import CLASSES, TINY_MODEL
+from conftest import CLASSES, TINY_MODEL, _copy_of_site
 
 from fed_swinumamba.__main__ import main
 from fed_swinumamba.checkpoint import Checkpoint
-from fed_swinumamba.data import load_site_config
+from fed_swinumamba.data import SiteData, load_site_config
 from fed_swinumamba.export import PARITY_RTOL, ExportError, OnnxNetwork
 from fed_swinumamba.model import build_model
 from fed_swinumamba.ops import scan_onnx
+from fed_swinumamba.quantization import calibration_windows
 from fed_swinumamba.training import evaluate_cases
 
 
@@ -185,3 +186,24 @@ def test_int8_needs_a_calibration_site_of_the_export_s_modality(trained_checkpoi
     assert main([*args, "--int8", "--calibration", str(three_sites[2])]) == 2
     assert f"site {us.site} is us, not ct" in capsys.readouterr().err
     assert not (tmp_path / "out" / "ct.int8.onnx").exists()
+
+
+def test_calibration_windows_come_from_slices_across_the_site_s_training_cases(three_sites, tmp_path):
+    """With 16 x 16 patches each 32 x 32 slice gives 9 sliding windows, so 9 windows could all be the first
+    slice's; they are drawn from slices spread over the training cases instead (each window is found as a
+    crop of a slice of the case it came from)."""
+    patches = "training:\n  patch_size: [16, 16]\n"
+    site_yaml = _copy_of_site(three_sites[0], tmp_path, "small_patches.yaml", three_sites[0].read_text(), patches)
+    _, windows = calibration_windows(site_yaml, "ct", list(CLASSES), limit=9)
+    cases = SiteData.from_config(load_site_config(site_yaml), list(CLASSES)).train_cases
+    assert len(windows) == 9 and all(w.shape == (1, 1, 16, 16) for w in windows)
+
+    def source(window):
+        for case in cases:
+            crops = np.lib.stride_tricks.sliding_window_view(case.image_slices().astype(np.float32), (16, 16), (1, 2))
+            if (crops == window[0, 0]).all(axis=(-2, -1)).any():
+                return case.case_id
+        return None
+
+    sources = [source(w) for w in windows]
+    assert None not in sources and len(set(sources)) > 1
