@@ -107,8 +107,7 @@ def calibration_site(out: Path, windows: int) -> Path:
 
     data = generate_phantoms(out / "calibration_data", "ct", num_cases=max(2, windows // 2), seed=0, size=SIDE)
     (site,) = split_dataset(data, "ct", 1, "iid", 0, out / "calibration_site")
-    text = site.read_text()
-    site.write_text(text.replace("patch_size: [64, 64]", f"patch_size: [{SIDE}, {SIDE}]"))
+    site.write_text(site.read_text() + f"training:\n  patch_size: [{SIDE}, {SIDE}]\n")
     return site
 
 
