@@ -23,6 +23,9 @@ best personalised model >= local-only at every site, and its mean over sites >= 
     # the FedAvg run again (e.g. after a change of the personal model), with the baselines of an earlier --out:
     python benchmarks/bench_personalization.py --federations dirichlet --seeds 0,1 --cases 64 --fedavg-only \
         --baselines-from runs/bench_personal --out runs/bench_personal_kept
+    # another setting of every run (any run config key):
+    python benchmarks/bench_personalization.py --federations dirichlet --seeds 2 --cases 64 --fedavg-only \
+        --set choice-margin=0 --baselines-from runs/bench_personal --out runs/bench_personal_margin0
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import tomllib
 from pathlib import Path
 
 from federation_runs import ROOT, make_sites, run_once
+
+from fed_swinumamba.run_config import parse_value
 
 DEMO_RUN_CONFIG = tomllib.loads((ROOT / "simulation" / "demo.toml").read_text())
 PERSONALISED = ("finetune", "FedBN + finetune", "ditto")
@@ -118,7 +123,14 @@ def main() -> None:
         help="an earlier --out of the same federations and seeds: its local-only and centralized baselines are used",
     )
     parser.add_argument("--fedavg-only", action="store_true", help="skip the FedBN and Ditto runs")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a run config key of every run (repeatable)"
+    )
     args = parser.parse_args()
+    overrides = {}
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        overrides[key] = parse_value(key, value)
     for federation in args.federations.split(","):
         runs = []
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -126,7 +138,7 @@ def main() -> None:
             cases = args.cases if federation == "demo" else 4 * args.cases
             sites = make_sites(federation, out / "sites", cases, seed, args.test_fraction)
             config = {**DEMO_RUN_CONFIG, "seed": seed, "cross-site-eval": False}
-            config |= {"num-server-rounds": args.rounds} if args.rounds else {}
+            config |= ({"num-server-rounds": args.rounds} if args.rounds else {}) | overrides
             baselines = args.baselines_from / federation / f"seed{seed}" / "fedavg" if args.baselines_from else None
             runs.append(scores(out, sites, config, baselines, variants=not args.fedavg_only))
         print(report(federation, runs), flush=True)
