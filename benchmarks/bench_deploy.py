@@ -7,7 +7,7 @@ of one modality is written and exported with ``fed_swinumamba.export.export_onnx
 Runtime against PyTorch on a sample), then quantised to INT8 (``fed_swinumamba.quantization``) calibrated
 on ``--calibration-windows`` 512 x 512 slices of a generated phantom CT site; each runtime is measured in a
 fresh process: the median of ``--repeats`` forward passes of one 1 x 1 x 512 x 512 slice after one untimed
-pass, the process's peak RSS (ru_maxrss) and, for ONNX Runtime, where the time goes by operator type (its
+pass, the process's peak RSS (VmHWM) and, for ONNX Runtime, where the time goes by operator type (its
 profiler, one more pass). The largest |ONNX - PyTorch| relative to the largest |PyTorch| on the same slice
 is reported too.
 
@@ -26,7 +26,6 @@ import argparse
 import collections
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,7 +78,10 @@ def measure(runtime: str, path: Path, repeats: int, threads: int) -> dict:
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS since it started: VmHWM, which exec resets (ru_maxrss keeps the parent's peak
+    across fork and exec, so every runtime had reported the benchmark's own peak)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
 def _profile(path: Path, threads: int, image: torch.Tensor) -> dict[str, float]:
