@@ -74,15 +74,16 @@ class PersonalOptions:
 
     Either way such a site keeps a personal model other than the global one only if its validation cases
     show a gain larger than ``choice_margin`` standard errors of the paired per-case Dice difference
-    (``fed_swinumamba.metrics.paired_gain``): a few validation cases cannot tell near-equal models apart,
-    and the best-looking of several is then the luckiest, not the best (benchmarks/RESULTS.md).
+    (``fed_swinumamba.metrics.paired_gain``; 0: any gain). A margin guards against keeping the luckiest of
+    near-equal models, but also withholds real gains that few validation cases cannot certify
+    (benchmarks/RESULTS.md).
     """
 
     method: str = "none"
     ditto_lambda: float = 0.1
     finetune_steps: int = 80
     finetune_checks: int = 8
-    choice_margin: float = 2.0
+    choice_margin: float = 0.0
 
     def to_config(self) -> dict:
         return {

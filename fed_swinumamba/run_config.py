@@ -106,7 +106,7 @@ KEYS: Mapping[str, Key] = MappingProxyType(
             ">= 1",
         ),
         "choice-margin": Key(
-            2.0,
+            0.0,
             "standard errors of the paired per-case validation Dice by which a personal model must beat the global one to be kept (0: any gain)",
             _non_negative,
             ">= 0",

@@ -282,7 +282,7 @@ def test_a_fine_tuned_model_is_kept_only_for_a_gain_beyond_the_noise_of_the_vali
     gain is beyond two standard errors, the global model stays."""
     common = [0.80, 0.90, 0.70, 0.85]
     noisy, steady, lucky = [0.90, 0.80, 0.80, 0.85], [0.82, 0.92, 0.72, 0.87], [1.0, 0.90, 0.70, 0.85]
-    options = PersonalOptions("finetune", finetune_steps=6, finetune_checks=3)
+    options = PersonalOptions("finetune", finetune_steps=6, finetune_checks=3, choice_margin=2)
 
     _, kept = fine_tuned_with(dataclasses.replace(options, choice_margin=0), [common, noisy, steady, lucky])
     assert kept.extra["finetune_steps"] == 6
