@@ -484,9 +484,10 @@ class SiteRound:
         before and after each of ``finetune_checks`` equal parts, and keep the check with the largest gain
         over the global model among those whose gain exceeds ``choice_margin`` standard errors (on disk
         too; the global model when none does). Fine-tuning on a few cases is noisy and can move away from
-        a global model that the other sites' data had already made better for this one, and the largest of
-        nine noisy validation scores is mostly luck (benchmarks/RESULTS.md); the choice is made on cases
-        the reported test scores never see. True with the model when the global model was kept."""
+        a global model that the other sites' data had already made better for this one; a margin guards
+        against keeping the luckiest of near-equal checks, at the price of gains that few validation cases
+        cannot certify (benchmarks/RESULTS.md). The choice is made on cases the reported test scores never
+        see. True with the model when the global model was kept."""
         personal = self.instructions.personal
         # The best so far waits beside the personal model (not in memory: a full-size network's weights are
         # 228 MiB), which is replaced only once the choice is made: a fine-tuning that fails midway leaves it.
