@@ -15,6 +15,13 @@ from .inference import Segmenter, predict
 from .quantization import DEFAULT_CALIBRATION_WINDOWS, calibration_site, quantize_export
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fed_swinumamba", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -45,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--calibration", help="the site YAML whose training cases calibrate the INT8 model")
     e.add_argument(
         "--calibration-windows",
-        type=int,
+        type=_at_least_one,
         default=DEFAULT_CALIBRATION_WINDOWS,
         help="network inputs (sliding windows of the site's slices) to calibrate on",
     )

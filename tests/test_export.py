@@ -182,6 +182,9 @@ def test_int8_needs_a_calibration_site_of_the_export_s_modality(trained_checkpoi
     with pytest.raises(SystemExit):
         main([*args, "--int8"])
     assert "--int8 and --calibration go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--int8", "--calibration", str(three_sites[0]), "--calibration-windows", "0"])
+    assert "--calibration-windows: must be at least 1, got 0" in capsys.readouterr().err
     us = load_site_config(three_sites[2])
     assert main([*args, "--int8", "--calibration", str(three_sites[2])]) == 2
     assert f"site {us.site} is us, not ct" in capsys.readouterr().err
