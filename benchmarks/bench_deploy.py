@@ -143,8 +143,9 @@ def run_network(variant: str, out: Path, repeats: int, threads: int, site: Path,
     return row
 
 
-def dice_table(checkpoint: Path, sites: list[Path], out: Path, windows: int) -> list[str]:
-    """Per site: mean Dice of its modality's network on its held-out cases, PyTorch / ONNX fp32 / INT8."""
+def dice_table(checkpoint: Path, sites: list[Path], out: Path) -> list[str]:
+    """Per site: mean Dice of its modality's network on its held-out cases, PyTorch / ONNX fp32 / INT8 (the
+    export command's default calibration)."""
     from fed_swinumamba.checkpoint import load_modality_model
     from fed_swinumamba.data import SiteData, load_site_config
     from fed_swinumamba.export import OnnxNetwork, export_onnx
@@ -161,7 +162,7 @@ def dice_table(checkpoint: Path, sites: list[Path], out: Path, windows: int) -> 
         data = SiteData.from_config(site, list(ckpt.class_names))
         split, cases = data.held_out("test" if data.test_cases else "validation")
         fp32_file = export_onnx(checkpoint, site.modality, out / site.site)
-        int8 = OnnxNetwork(quantize_export(fp32_file, yaml, windows))
+        int8 = OnnxNetwork(quantize_export(fp32_file, yaml))
         dice = [
             evaluate_cases(net, site.modality, cases, ckpt.class_names, site.training.patch_size).dice_mean
             for net in (model.eval(), OnnxNetwork(fp32_file), int8)
@@ -195,7 +196,7 @@ def main() -> None:
         networks = [v for v in args.networks.split(",") if v]
         site = calibration_site(out, args.calibration_windows) if networks else None
         rows = {v: run_network(v, out, args.repeats, args.threads, site, args.calibration_windows) for v in networks}
-        dice = dice_table(Path(args.dice[0]), [Path(p) for p in args.dice[1:]], out, 64) if args.dice else []
+        dice = dice_table(Path(args.dice[0]), [Path(p) for p in args.dice[1:]], out) if args.dice else []
     print(
         f"load average before {load[0]:.1f} / {load[1]:.1f}, after {os.getloadavg()[0]:.1f}; {args.threads} threads\n"
     )

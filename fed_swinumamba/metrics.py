@@ -182,11 +182,13 @@ class SiteScores:
     def __init__(self) -> None:
         self._scores: dict[int, list[ClassScores]] = {}
         self.case_dice: list[float] = []  # per case added: its mean Dice over the classes that count for it
-        self.num_cases = 0
+
+    @property
+    def num_cases(self) -> int:
+        return len(self.case_dice)
 
     def add(self, scores: Mapping[int, ClassScores]) -> None:
         """Add one case; a class that is in neither its truth nor its prediction (all NaN) does not count for it."""
-        self.num_cases += 1
         self.case_dice.append(_mean([s.dice for s in scores.values() if not math.isnan(s.dice)]))
         for label, s in scores.items():
             self._scores.setdefault(label, [])

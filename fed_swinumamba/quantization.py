@@ -155,14 +155,17 @@ def quantize_export(fp32_file: str | Path, site_config: str | Path, limit: int =
                 weight_type=QuantType.QInt8,
                 calibration_cache_path=ranges,
             )
-        meta = fp32.meta | {
-            "precision": "int8",
-            "calibration": {"site": site, "windows": len(windows), "method": "minmax", "ops": list(QUANTIZED_OPS)},
-        }
-        set_metadata(tmp, meta)  # what OnnxNetwork reads; then the agreement it measures
+        # quantize_static keeps the float32 file's description, so OnnxNetwork can run the result before
+        # it gets its own
         agreement = _agreement(OnnxNetwork(tmp), fp32, windows, fp32.modality)
-        meta["calibration"]["agreement_with_float32"] = round(agreement, 6)
-        set_metadata(tmp, meta)
+        calibration = {
+            "site": site,
+            "windows": len(windows),
+            "method": "minmax",
+            "ops": list(QUANTIZED_OPS),
+            "agreement_with_float32": round(agreement, 6),
+        }
+        set_metadata(tmp, fp32.meta | {"precision": "int8", "calibration": calibration})
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
