@@ -9,14 +9,16 @@ on ``--calibration-windows`` 512 x 512 slices of a generated phantom CT site; ea
 fresh process: the median of ``--repeats`` forward passes of one 1 x 1 x 512 x 512 slice after one untimed
 pass, the process's peak RSS (VmHWM) and, for ONNX Runtime, where the time goes by operator type (its
 profiler, one more pass). The largest |ONNX - PyTorch| relative to the largest |PyTorch| on the same slice
-is reported too.
+is reported too. ``--volume-slices N``: each runtime's process also runs ``predict`` (loading, preprocessing,
+the network over every slice, writing the mask) on one 512 x 512 x N int16 phantom CT volume with the
+calibration site's YAML, timed once.
 
 ``--dice CHECKPOINT SITE_YAML...``: per site, its modality's network from a trained checkpoint (e.g. the
 demo's ``runs/demo/checkpoints/best.safetensors``) exported, quantised on that site's training cases, and
 scored on its held-out cases (its test cases where it keeps them apart) in PyTorch, ONNX Runtime float32
 and INT8.
 
-    python benchmarks/bench_deploy.py [--repeats 3] [--threads 2] [--out runs/bench_deploy]
+    python benchmarks/bench_deploy.py [--repeats 3] [--threads 2] [--volume-slices 100] [--out runs/bench_deploy]
     python benchmarks/bench_deploy.py --networks "" --dice runs/demo/checkpoints/best.safetensors runs/demo/sites/*.yaml
 """
 
@@ -44,8 +46,9 @@ def _slice() -> torch.Tensor:
     return torch.randn(1, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
 
 
-def measure(runtime: str, path: Path, repeats: int, threads: int) -> dict:
-    """Latency, peak RSS (and the op profile) of one runtime, in this (fresh) process."""
+def measure(runtime: str, path: Path, repeats: int, threads: int, volume: list[Path] | None = None) -> dict:
+    """Latency, peak RSS (and the op profile) of one runtime, in this (fresh) process; with ``volume`` (IMAGE,
+    SITE_YAML) also the seconds ``predict`` takes for that image, loading and writing included."""
     torch.set_num_threads(threads)
     image = _slice()
     if runtime == "eager":
@@ -72,6 +75,15 @@ def measure(runtime: str, path: Path, repeats: int, threads: int) -> dict:
         times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all": times, "peak_mib": _peak_mib()}
     np.save(path.with_suffix(f".{runtime}.npy"), logits.numpy())
+    if volume:
+        from fed_swinumamba.inference import Segmenter
+
+        volume_image, site = volume
+        segmenter = Segmenter.from_files(path, "ct", site)
+        start = time.perf_counter()
+        segmenter.predict_file(volume_image, path.with_suffix(f".{runtime}.mask.nii.gz"))
+        result["volume_seconds"] = time.perf_counter() - start
+        result["volume_peak_mib"] = _peak_mib()
     if runtime == "onnx":
         result["profile"] = _profile(path, threads, image)
     return result
@@ -113,7 +125,18 @@ def calibration_site(out: Path, windows: int) -> Path:
     return site
 
 
-def run_network(variant: str, out: Path, repeats: int, threads: int, site: Path, windows: int) -> dict:
+def phantom_volume(out: Path, slices: int) -> Path:
+    """One real-size phantom CT volume, 512 x 512 x ``slices`` int16 NIfTI."""
+    from fed_swinumamba.simulated import generate_phantoms
+
+    data = generate_phantoms(out / "volume", "ct", num_cases=1, seed=1, size=SIDE, num_slices=slices)
+    (image,) = (data / "imagesTr").iterdir()
+    return image
+
+
+def run_network(
+    variant: str, out: Path, repeats: int, threads: int, site: Path, windows: int, volume: Path | None
+) -> dict:
     from fed_swinumamba.checkpoint import Checkpoint
     from fed_swinumamba.export import export_onnx
     from fed_swinumamba.model import ModelConfig, build_model
@@ -131,9 +154,10 @@ def run_network(variant: str, out: Path, repeats: int, threads: int, site: Path,
     row = {"export_seconds": export_seconds, "int8_seconds": time.perf_counter() - start - export_seconds, "mib": {}}
     for runtime, path in (("eager", checkpoint), ("onnx", onnx_file), ("int8", int8_file)):
         cmd = [sys.executable, __file__, "--measure", "eager" if runtime == "eager" else "onnx", str(path)]
-        done = subprocess.run(
-            [*cmd, "--repeats", str(repeats), "--threads", str(threads)], capture_output=True, text=True, check=True
-        )
+        cmd += ["--repeats", str(repeats), "--threads", str(threads)]
+        if volume:
+            cmd += ["--volume", str(volume), str(site)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
         row["mib"][runtime] = path.stat().st_size / 2**20
     eager = np.load(checkpoint.with_suffix(".eager.npy"))
@@ -185,17 +209,25 @@ def main() -> None:
     parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated; empty: none")
     parser.add_argument("--calibration-windows", type=int, default=4)
     parser.add_argument("--dice", nargs="+", metavar="PATH", help="CHECKPOINT SITE_YAML...: INT8's Dice cost")
+    parser.add_argument(
+        "--volume-slices", type=int, default=0, help="also time `predict` on a 512 x 512 x N CT volume (0: not)"
+    )
     parser.add_argument("--measure", nargs=2, metavar=("RUNTIME", "FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--volume", nargs=2, type=Path, metavar=("IMAGE", "SITE_YAML"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.repeats, args.threads)))
+        runtime, path = args.measure
+        print(json.dumps(measure(runtime, Path(path), args.repeats, args.threads, args.volume)))
         return
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         networks = [v for v in args.networks.split(",") if v]
         site = calibration_site(out, args.calibration_windows) if networks else None
-        rows = {v: run_network(v, out, args.repeats, args.threads, site, args.calibration_windows) for v in networks}
+        volume = phantom_volume(out, args.volume_slices) if networks and args.volume_slices else None
+        rows = {
+            v: run_network(v, out, args.repeats, args.threads, site, args.calibration_windows, volume) for v in networks
+        }
         dice = dice_table(Path(args.dice[0]), [Path(p) for p in args.dice[1:]], out) if args.dice else []
     print(
         f"load average before {load[0]:.1f} / {load[1]:.1f}, after {os.getloadavg()[0]:.1f}; {args.threads} threads\n"
@@ -224,6 +256,12 @@ def main() -> None:
         print(
             f"- {variant}: export {row['export_seconds']:.0f} s, INT8 calibration and quantisation {row['int8_seconds']:.0f} s"
         )
+        if "volume_seconds" in row["eager"]:
+            per_runtime = ", ".join(
+                f"{runtime} {row[runtime]['volume_seconds']:.0f} s (peak RSS {row[runtime]['volume_peak_mib']:.0f} MiB)"
+                for runtime in ("eager", "onnx", "int8")
+            )
+            print(f"- {variant}: `predict` on a 512 x 512 x {args.volume_slices} CT volume: {per_runtime}")
     if dice:
         print("\n" + "\n".join(dice))
 

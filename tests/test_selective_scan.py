@@ -299,8 +299,10 @@ def fresh_cache(monkeypatch, tmp_path):
     """An empty kernel cache and no library loaded yet in this process, as in a new ClientApp process."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     native_scan.library.cache_clear()
+    native_scan.onnxruntime_library.cache_clear()
     yield tmp_path / "fed_swinumamba"
     native_scan.library.cache_clear()
+    native_scan.onnxruntime_library.cache_clear()
 
 
 @pytest.mark.parametrize("compiler, reason", [("no-such-c++", "no C++ compiler"), ("false", "false failed")])
@@ -348,9 +350,9 @@ def test_concurrent_builds_leave_one_library_that_later_processes_reuse(fresh_ca
     compiler = shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler")
-    target = native_scan._library_path(compiler)
+    target = native_scan._library_path(compiler, "selective_scan", native_scan.SOURCE)
     with ThreadPoolExecutor(2) as pool:  # two processes' first calls at once
-        list(pool.map(lambda _: native_scan._build(compiler, target), range(2)))
+        list(pool.map(lambda _: native_scan._build(compiler, native_scan.SOURCE, target), range(2)))
     assert [p.name for p in fresh_cache.iterdir()] == [target.name]
     monkeypatch.setattr(native_scan, "_build", None)  # a later process must not build again
     lib, reason = native_scan.library()

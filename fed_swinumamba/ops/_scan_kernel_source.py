@@ -157,14 +157,23 @@ template <class T> struct StateVectors<T, 0> {
 };
 template <class T, int kN> using StateArray = Vec<T>[kN ? kN / kLanes<T> : kMaxState / kLanes<T>];
 
-template <class T, int kN, bool kDecays>
+// Runs task(i) for every i < tasks on `threads` OpenMP threads, one task at a time per thread.
+struct OpenMpTasks {
+  int threads;
+  template <class Fn> void operator()(int64_t tasks, Fn&& task) const {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t i = 0; i < tasks; ++i) task(i);
+  }
+};
+
+// `run(tasks, task)` runs the tasks, in parallel as it sees fit: OpenMP here, an ONNX Runtime thread pool there.
+template <class T, int kN, bool kDecays, class Run>
 void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, const T* D, const T* bias, T* y,
-             T* states, Shape s, int64_t slices, int threads) {
+             T* states, Shape s, int64_t slices, Run&& run) {
   constexpr int64_t W = kLanes<T>;
   const int64_t n = s.state, chunks = s.chunks(), tasks = s.batch * s.groups * slices;
   const StateVectors<T, kN> nv(n);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t i = 0; i < tasks; ++i) {
+  run(tasks, [&](int64_t i) {
     const Task w(s, slices, i);
     const int64_t plane = (w.batch * s.groups + w.group) * s.length * n;
     std::vector<T> dt(s.chunk), partial(s.chunk * W);
@@ -203,7 +212,7 @@ void forward(const T* u, const T* delta, const T* A, const T* B, const T* C, con
           for (int64_t v = 0; v < nv.size; ++v) store(entering + s.batch * s.channels * n + v * W, h[v]);
       }
     }
-  }
+  });
 }
 
 // Reverse-time pass. With G_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) G_{t+1}:
@@ -316,7 +325,7 @@ template <class T, class Fn> int dispatch(const T* A, int64_t d, int64_t n, bool
     const Shape s{b, d, n, l, g, chunk, softplus != 0};                                                        \
     return dispatch(A, d, n, s.softplus, [&](auto N, auto decays) {                                           \
       forward<T, decltype(N)::value, decltype(decays)::value>(u, delta, A, B, C, D, bias, y, states, s, slices, \
-                                                              threads);                                        \
+                                                              OpenMpTasks{threads});                           \
     });                                                                                                        \
   }                                                                                                            \
   extern "C" int scan_backward_##suffix(const T* u, const T* delta, const T* A, const T* B, const T* C,        \

@@ -7,6 +7,9 @@ Concurrent first uses (one ClientApp process per Flower message, Ray actors) eac
 temporary file and rename it into place atomically. No compiler or a failed build: ``library()``
 returns None with the reason, and the scan stays on its PyTorch path.
 
+The same source with ``_scan_onnxruntime_source`` appended is the scan as an ONNX Runtime operator library
+(``onnxruntime_library``, used by ``scan_onnx``).
+
 ``scan_forward`` / ``scan_backward`` take and return what ``selective_scan._torch_forward`` /
 ``_torch_backward`` (the PyTorch path) do, except that the states are saved every CHUNK steps.
 """
@@ -27,8 +30,9 @@ from pathlib import Path
 import torch
 
 from ._scan_kernel_source import SOURCE
+from ._scan_onnxruntime_source import SOURCE as ONNXRUNTIME_SOURCE
 
-__all__ = ["CHUNK", "MAX_STATE", "STATE_MULTIPLE", "library", "scan_backward", "scan_forward"]
+__all__ = ["CHUNK", "MAX_STATE", "STATE_MULTIPLE", "library", "onnxruntime_library", "scan_backward", "scan_forward"]
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +85,17 @@ def _flags(compiler: str) -> tuple[str, ...]:
     return _FLAGS + (_GCC_FLAGS if "Free Software Foundation" in version else ())
 
 
-def _library_path(compiler: str) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *_flags(compiler), _cpu_identity()]).encode()).hexdigest()[:16]
-    return _cache_dir() / f"selective_scan_{key}.so"
+def _library_path(compiler: str, name: str, source: str) -> Path:
+    key = hashlib.sha256("\0".join([source, compiler, *_flags(compiler), _cpu_identity()]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"{name}_{key}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
-    """Compile SOURCE to `target` through a temporary file in the same directory (atomic rename)."""
+def _build(compiler: str, source: str, target: Path) -> None:
+    """Compile `source` to `target` through a temporary file in the same directory (atomic rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, lib = Path(tmp) / "scan.cpp", Path(tmp) / target.name
-        src.write_text(SOURCE)
+        src.write_text(source)
         proc = subprocess.run([compiler, *_flags(compiler), str(src), "-o", str(lib)], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{compiler} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -107,21 +111,38 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
-def library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded kernel library, "") or (None, why it is unavailable). Built at most once per process."""
+def _compiled(name: str, source: str) -> tuple[Path | None, str]:
+    """(the shared library built from `source`, "") or (None, why it could not be built)."""
     compiler = os.environ.get("CXX") or "c++"
     path = shutil.which(compiler)
     if path is None:
         return None, f"no C++ compiler ({compiler!r} not found; set CXX)"
     try:
-        target = _library_path(path)  # Path.home() raises RuntimeError where there is no home
+        target = _library_path(path, name, source)  # Path.home() raises RuntimeError where there is no home
         if not target.exists():
-            log.info("building the native selective scan kernel into %s", target)
-            _build(path, target)
-        return _declare(ctypes.CDLL(str(target))), ""
+            log.info("building %s into %s", name, target)
+            _build(path, source, target)
+        return target, ""
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return None, f"could not build or load the native scan kernel: {e}"
+        return None, f"could not build {name}: {e}"
+
+
+@functools.cache
+def library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel library, "") or (None, why it is unavailable). Built at most once per process."""
+    path, why = _compiled("selective_scan", SOURCE)
+    if path is None:
+        return None, why
+    try:
+        return _declare(ctypes.CDLL(str(path))), ""
+    except OSError as e:
+        return None, f"could not load the native scan kernel: {e}"
+
+
+@functools.cache
+def onnxruntime_library() -> tuple[Path | None, str]:
+    """(the kernel compiled as an ONNX Runtime operator library, "") or (None, why it is unavailable)."""
+    return _compiled("selective_scan_onnxruntime", SOURCE + ONNXRUNTIME_SOURCE)
 
 
 def _slices(b: int, d: int, g: int, threads: int) -> int:

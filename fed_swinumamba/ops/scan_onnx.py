@@ -4,8 +4,10 @@ VMamba's scan is a recurrence over every pixel of a feature map (16 384 steps at
 standard operators it becomes either a Loop of that many steps or a parallel scan that materialises
 (batch, channels, state, pixels) tensors, hundreds of MB per layer: both far slower on a CPU than the
 sequential kernel. So the export writes each scan as a single node ``ai.onnx.contrib::SelectiveScan``
-(the domain onnxruntime-extensions gives Python-implemented operators), and ONNX Runtime runs it with
-this package's scan (its compiled CPU kernel) through onnxruntime-extensions.
+(the domain onnxruntime-extensions gives Python-implemented operators). ONNX Runtime runs it with the scan's
+compiled CPU kernel built as an operator library (``native_scan.onnxruntime_library``, on ONNX Runtime's
+thread pool), or, where no C++ compiler is at hand, through onnxruntime-extensions as a Python operator
+(several times slower: it hands its output back as a Python list).
 
 The node's meaning is mamba-ssm's ``selective_scan_fn(u, delta, A, B, C, D, z=None, delta_bias,
 delta_softplus)`` (``selective_scan.selective_scan_reference``); inputs, all float32:
@@ -16,13 +18,17 @@ output y (b, d, l).
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 import torch
 
+from . import native_scan
 from .selective_scan import selective_scan
 
 __all__ = ["OP_DOMAIN", "OP_TYPE", "session_options", "translation_table"]
+
+log = logging.getLogger(__name__)
 
 OP_DOMAIN, OP_TYPE = "ai.onnx.contrib", "SelectiveScan"
 _INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
@@ -85,12 +91,26 @@ def _register_implementation() -> str:
     return get_library_path()
 
 
+def _register(options) -> str:
+    """Register the scan's implementation with `options`: the compiled operator, else the Python one; which."""
+    path, why = native_scan.onnxruntime_library()
+    if path is not None:
+        try:
+            options.register_custom_ops_library(str(path))
+            return "compiled"
+        except Exception as err:  # onnxruntime raises its own untyped errors (e.g. a runtime older than 1.17)
+            why = f"ONNX Runtime did not load {path}: {err}"
+    log.warning("the selective scan runs as a Python operator in ONNX Runtime, several times slower: %s", why)
+    options.register_custom_ops_library(_register_implementation())
+    return "python"
+
+
 def session_options(threads: int | None = None):
     """ONNX Runtime session options able to run exported networks (the scan node registered)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.register_custom_ops_library(_register_implementation())
+    _register(options)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
