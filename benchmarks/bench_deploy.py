@@ -151,7 +151,12 @@ def run_network(
     onnx_file = export_onnx(checkpoint, "ct", out / variant)
     export_seconds = time.perf_counter() - start
     int8_file = quantize_export(onnx_file, site, windows)
-    row = {"export_seconds": export_seconds, "int8_seconds": time.perf_counter() - start - export_seconds, "mib": {}}
+    row = {
+        "export_seconds": export_seconds,
+        "int8_seconds": time.perf_counter() - start - export_seconds,
+        "benchmark_peak_mib": _peak_mib(),  # this process's so far: exports and calibrations
+        "mib": {},
+    }
     for runtime, path in (("eager", checkpoint), ("onnx", onnx_file), ("int8", int8_file)):
         cmd = [sys.executable, __file__, "--measure", "eager" if runtime == "eager" else "onnx", str(path)]
         cmd += ["--repeats", str(repeats), "--threads", str(threads)]
@@ -254,7 +259,8 @@ def main() -> None:
                 f"relative; ONNX Runtime by operator: {profile}"
             )
         print(
-            f"- {variant}: export {row['export_seconds']:.0f} s, INT8 calibration and quantisation {row['int8_seconds']:.0f} s"
+            f"- {variant}: export {row['export_seconds']:.0f} s, INT8 calibration and quantisation "
+            f"{row['int8_seconds']:.0f} s; the benchmark process's peak RSS so far {row['benchmark_peak_mib']:.0f} MiB"
         )
         if "volume_seconds" in row["eager"]:
             per_runtime = ", ".join(
