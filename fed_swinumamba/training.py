@@ -149,27 +149,33 @@ def once_per_constant_window(predict: Callable[[torch.Tensor], torch.Tensor]) ->
     return run
 
 
+# Pixels of the windows batched into one network call by ``predict_slices``: 16 of the demo's 64 x 64 windows
+# (as fast per window as 64, at half the memory), a single full-size 512 x 512 one (the full-size network took 20 %
+# longer per window in batches of 4, with twice the memory: benchmarks/RESULTS.md).
+WINDOW_PIXELS_PER_CALL = 16 * 64 * 64
+
+
 @torch.inference_mode()
 def predict_slices(
     model: nn.Module | Callable[[torch.Tensor, str], torch.Tensor],
     modality: str,
     slices: torch.Tensor | np.ndarray,
     roi_size: Sequence[int],
-    sw_batch_size: int = 16,
+    sw_batch_size: int | None = None,
     slices_per_pass: int = 8,
 ) -> torch.Tensor:
     """Slice-wise sliding-window segmentation: slices (S, H, W) or (S, C, H, W) -> class indices (S, H, W) uint8.
 
     ``slices_per_pass`` slices go through MONAI's sliding window together, their windows batched by
-    ``sw_batch_size`` (batches run faster per window than single windows on a CPU; 16 as fast as 64 with
-    the demo network, at half the memory: benchmarks/RESULTS.md), while the logits in
-    memory stay a few slices' worth. Windows of one constant value are computed once per value.
+    ``sw_batch_size`` (default: as many as make ``WINDOW_PIXELS_PER_CALL`` pixels, at least one), while the
+    logits in memory stay a few slices' worth. Windows of one constant value are computed once per value.
     ``model`` is a network or anything called like one (``export.OnnxNetwork``, which runs on the CPU).
     """
     device = torch.device("cpu")
     if isinstance(model, nn.Module):
         model.eval()
         device = next(model.parameters()).device
+    sw_batch_size = sw_batch_size or max(1, WINDOW_PIXELS_PER_CALL // math.prod(roi_size))
     network = once_per_constant_window(lambda x: model(x, modality))
     out = torch.empty((slices.shape[0], *slices.shape[-2:]), dtype=torch.uint8)
     for start in range(0, slices.shape[0], slices_per_pass):

@@ -203,6 +203,25 @@ def test_sliding_window_prediction_keeps_no_autograd_graph():
     assert grad_modes and not any(grad_modes)
 
 
+@pytest.mark.parametrize("roi, expected_batch", [((32, 32), 64), ((64, 64), 16), ((128, 128), 4), ((256, 256), 1)])
+def test_sliding_windows_are_batched_up_to_a_pixel_budget_per_network_call(roi, expected_batch):
+    """Small windows go many to a call, a large one alone: batches of 512 x 512 windows cost the full-size
+    network time and memory (benchmarks/RESULTS.md)."""
+    from fed_swinumamba.training import WINDOW_PIXELS_PER_CALL, predict_slices
+
+    calls = []
+
+    def network(x, modality):
+        calls.append(x.shape[0])
+        return torch.zeros(x.shape[0], 3, *x.shape[2:])
+
+    side = 256
+    slices = torch.rand(8, side, side)  # varied windows: none computed once per constant
+    predict_slices(network, "ct", slices, roi)
+    assert max(calls) == expected_batch == max(1, WINDOW_PIXELS_PER_CALL // (roi[0] * roi[1]))
+    assert sum(calls) >= 8  # every slice's windows were computed
+
+
 def test_predict_uses_the_modality_s_own_norms_of_a_checkpoint_that_keeps_them_apart(trained_checkpoint, tmp_path):
     """norm-partition = modality: the CT segmenter gets the CT copies, the US segmenter the US copies."""
     from fed_swinumamba.inference import Segmenter
