@@ -9,9 +9,9 @@ on ``--calibration-windows`` 512 x 512 slices of a generated phantom CT site; ea
 fresh process: the median of ``--repeats`` forward passes of one 1 x 1 x 512 x 512 slice after one untimed
 pass, the process's peak RSS (VmHWM) and, for ONNX Runtime, where the time goes by operator type (its
 profiler, one more pass). The largest |ONNX - PyTorch| relative to the largest |PyTorch| on the same slice
-is reported too. ``--volume-slices N``: each runtime's process also runs ``predict`` (loading, preprocessing,
-the network over every slice, writing the mask) on one 512 x 512 x N int16 phantom CT volume with the
-calibration site's YAML, timed once.
+is reported too. ``--volume-slices N``: each runtime also runs ``predict`` (loading, preprocessing, the network
+over every slice, writing the mask) on one 512 x 512 x N int16 phantom CT volume with the calibration site's
+YAML, once, in another fresh process.
 
 ``--dice CHECKPOINT SITE_YAML...``: per site, its modality's network from a trained checkpoint (e.g. the
 demo's ``runs/demo/checkpoints/best.safetensors``) exported, quantised on that site's training cases, and
@@ -46,9 +46,8 @@ def _slice() -> torch.Tensor:
     return torch.randn(1, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
 
 
-def measure(runtime: str, path: Path, repeats: int, threads: int, volume: list[Path] | None = None) -> dict:
-    """Latency, peak RSS (and the op profile) of one runtime, in this (fresh) process; with ``volume`` (IMAGE,
-    SITE_YAML) also the seconds ``predict`` takes for that image, loading and writing included."""
+def measure(runtime: str, path: Path, repeats: int, threads: int) -> dict:
+    """Latency, peak RSS (and the op profile) of one runtime, in this (fresh) process."""
     torch.set_num_threads(threads)
     image = _slice()
     if runtime == "eager":
@@ -75,18 +74,21 @@ def measure(runtime: str, path: Path, repeats: int, threads: int, volume: list[P
         times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "all": times, "peak_mib": _peak_mib()}
     np.save(path.with_suffix(f".{runtime}.npy"), logits.numpy())
-    if volume:
-        from fed_swinumamba.inference import Segmenter
-
-        volume_image, site = volume
-        segmenter = Segmenter.from_files(path, "ct", site)
-        start = time.perf_counter()
-        segmenter.predict_file(volume_image, path.with_suffix(f".{runtime}.mask.nii.gz"))
-        result["volume_seconds"] = time.perf_counter() - start
-        result["volume_peak_mib"] = _peak_mib()
     if runtime == "onnx":
         result["profile"] = _profile(path, threads, image)
     return result
+
+
+def measure_volume(path: Path, image: Path, site: Path, threads: int) -> dict:
+    """Seconds and peak RSS of ``predict`` with the checkpoint or export ``path`` on ``image``, loading and writing
+    included, in this (fresh) process."""
+    from fed_swinumamba.inference import Segmenter
+
+    torch.set_num_threads(threads)
+    segmenter = Segmenter.from_files(path, "ct", site)
+    start = time.perf_counter()
+    segmenter.predict_file(image, path.with_name(path.name + ".mask.nii.gz"))
+    return {"volume_seconds": time.perf_counter() - start, "volume_peak_mib": _peak_mib()}
 
 
 def _peak_mib() -> float:
@@ -158,18 +160,23 @@ def run_network(
         "mib": {},
     }
     for runtime, path in (("eager", checkpoint), ("onnx", onnx_file), ("int8", int8_file)):
-        cmd = [sys.executable, __file__, "--measure", "eager" if runtime == "eager" else "onnx", str(path)]
-        cmd += ["--repeats", str(repeats), "--threads", str(threads)]
+        row[runtime] = _in_fresh_process(
+            "--measure", "eager" if runtime == "eager" else "onnx", path, "--repeats", repeats, "--threads", threads
+        )
         if volume:
-            cmd += ["--volume", str(volume), str(site)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        row[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
+            row[runtime] |= _in_fresh_process("--measure-volume", path, volume, site, "--threads", threads)
         row["mib"][runtime] = path.stat().st_size / 2**20
     eager = np.load(checkpoint.with_suffix(".eager.npy"))
     for runtime, path in (("onnx", onnx_file), ("int8", int8_file)):
         exported = np.load(path.with_suffix(".onnx.npy"))
         row[runtime]["max_relative_difference"] = float(np.abs(exported - eager).max() / np.abs(eager).max())
     return row
+
+
+def _in_fresh_process(*args) -> dict:
+    """What this script prints, run again with ``args`` in a process of its own (so peak RSS is that run's)."""
+    done = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def dice_table(checkpoint: Path, sites: list[Path], out: Path) -> list[str]:
@@ -218,11 +225,15 @@ def main() -> None:
         "--volume-slices", type=int, default=0, help="also time `predict` on a 512 x 512 x N CT volume (0: not)"
     )
     parser.add_argument("--measure", nargs=2, metavar=("RUNTIME", "FILE"), help=argparse.SUPPRESS)
-    parser.add_argument("--volume", nargs=2, type=Path, metavar=("IMAGE", "SITE_YAML"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--measure-volume", nargs=3, type=Path, metavar=("FILE", "IMAGE", "SITE_YAML"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.measure:
-        runtime, path = args.measure
-        print(json.dumps(measure(runtime, Path(path), args.repeats, args.threads, args.volume)))
+        print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.repeats, args.threads)))
+        return
+    if args.measure_volume:
+        print(json.dumps(measure_volume(*args.measure_volume, args.threads)))
         return
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
