@@ -91,18 +91,17 @@ def _register_implementation() -> str:
     return get_library_path()
 
 
-def _register(options) -> str:
-    """Register the scan's implementation with `options`: the compiled operator, else the Python one; which."""
+def _register(options) -> None:
+    """Register the scan's implementation with `options`: the compiled operator, else the Python one."""
     path, why = native_scan.onnxruntime_library()
     if path is not None:
         try:
             options.register_custom_ops_library(str(path))
-            return "compiled"
+            return
         except Exception as err:  # onnxruntime raises its own untyped errors (e.g. a runtime older than 1.17)
             why = f"ONNX Runtime did not load {path}: {err}"
     log.warning("the selective scan runs as a Python operator in ONNX Runtime, several times slower: %s", why)
     options.register_custom_ops_library(_register_implementation())
-    return "python"
 
 
 def session_options(threads: int | None = None):
