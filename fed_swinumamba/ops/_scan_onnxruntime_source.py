@@ -60,6 +60,7 @@ namespace {
 constexpr uint32_t kOrtVersion = 17;  // the first with KernelContext_ParallelFor
 constexpr int kFloat = 1, kRequired = 0, kDefaultMemory = 0, kFail = 1, kInvalidArgument = 2;
 constexpr int64_t kMinTasks = 16;  // parallel tasks per call, so that a pool of any size stays busy
+constexpr int64_t kChunk = 256;     // steps per saved state, as native_scan.CHUNK (inference reads none back)
 
 // The OrtApi entries used, by their (frozen) position in the table.
 class Api {
@@ -189,7 +190,7 @@ struct ScanKernel {
           B[(plane * l + t) * padded + k] = in[3].data[(plane * n + k) * l + t];
           C[(plane * l + t) * padded + k] = in[4].data[(plane * n + k) * l + t];
         }
-    const Shape s{b, d, padded, l, g, 256, softplus};
+    const Shape s{b, d, padded, l, g, kChunk, softplus};
     const int64_t slices = std::max<int64_t>(1, std::min(d / g, (kMinTasks + b * g - 1) / (b * g)));
     std::vector<float> states(s.chunks() * b * d * padded);
     OrtValue* output;
