@@ -2,6 +2,7 @@
 
 python -m fed_swinumamba predict --checkpoint CKPT|ONNX --modality ct|mri|us --input PATH --output PATH [--site-config YAML]
 python -m fed_swinumamba export --checkpoint CKPT --modality ct|mri|us --out DIR [--int8 --calibration SITE_YAML]
+python -m fed_swinumamba prune --checkpoint CKPT --ratio 0.3 --out PRUNED   (then recovery rounds: initial-checkpoint)
 """
 
 from __future__ import annotations
@@ -9,10 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint import Checkpoint, prune_checkpoint
 from .data.site_config import MODALITIES
 from .export import ExportError, OnnxNetwork, export_onnx
 from .inference import Segmenter, predict
 from .quantization import DEFAULT_CALIBRATION_WINDOWS, calibration_site, quantize_export
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
 
 
 def _at_least_one(text: str) -> int:
@@ -56,10 +65,27 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_CALIBRATION_WINDOWS,
         help="network inputs (sliding windows of the site's slices) to calibrate on",
     )
+    r = sub.add_parser(
+        "prune",
+        help="remove a fraction of the channels (L1) of a checkpoint; train it back with run config initial-checkpoint",
+    )
+    r.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint of a run (the coordinator's)")
+    r.add_argument("--ratio", type=_ratio, required=True, help="fraction of each pruning group's channels to remove")
+    r.add_argument("--out", required=True, help="the pruned checkpoint (.safetensors)")
     args = parser.parse_args(argv)
     if args.command == "export" and args.int8 != bool(args.calibration):
         parser.error("--int8 and --calibration go together: the INT8 model is calibrated on a site's own cases")
     try:
+        if args.command == "prune":
+            source = Checkpoint.load(args.checkpoint)
+            pruned = prune_checkpoint(source, args.ratio)
+            pruned.save(args.out)
+            kept, was = (sum(v.numel() for v in c.state.values()) for c in (pruned, source))
+            print(
+                f"wrote {args.out}: {kept / 1e6:.2f} M of {was / 1e6:.2f} M parameters; "
+                f"train it back with run config initial-checkpoint={args.out}"
+            )
+            return 0
         if args.command == "export":
             if args.int8:
                 calibration_site(args.calibration, args.modality)  # before the export, which takes minutes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .model import ModelConfig, build_model
-from .params import keeps_modality_norms, select, site_view
+from .model.pruning import apply_pruning, prune_l1, widths
+from .params import federation_view, keeps_modality_norms, select, site_view
 from .protocol import check_study
 
 _META_KEY = "fed_swinumamba"
@@ -104,6 +105,30 @@ class Checkpoint:
         model = build_model(config)
         model.load_state_dict(state, strict=True)
         return model
+
+
+def prune_checkpoint(ckpt: Checkpoint, ratio: float) -> Checkpoint:
+    """``ckpt`` with ``ratio`` of the channels of every pruning group removed, those of smallest L1 norm
+    (``model.pruning``): the coordinator's step before federated recovery rounds (run config
+    ``initial-checkpoint``). Decided once, on the shared weights; per-modality norm copies lose the same channels.
+    The result starts a new run: it keeps the round it came from, not the aggregation state."""
+    if ckpt.model_config.pruned:
+        raise ValueError("this checkpoint is already pruned; prune the unpruned one with the ratio wanted")
+    per_modality = keeps_modality_norms(ckpt.state)
+    views = (
+        {m: ckpt.build_model(m) for m in ckpt.model_config.modalities} if per_modality else {None: ckpt.build_model()}
+    )
+    first, *others = views.values()
+    steps = prune_l1(first, ratio)
+    for model in others:
+        apply_pruning(model, steps)
+    state: dict[str, torch.Tensor] = {}
+    for modality, model in views.items():
+        weights = model.state_dict()
+        state |= weights if modality is None else federation_view(weights, modality, ckpt.state)
+    extra = {"pruned_from": {"ratio": ratio, "round": ckpt.server_round, "stage": ckpt.stage}}
+    config = replace(ckpt.model_config, pruned=widths(steps))
+    return Checkpoint(state, config, ckpt.class_names, ckpt.server_round, ckpt.stage, extra)
 
 
 def load_modality_model(path: str | Path, modality: str) -> tuple[Checkpoint, torch.nn.Module]:

@@ -132,6 +132,9 @@ KEYS: Mapping[str, Key] = MappingProxyType(
         "resume": Key(False, "continue the run in output-dir from its latest checkpoint"),
         "seed": Key(0, "initial weights, site sampling, and the sites' shuffling without DP (never DP noise)"),
         "pretrained-checkpoint": Key("", "the VMamba ImageNet release file to initialise the encoder from"),
+        "initial-checkpoint": Key(
+            "", "a checkpoint of this project to start from, e.g. a pruned one (its pruned widths are the run's)"
+        ),
         "dp-epsilon": Key(
             0.0,
             "DP-SGD at every site without a privacy section: each site's budget for the study (0: none)",

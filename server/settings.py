@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fed_swinumamba.checkpoint import Checkpoint
 from fed_swinumamba.compression import CompressionOptions
 from fed_swinumamba.dp_options import RunDPOptions
 from fed_swinumamba.model import ModelConfig
@@ -40,6 +41,19 @@ def default_study(output_dir: Path) -> str:
     return name or "default"
 
 
+def _initial_model_config(path: str, run: ModelConfig, class_names: tuple[str, ...]) -> ModelConfig:
+    """The model config of the checkpoint a run starts from: the run's model-* keys, plus the widths it was
+    pruned to. Any other difference is refused by name, before any site is contacted."""
+    meta = Checkpoint.read_meta(path)
+    theirs = ModelConfig.from_dict(meta["model_config"])
+    differ = [k for k, v in replace(theirs, pruned=()).to_dict().items() if run.to_dict()[k] != v]
+    if differ:
+        raise ValueError(f"initial-checkpoint {path}: its network differs from this run's model-* keys in {differ}")
+    if tuple(meta["class_names"]) != class_names:
+        raise ValueError(f"initial-checkpoint {path}: classes {meta['class_names']}, this run's {list(class_names)}")
+    return theirs
+
+
 @dataclass(frozen=True)
 class FederationSettings:
     num_rounds: int
@@ -68,6 +82,7 @@ class FederationSettings:
     resume: bool
     seed: int
     pretrained_checkpoint: str
+    initial_checkpoint: str  # a checkpoint to start from (its model config, pruned widths included, is the run's)
     site_dp: SiteDPSettings | None
     dp: RunDPOptions  # the DP-SGD request sent to every site (dp-* keys)
     personal: PersonalOptions  # the personal model every site keeps
@@ -98,6 +113,10 @@ class FederationSettings:
             num_heads=_ints(c["model-num-heads"]),
             deep_supervision=bool(c["model-deep-supervision"]),
         )
+        if c["initial-checkpoint"]:
+            model_config = _initial_model_config(str(c["initial-checkpoint"]), model_config, class_names)
+            if c["pretrained-checkpoint"]:
+                raise ValueError("give initial-checkpoint or pretrained-checkpoint, not both: a run starts from one")
         schedule = UnfreezingSchedule(
             frozen_at_start=_names(c["frozen-at-start"]),
             rounds_per_stage=int(c["rounds-per-stage"]),
@@ -131,6 +150,7 @@ class FederationSettings:
             resume=bool(c["resume"]),
             seed=int(c["seed"]),
             pretrained_checkpoint=str(c["pretrained-checkpoint"]),
+            initial_checkpoint=str(c["initial-checkpoint"]),
             site_dp=SiteDPSettings.from_run_config(c),
             dp=RunDPOptions.from_run_config(c),
             personal=PersonalOptions.from_config(c),

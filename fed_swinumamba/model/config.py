@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch.nn as nn
 
+from .pruning import apply_widths
 from .swin_umamba import MODALITIES, SwinUMamba, SwinUMambaD
 
 VARIANTS = ("swin_umamba", "swin_umamba_d")
@@ -29,10 +30,12 @@ class ModelConfig:
     encoder_block: str = "vss"
     num_heads: tuple[int, ...] = (3, 6, 12, 24)  # hybrid window attention only
     window_size: int = 7  # hybrid window attention only
+    pruned: tuple[tuple[str, int], ...] = ()  # channels removed per pruning group (model.pruning.widths)
 
     def __post_init__(self) -> None:
         for name in ("modalities", "dims", "depths", "num_heads"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "pruned", tuple((str(layer), int(count)) for layer, count in self.pruned))
         if self.variant not in VARIANTS:
             raise ValueError(f"model variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.encoder_block not in ENCODER_BLOCKS:
@@ -63,7 +66,7 @@ class ModelConfig:
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The network described by ``config``, freshly initialised."""
+    """The network described by ``config``, freshly initialised (and pruned to the widths it records)."""
     block_factory = None
     if config.encoder_block == "hybrid":
         from .hybrid import hybrid_block_factory
@@ -82,9 +85,10 @@ def build_model(config: ModelConfig) -> nn.Module:
         deep_supervision=config.deep_supervision,
         block_factory=block_factory,
     )
-    if config.variant == "swin_umamba":
-        return SwinUMamba(stem_width=config.stem_width, **common)
-    return SwinUMambaD(**common)
+    model = (
+        SwinUMamba(stem_width=config.stem_width, **common) if config.variant == "swin_umamba" else SwinUMambaD(**common)
+    )
+    return apply_widths(model, config.pruned) if config.pruned else model
 
 
 _NORMALISATIONS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)  # _NormBase: BatchNorm, InstanceNorm

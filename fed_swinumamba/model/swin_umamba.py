@@ -136,11 +136,19 @@ class SwinUMamba(nn.Module):
         self.heads = nn.ModuleList(UnetOutBlock(2, widths[i], num_classes) for i in range(4))
 
     def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor | list[torch.Tensor]:
+        return self.decode(self.encode(x, modality))
+
+    def encode(self, x: torch.Tensor, modality: str) -> list[torch.Tensor]:
+        """The features the decoder reads: [raw-input skip (S, H), stem (S, H/2), stage i (dims[i], H/2**(i+2))...]."""
         _check_input(x, self.in_chans, self.total_stride)
         me = _check_modality(self.modality_encoders, modality)
-        stem = me.stem(x)  # (B, S, H/2, W/2)
-        stages = self.encoder.forward_stages(me.patch_embed(stem))  # dims[i] at H/2**(i+2)
-        skips = [me.skip(x)] + [blk(f) for blk, f in zip(self.skips, [stem, *stages[:-1]])]
+        stem = me.stem(x)
+        return [me.skip(x), stem, *self.encoder.forward_stages(me.patch_embed(stem))]
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """``encode``'s features -> logits; the part of the network that is the same for every modality."""
+        raw_skip, stem, *stages = features
+        skips = [raw_skip] + [blk(f) for blk, f in zip(self.skips, [stem, *stages[:-1]])]
         y = stages[-1]
         decoded = []
         for up, skip in zip(self.up_blocks, reversed(skips)):

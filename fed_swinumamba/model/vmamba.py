@@ -159,6 +159,51 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(a))
         self.Ds.fill_(1.0)
 
+    @torch.no_grad()
+    def inner_l1(self) -> torch.Tensor:
+        """L1 importance of each inner channel (D_inner,): the mean over the weights that read or write it of
+        each weight's per-channel L1 norm divided by its mean (torch-pruning's group L1 criterion)."""
+        d = self.d_inner
+        x_rows, z_rows = self.in_proj.weight.abs().split(d)  # (D_inner, C) each
+        per_weight = [
+            x_rows.sum(1),
+            z_rows.sum(1),
+            self.conv2d.weight.abs().flatten(1).sum(1),
+            self.x_proj_weight.abs().sum((0, 1)),
+            self.dt_projs_weight.abs().sum((0, 2)),
+            self.out_proj.weight.abs().sum(0),
+        ]
+        return torch.stack([w / w.mean().clamp_min(1e-12) for w in per_weight]).mean(0)
+
+    @torch.no_grad()
+    def prune_inner(self, removed: Sequence[int]) -> None:
+        """Remove inner channels (indices into D_inner) from every tensor that has them: in_proj's x and z rows,
+        the depthwise conv, the four directions' projections, A, D, out_norm and out_proj's columns."""
+        d, k = self.d_inner, self.num_directions
+        keep = torch.tensor(sorted(set(range(d)) - set(removed)), dtype=torch.long)
+        if len(keep) != d - len(removed) or not len(keep):
+            raise ValueError(f"SS2D: cannot remove channels {sorted(removed)} of {d}")
+        every_direction = (torch.arange(k)[:, None] * d + keep).reshape(-1)
+
+        def kept(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> nn.Parameter:
+            return nn.Parameter(tensor.index_select(dim, index).clone(), requires_grad=tensor.requires_grad)
+
+        self.in_proj.weight = kept(self.in_proj.weight, torch.cat([keep, keep + d]), 0)
+        self.conv2d.weight, self.conv2d.bias = kept(self.conv2d.weight, keep, 0), kept(self.conv2d.bias, keep, 0)
+        self.x_proj_weight = kept(self.x_proj_weight, keep, 2)
+        self.dt_projs_weight = kept(self.dt_projs_weight, keep, 1)
+        self.dt_projs_bias = kept(self.dt_projs_bias, keep, 1)
+        self.A_logs, self.Ds = kept(self.A_logs, every_direction, 0), kept(self.Ds, every_direction, 0)
+        self.out_norm.weight, self.out_norm.bias = (
+            kept(self.out_norm.weight, keep, 0),
+            kept(self.out_norm.bias, keep, 0),
+        )
+        self.out_proj.weight = kept(self.out_proj.weight, keep, 1)
+        self.d_inner = n = len(keep)
+        self.in_proj.out_features, self.out_proj.in_features = 2 * n, n
+        self.conv2d.in_channels = self.conv2d.out_channels = self.conv2d.groups = n
+        self.out_norm.normalized_shape = (n,)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
