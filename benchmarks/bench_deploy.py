@@ -13,6 +13,11 @@ is reported too. ``--volume-slices N``: each runtime also runs ``predict`` (load
 over every slice, writing the mask) on one 512 x 512 x N int16 phantom CT volume with the calibration site's
 YAML, once, in another fresh process.
 
+``--prune R``: every network also with R of the channels of each pruning group removed (``prune_checkpoint``),
+measured the same way. ``--prune-dice CHECKPOINT SITE_YAML...``: per site, the Dice of the checkpoint, of the
+same trained ``--recovery-rounds`` more federated rounds (the control), of its R-pruned network as it is, and
+after the same recovery rounds (``initial-checkpoint``), in PyTorch and as INT8.
+
 ``--dice CHECKPOINT SITE_YAML...``: per site, its modality's network from a trained checkpoint (e.g. the
 demo's ``runs/demo/checkpoints/best.safetensors``) exported, quantised on that site's training cases, and
 scored on its held-out cases (its test cases where it keeps them apart) in PyTorch, ONNX Runtime float32
@@ -20,6 +25,7 @@ and INT8.
 
     python benchmarks/bench_deploy.py [--repeats 3] [--threads 2] [--volume-slices 100] [--out runs/bench_deploy]
     python benchmarks/bench_deploy.py --networks "" --dice runs/demo/checkpoints/best.safetensors runs/demo/sites/*.yaml
+    python benchmarks/bench_deploy.py --prune 0.3 [--prune-dice runs/demo/checkpoints/latest.safetensors SITES...]
 """
 
 from __future__ import annotations
@@ -137,23 +143,33 @@ def phantom_volume(out: Path, slices: int) -> Path:
 
 
 def run_network(
-    variant: str, out: Path, repeats: int, threads: int, site: Path, windows: int, volume: Path | None
+    variant: str,
+    out: Path,
+    repeats: int,
+    threads: int,
+    site: Path,
+    windows: int,
+    volume: Path | None,
+    prune: float = 0.0,
 ) -> dict:
-    from fed_swinumamba.checkpoint import Checkpoint
+    from fed_swinumamba.checkpoint import Checkpoint, prune_checkpoint
     from fed_swinumamba.export import export_onnx
     from fed_swinumamba.model import ModelConfig, build_model
     from fed_swinumamba.quantization import quantize_export
 
     out.mkdir(parents=True, exist_ok=True)
     config = ModelConfig(variant=variant, modalities=("ct",))
-    checkpoint = out / f"{variant}.safetensors"
+    name = f"{variant}_pruned{prune:g}" if prune else variant
+    checkpoint = out / f"{name}.safetensors"
     torch.manual_seed(0)
-    Checkpoint(build_model(config).eval().state_dict(), config, ("organ", "lesion")).save(checkpoint)
+    ckpt = Checkpoint(build_model(config).eval().state_dict(), config, ("organ", "lesion"))
+    (prune_checkpoint(ckpt, prune) if prune else ckpt).save(checkpoint)
     start = time.perf_counter()
-    onnx_file = export_onnx(checkpoint, "ct", out / variant)
+    onnx_file = export_onnx(checkpoint, "ct", out / name)
     export_seconds = time.perf_counter() - start
     int8_file = quantize_export(onnx_file, site, windows)
     row = {
+        "parameters": sum(v.numel() for v in Checkpoint.load(checkpoint).state.values()),
         "export_seconds": export_seconds,
         "int8_seconds": time.perf_counter() - start - export_seconds,
         "benchmark_peak_mib": _peak_mib(),  # this process's so far: exports and calibrations
@@ -211,6 +227,71 @@ def dice_table(checkpoint: Path, sites: list[Path], out: Path) -> list[str]:
     return lines
 
 
+def recovery_run(initial: Path, source: Path, sites: list[Path], out: Path, rounds: int) -> Path:
+    """``rounds`` federated rounds of ``sites`` from the checkpoint ``initial``, with the config of the run that
+    wrote ``source`` except: every layer group trains, at that run's last learning rate, and no personal
+    models. Returns the final checkpoint."""
+    from fed_swinumamba.checkpoint import Checkpoint
+    from fed_swinumamba.run_config import defaults
+    from server.settings import FederationSettings
+
+    ckpt = Checkpoint.load(source)
+    run_config = ckpt.extra["run_config"]
+    lr = FederationSettings.from_run_config(run_config).schedule.stage_for_round(ckpt.server_round).lr
+    config = {k: v for k, v in run_config.items() if v != defaults()[k] and k not in ("output-dir", "study")}
+    config |= {
+        "initial-checkpoint": str(initial),
+        "frozen-at-start": "",
+        "lr": lr,
+        "personalization": "none",
+        "cross-site-eval": False,
+    }
+    sets = [a for k, v in config.items() for a in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
+    command = ["-m", "simulation", "run", "--sites", *map(str, sites), "--out", str(out), "--rounds", str(rounds)]
+    with open(out.with_suffix(".log"), "w") as log:
+        subprocess.run([sys.executable, *command, *sets], stdout=log, stderr=subprocess.STDOUT, check=True)
+    return out / "checkpoints" / "latest.safetensors"
+
+
+def pruning_dice_table(checkpoint: Path, sites: list[Path], out: Path, ratio: float, rounds: int) -> list[str]:
+    """Per site, Dice on its held-out cases of: the checkpoint; the same trained ``rounds`` more rounds (the
+    control: what the extra rounds alone give); pruned by ``ratio`` as it is; pruned and trained back for
+    ``rounds`` rounds, in PyTorch and as the INT8 export calibrated at the site."""
+    from fed_swinumamba.checkpoint import Checkpoint, load_modality_model, prune_checkpoint
+    from fed_swinumamba.data import SiteData, load_site_config
+    from fed_swinumamba.export import OnnxNetwork, export_onnx
+    from fed_swinumamba.quantization import quantize_export
+    from fed_swinumamba.training import evaluate_cases
+
+    out.mkdir(parents=True, exist_ok=True)
+    pruned = prune_checkpoint(Checkpoint.load(checkpoint), ratio).save(out / "pruned.safetensors")
+    control = recovery_run(checkpoint, checkpoint, sites, out / "control", rounds)
+    recovered = recovery_run(pruned, checkpoint, sites, out / "recovered", rounds)
+    lines = [
+        f"| site | held-out cases | checkpoint | +{rounds} rounds (control) | {ratio:.0%} pruned | pruned + {rounds} rounds "
+        "| its INT8 | pruned + rounds - control | INT8 - control |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for yaml in sites:
+        site = load_site_config(yaml)
+        dice = []
+        for path in (checkpoint, control, pruned, recovered):
+            ckpt, model = load_modality_model(path, site.modality)
+            data = SiteData.from_config(site, list(ckpt.class_names))
+            split, cases = data.held_out("test" if data.test_cases else "validation")
+            dice.append(
+                evaluate_cases(model.eval(), site.modality, cases, ckpt.class_names, site.training.patch_size).dice_mean
+            )
+        int8 = OnnxNetwork(quantize_export(export_onnx(recovered, site.modality, out / site.site), yaml))
+        dice.append(evaluate_cases(int8, site.modality, cases, ckpt.class_names, site.training.patch_size).dice_mean)
+        lines.append(
+            f"| {site.site} | {len(cases)} {split} | "
+            + " | ".join(f"{d:.4f}" for d in dice)
+            + f" | {100 * (dice[3] - dice[1]):+.2f} | {100 * (dice[4] - dice[1]):+.2f} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -221,6 +302,16 @@ def main() -> None:
     parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated; empty: none")
     parser.add_argument("--calibration-windows", type=int, default=4)
     parser.add_argument("--dice", nargs="+", metavar="PATH", help="CHECKPOINT SITE_YAML...: INT8's Dice cost")
+    parser.add_argument(
+        "--prune", type=float, default=0.0, help="also measure the networks with this fraction of channels pruned"
+    )
+    parser.add_argument(
+        "--prune-dice",
+        nargs="+",
+        metavar="PATH",
+        help="CHECKPOINT SITE_YAML...: the Dice that pruning by --prune costs, after --recovery-rounds rounds",
+    )
+    parser.add_argument("--recovery-rounds", type=int, default=6)
     parser.add_argument(
         "--volume-slices", type=int, default=0, help="also time `predict` on a 512 x 512 x N CT volume (0: not)"
     )
@@ -242,35 +333,44 @@ def main() -> None:
         site = calibration_site(out, args.calibration_windows) if networks else None
         volume = phantom_volume(out, args.volume_slices) if networks and args.volume_slices else None
         rows = {
-            v: run_network(v, out, args.repeats, args.threads, site, args.calibration_windows, volume) for v in networks
+            (v, ratio): run_network(v, out, args.repeats, args.threads, site, args.calibration_windows, volume, ratio)
+            for v in networks
+            for ratio in ([0.0, args.prune] if args.prune else [0.0])
         }
         dice = dice_table(Path(args.dice[0]), [Path(p) for p in args.dice[1:]], out) if args.dice else []
+        if args.prune_dice:
+            checkpoint, *sites = map(Path, args.prune_dice)
+            dice += ["", *pruning_dice_table(checkpoint, sites, out / "pruning", args.prune, args.recovery_rounds)]
     print(
         f"load average before {load[0]:.1f} / {load[1]:.1f}, after {os.getloadavg()[0]:.1f}; {args.threads} threads\n"
     )
     if rows:
         print(
-            "| network | runtime | s / 512x512 slice (median) [all] | vs eager | file MiB | of fp32 checkpoint | peak RSS MiB |"
+            "| network | runtime | s / 512x512 slice (median) [all] | vs unpruned eager | file MiB "
+            "| of unpruned fp32 checkpoint | parameters (M) | peak RSS MiB |"
         )
-        print("|---|---|---|---|---|---|---|")
-    for variant, row in rows.items():
+        print("|---|---|---|---|---|---|---|---|")
+    labels = {key: f"{key[0]}, {key[1]:.0%} pruned" if key[1] else key[0] for key in rows}
+    for (variant, ratio), row in rows.items():
+        unpruned = rows[variant, 0.0]
         for runtime in ("eager", "onnx", "int8"):
             r = row[runtime]
-            speedup = row["eager"]["seconds"] / r["seconds"]
+            speedup = unpruned["eager"]["seconds"] / r["seconds"]
             runs = ", ".join(f"{t:.2f}" for t in r["all"])
             print(
-                f"| {variant} | {runtime} | {r['seconds']:.2f} [{runs}] | {speedup:.2f}x | {row['mib'][runtime]:.1f} "
-                f"| {row['mib'][runtime] / row['mib']['eager']:.1%} | {r['peak_mib']:.0f} |"
+                f"| {labels[variant, ratio]} | {runtime} | {r['seconds']:.2f} [{runs}] | {speedup:.2f}x "
+                f"| {row['mib'][runtime]:.1f} | {row['mib'][runtime] / unpruned['mib']['eager']:.1%} "
+                f"| {row['parameters'] / 1e6:.2f} | {r['peak_mib']:.0f} |"
             )
-    for variant, row in rows.items():
+    for key, row in rows.items():
         for runtime in ("onnx", "int8"):
             profile = ", ".join(f"{op} {s:.2f} s" for op, s in row[runtime]["profile"].items())
             print(
-                f"\n- {variant} {runtime}: vs eager on the slice {row[runtime]['max_relative_difference']:.1e} "
+                f"\n- {labels[key]} {runtime}: vs eager on the slice {row[runtime]['max_relative_difference']:.1e} "
                 f"relative; ONNX Runtime by operator: {profile}"
             )
         print(
-            f"- {variant}: export {row['export_seconds']:.0f} s, INT8 calibration and quantisation "
+            f"- {labels[key]}: export {row['export_seconds']:.0f} s, INT8 calibration and quantisation "
             f"{row['int8_seconds']:.0f} s; the benchmark process's peak RSS so far {row['benchmark_peak_mib']:.0f} MiB"
         )
         if "volume_seconds" in row["eager"]:
@@ -278,7 +378,7 @@ def main() -> None:
                 f"{runtime} {row[runtime]['volume_seconds']:.0f} s (peak RSS {row[runtime]['volume_peak_mib']:.0f} MiB)"
                 for runtime in ("eager", "onnx", "int8")
             )
-            print(f"- {variant}: `predict` on a 512 x 512 x {args.volume_slices} CT volume: {per_runtime}")
+            print(f"- {labels[key]}: `predict` on a 512 x 512 x {args.volume_slices} CT volume: {per_runtime}")
     if dice:
         print("\n" + "\n".join(dice))
 

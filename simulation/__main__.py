@@ -179,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["num-server-rounds"] = args.rounds
     if args.dp_epsilon is not None:
         overrides["dp-epsilon"] = args.dp_epsilon
-    metrics = run_federated_simulation(sites, args.out, overrides)
     baselines = [kind for kind, asked in (("local_only", args.local_only), ("centralized", args.centralized)) if asked]
+    if baselines and overrides.get("initial-checkpoint"):
+        parser.error("the baselines train from scratch or ImageNet, never from initial-checkpoint: run them apart")
+    metrics = run_federated_simulation(sites, args.out, overrides)
     for kind in baselines:
         metrics[kind] = run_baseline(kind, sites, args.out, overrides)
     if baselines:

@@ -11,7 +11,7 @@ import torch
 from conftest import CLASSES, TINY_MODEL, _copy_of_site
 
 from fed_swinumamba.__main__ import main
-from fed_swinumamba.checkpoint import Checkpoint
+from fed_swinumamba.checkpoint import Checkpoint, prune_checkpoint
 from fed_swinumamba.data import SiteData, load_site_config
 from fed_swinumamba.export import PARITY_RTOL, ExportError, OnnxNetwork
 from fed_swinumamba.model import build_model
@@ -30,13 +30,15 @@ def _checkpoint(path, variant: str) -> tuple:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny CT + US Swin-UMamba checkpoint and its CT network's export (through the CLI).
+    """A tiny CT + US Swin-UMamba checkpoint, 30 % pruned, and its CT network's export (through the CLI).
 
     One export serves every test here (each takes about a minute on CI's two cores); the other decoder
-    (Swin-UMamba†) is exported by the hybrid-encoder test.
+    (Swin-UMamba†) is exported by the hybrid-encoder test, the unpruned network by the INT8 test.
     """
     root = tmp_path_factory.mktemp("export")
-    path, model = _checkpoint(root / "best.safetensors", "swin_umamba")
+    unpruned, _ = _checkpoint(root / "unpruned.safetensors", "swin_umamba")
+    path = prune_checkpoint(Checkpoint.load(unpruned), 0.3).save(root / "best.safetensors")
+    model = Checkpoint.load(path).build_model().eval()
     assert main(["export", "--checkpoint", str(path), "--modality", "ct", "--out", str(root / "export")]) == 0
     return path, model, root / "export" / "ct.onnx"
 
@@ -62,7 +64,7 @@ def test_every_scan_is_one_custom_node_and_the_file_describes_itself(exported):
 
     network = OnnxNetwork(onnx_file)
     assert network.modality == "ct" and network.class_names == CLASSES
-    assert network.model_config == Checkpoint.load(path).model_config
+    assert network.model_config == Checkpoint.load(path).model_config and network.model_config.pruned
     assert network.meta["source"]["round"] == 4 and len(network.meta["source"]["sha256"]) == 64
 
 

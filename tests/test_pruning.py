@@ -28,7 +28,7 @@ def _step(steps, layer: str) -> tuple[int, ...]:
 
 def test_the_channels_of_smallest_l1_norm_are_the_ones_removed():
     model = _model()
-    ss2d = model.encoder.layers[2].blocks[0].self_attention  # d_inner 64: 30 % is 19 channels
+    ss2d = model.encoder.layers[2].blocks[0].self_attention  # d_inner 64
     weak_inner = [3, 17, 40]
     with torch.no_grad():
         for w in (ss2d.in_proj.weight[: ss2d.d_inner], ss2d.out_proj.weight.T):
@@ -40,7 +40,8 @@ def test_the_channels_of_smallest_l1_norm_are_the_ones_removed():
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     steps = prune_l1(model, 0.3)
     removed = _step(steps, "encoder.layers.2.blocks.0.self_attention")
-    assert len(removed) == 64 - int(64 * 0.7) and set(weak_inner) <= set(removed)
+    assert set(weak_inner) <= set(removed)
+    assert (64 - len(removed)) % 8 == 0 and 0.25 <= len(removed) / 64 <= 0.35  # about 30 %, kernel-friendly
     assert 5 in _step(steps, "refine.layer.conv1.conv")
     # The kept channels keep their weights, in every tensor that has them (x and z rows, the 4 directions' A).
     keep = [c for c in range(64) if c not in removed]
@@ -71,7 +72,7 @@ def test_a_pruned_checkpoint_rebuilds_from_its_recorded_widths(variant, deep_sup
     kept = sum(p.numel() for p in rebuilt.parameters())
     assert kept < 0.8 * sum(p.numel() for p in model.parameters())
     ss2d = [m for m in rebuilt.modules() if isinstance(m, SS2D)]
-    assert ss2d and all(m.d_inner == int(2 * m.d_model * 0.7) for m in ss2d)
+    assert ss2d and all(abs(m.d_inner / (2 * m.d_model) - 0.7) <= 0.06 for m in ss2d)
     image = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     pruned_in_memory = build_model(loaded.model_config)
     pruned_in_memory.load_state_dict(pruned.state)
