@@ -195,33 +195,43 @@ def _in_fresh_process(*args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def held_out_scoring(yaml: Path, class_names: tuple[str, ...]):
+    """A site's config, a description of its held-out cases (its test cases where it keeps them apart), and a
+    function giving a network's mean Dice on them (the cases are read once for every network scored)."""
+    from fed_swinumamba.data import SiteData, load_site_config
+    from fed_swinumamba.training import evaluate_cases
+
+    site = load_site_config(yaml)
+    data = SiteData.from_config(site, list(class_names))
+    split, cases = data.held_out("test" if data.test_cases else "validation")
+
+    def score(network) -> float:
+        return evaluate_cases(network, site.modality, cases, class_names, site.training.patch_size).dice_mean
+
+    return site, f"{len(cases)} {split}", score
+
+
 def dice_table(checkpoint: Path, sites: list[Path], out: Path) -> list[str]:
     """Per site: mean Dice of its modality's network on its held-out cases, PyTorch / ONNX fp32 / INT8 (the
     export command's default calibration)."""
-    from fed_swinumamba.checkpoint import load_modality_model
-    from fed_swinumamba.data import SiteData, load_site_config
+    from fed_swinumamba.checkpoint import Checkpoint, load_modality_model
     from fed_swinumamba.export import OnnxNetwork, export_onnx
     from fed_swinumamba.quantization import quantize_export
-    from fed_swinumamba.training import evaluate_cases
 
+    class_names = Checkpoint.load(checkpoint).class_names
     lines = [
         "| site | held-out cases | PyTorch | ONNX Runtime fp32 | INT8 | INT8 - PyTorch | INT8 pixels = fp32 (calibration) |",
         "|---|---|---|---|---|---|---|",
     ]
     for yaml in sites:
-        site = load_site_config(yaml)
-        ckpt, model = load_modality_model(checkpoint, site.modality)
-        data = SiteData.from_config(site, list(ckpt.class_names))
-        split, cases = data.held_out("test" if data.test_cases else "validation")
+        site, held_out, score = held_out_scoring(yaml, class_names)
+        _, model = load_modality_model(checkpoint, site.modality)
         fp32_file = export_onnx(checkpoint, site.modality, out / site.site)
         int8 = OnnxNetwork(quantize_export(fp32_file, yaml))
-        dice = [
-            evaluate_cases(net, site.modality, cases, ckpt.class_names, site.training.patch_size).dice_mean
-            for net in (model.eval(), OnnxNetwork(fp32_file), int8)
-        ]
+        dice = [score(net) for net in (model.eval(), OnnxNetwork(fp32_file), int8)]
         agreement = int8.meta["calibration"]["agreement_with_float32"]
         lines.append(
-            f"| {site.site} | {len(cases)} {split} | {dice[0]:.4f} | {dice[1]:.4f} | {dice[2]:.4f} | "
+            f"| {site.site} | {held_out} | {dice[0]:.4f} | {dice[1]:.4f} | {dice[2]:.4f} | "
             f"{dice[2] - dice[0]:+.4f} | {agreement:.2%} |"
         )
     return lines
@@ -238,7 +248,8 @@ def recovery_run(initial: Path, source: Path, sites: list[Path], out: Path, roun
     ckpt = Checkpoint.load(source)
     run_config = ckpt.extra["run_config"]
     lr = FederationSettings.from_run_config(run_config).schedule.stage_for_round(ckpt.server_round).lr
-    config = {k: v for k, v in run_config.items() if v != defaults()[k] and k not in ("output-dir", "study")}
+    default = defaults()
+    config = {k: v for k, v in run_config.items() if v != default[k] and k not in ("output-dir", "study")}
     config |= {
         "initial-checkpoint": str(initial),
         "frozen-at-start": "",
@@ -258,13 +269,12 @@ def pruning_dice_table(checkpoint: Path, sites: list[Path], out: Path, ratio: fl
     control: what the extra rounds alone give); pruned by ``ratio`` as it is; pruned and trained back for
     ``rounds`` rounds, in PyTorch and as the INT8 export calibrated at the site."""
     from fed_swinumamba.checkpoint import Checkpoint, load_modality_model, prune_checkpoint
-    from fed_swinumamba.data import SiteData, load_site_config
     from fed_swinumamba.export import OnnxNetwork, export_onnx
     from fed_swinumamba.quantization import quantize_export
-    from fed_swinumamba.training import evaluate_cases
 
     out.mkdir(parents=True, exist_ok=True)
-    pruned = prune_checkpoint(Checkpoint.load(checkpoint), ratio).save(out / "pruned.safetensors")
+    source = Checkpoint.load(checkpoint)
+    pruned = prune_checkpoint(source, ratio).save(out / "pruned.safetensors")
     control = recovery_run(checkpoint, checkpoint, sites, out / "control", rounds)
     recovered = recovery_run(pruned, checkpoint, sites, out / "recovered", rounds)
     lines = [
@@ -273,19 +283,14 @@ def pruning_dice_table(checkpoint: Path, sites: list[Path], out: Path, ratio: fl
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for yaml in sites:
-        site = load_site_config(yaml)
-        dice = []
-        for path in (checkpoint, control, pruned, recovered):
-            ckpt, model = load_modality_model(path, site.modality)
-            data = SiteData.from_config(site, list(ckpt.class_names))
-            split, cases = data.held_out("test" if data.test_cases else "validation")
-            dice.append(
-                evaluate_cases(model.eval(), site.modality, cases, ckpt.class_names, site.training.patch_size).dice_mean
-            )
-        int8 = OnnxNetwork(quantize_export(export_onnx(recovered, site.modality, out / site.site), yaml))
-        dice.append(evaluate_cases(int8, site.modality, cases, ckpt.class_names, site.training.patch_size).dice_mean)
+        site, held_out, score = held_out_scoring(yaml, source.class_names)
+        dice = [
+            score(load_modality_model(path, site.modality)[1].eval())
+            for path in (checkpoint, control, pruned, recovered)
+        ]
+        dice.append(score(OnnxNetwork(quantize_export(export_onnx(recovered, site.modality, out / site.site), yaml))))
         lines.append(
-            f"| {site.site} | {len(cases)} {split} | "
+            f"| {site.site} | {held_out} | "
             + " | ".join(f"{d:.4f}" for d in dice)
             + f" | {100 * (dice[3] - dice[1]):+.2f} | {100 * (dice[4] - dice[1]):+.2f} |"
         )

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 from fed_swinumamba.checkpoint import Checkpoint
 from fed_swinumamba.logs import NOT_PRIVATE, prefixed
-from fed_swinumamba.model import build_model, normalisation_state_names
+from fed_swinumamba.model import normalisation_state_names
 from fed_swinumamba.model.pretrained import initial_model
 from fed_swinumamba.params import keeps_modality_norms, split_norms
 
@@ -84,10 +84,9 @@ class Federation:
             )
             log.info("resuming from %s: round %d done, stage %d", latest, ckpt.server_round, ckpt.stage)
             return strategy, ckpt.server_round + 1
-        weights = self._starting_weights()
+        weights, model = self._starting_weights()
         if self.s.modality_norms and not keeps_modality_norms(weights):  # FedBN-style: a copy per modality
-            norms = normalisation_state_names(build_model(self.s.model_config))
-            split = split_norms(weights, norms, self.s.model_config.modalities)
+            split = split_norms(weights, normalisation_state_names(model), self.s.model_config.modalities)
             weights = {k: np.array(v) for k, v in split.items()}  # each copy its own memory
         elif keeps_modality_norms(weights) and not self.s.modality_norms:
             raise ValueError(
@@ -95,22 +94,23 @@ class Federation:
             )
         return ModalityAwareStrategy(self.s, weights), 1
 
-    def _starting_weights(self) -> dict[str, np.ndarray]:
-        """A new run's weights: the initial checkpoint's, or fresh ones (with the ImageNet encoder if given)."""
+    def _starting_weights(self) -> tuple[dict[str, np.ndarray], torch.nn.Module]:
+        """A new run's weights, the initial checkpoint's or fresh ones (with the ImageNet encoder if given), and a
+        network they load into (its shared layers' names are the weights')."""
         if self.s.initial_checkpoint:
             ckpt = Checkpoint.load(self.s.initial_checkpoint)
-            ckpt.build_model(ckpt.model_config.modalities[0])  # every tensor there, in this network's shapes
+            model = ckpt.build_model(ckpt.model_config.modalities[0])  # every tensor there, in this network's shapes
             log.info(
                 "starting from %s (round %d of its run, %d pruned layer groups)",
                 self.s.initial_checkpoint,
                 ckpt.server_round,
                 len(ckpt.model_config.pruned),
             )
-            return {k: v.numpy() for k, v in ckpt.state.items()}
+            return {k: v.numpy() for k, v in ckpt.state.items()}, model
         model, report = initial_model(self.s.model_config, self.s.seed, self.s.pretrained_checkpoint)
         if report:
             log.info(report.summary())
-        return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, model
 
     def _checkpoint(self, server_round: int, stage: int, name: str) -> None:
         extra = {"run_config": self.s.run_config, "best": self.best, "version": self.strategy.version}

@@ -46,7 +46,8 @@ def _initial_model_config(path: str, run: ModelConfig, class_names: tuple[str, .
     pruned to. Any other difference is refused by name, before any site is contacted."""
     meta = Checkpoint.read_meta(path)
     theirs = ModelConfig.from_dict(meta["model_config"])
-    differ = [k for k, v in replace(theirs, pruned=()).to_dict().items() if run.to_dict()[k] != v]
+    ours = run.to_dict()
+    differ = [k for k, v in replace(theirs, pruned=()).to_dict().items() if ours[k] != v]
     if differ:
         raise ValueError(f"initial-checkpoint {path}: its network differs from this run's model-* keys in {differ}")
     if tuple(meta["class_names"]) != class_names:

@@ -115,6 +115,11 @@ def _fixed_outputs(model: SwinUMamba) -> list[nn.Module]:
     return [*model.heads.modules(), *identity_shortcut]
 
 
+def _prune_out_channels(graph, module: nn.Module, removed: Sequence[int]) -> None:
+    """Remove output channels ``removed`` of ``module`` and, through the graph, every channel coupled to them."""
+    graph.get_pruning_group(module, graph.get_pruner_of_module(module).prune_out_channels, list(removed)).prune()
+
+
 def _decoder_steps(model: nn.Module, ratio: float) -> list[PruningStep]:
     """Prune Swin-UMamba's conv decoder (L1, per group) in place and return what was removed."""
     if not isinstance(model, SwinUMamba):
@@ -133,7 +138,7 @@ def _decoder_steps(model: nn.Module, ratio: float) -> list[PruningStep]:
             continue
         weakest = torch.argsort(importance(group), stable=True)[:count]
         removed = tuple(sorted(int(i) for i in weakest))
-        graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, list(removed)).prune()
+        _prune_out_channels(graph, root, removed)
         steps.append(PruningStep(names[root], removed))
     _sync_parameterless_norms(model)
     return steps
@@ -163,7 +168,6 @@ def apply_pruning(model: nn.Module, steps: Sequence[PruningStep]) -> nn.Module:
             continue
         if graph is None:
             graph = _decoder_graph(model)
-        pruner = graph.get_pruner_of_module(module)
-        graph.get_pruning_group(module, pruner.prune_out_channels, list(step.removed)).prune()
+        _prune_out_channels(graph, module, step.removed)
     _sync_parameterless_norms(model)
     return model
